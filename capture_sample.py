@@ -1,0 +1,137 @@
+"""Generate an image with FLUX.1 and capture what every transformer block produced at every step.
+
+    uv run python capture_sample.py --prompt "a beautiful landscape"
+    uv run python capture_sample.py --model flux-tiny --prompt "a red cube" --seed 1   # no GPU, no download
+    uv run python capture_sample.py decode output/intermediates/capture_..._flux-schnell.pt
+
+Run with --help for every flag. The library behind this lives in `flux/`.
+"""
+
+import signal
+import sys
+
+import fire
+
+from flux.errors import UserError
+
+
+def main(
+    model: str = "flux-schnell",
+    prompt: str = "a beautiful landscape",
+    width: int = 256,
+    height: int = 256,
+    seed: int | None = None,
+    num_steps: int | None = None,
+    guidance: float | None = None,
+    offload: bool = False,
+    device: str | None = None,
+    output_dir: str = "output",
+    capture: bool = True,
+    format: str = "pt",
+    blocks: str | None = None,
+    steps: str | None = None,
+    streams: str = "both",
+    capture_dtype: str | None = None,
+    force: bool = False,
+    should_decode_intermediates: bool = True,
+    decode_target: str = "x0",
+    weights_dir: str | None = None,
+):
+    """Generate one image and capture every double- and single-stream block output at every step.
+
+    Writes output_dir/img_{n}.jpg (n = next free index), and with capture
+    output_dir/intermediates/capture_{YYYYmmdd_HHMMSS}_{model}.pt (or a directory with --format safetensors)
+    plus metadata_{YYYYmmdd_HHMMSS}_{model}.json. Nothing is ever overwritten.
+
+    Args:
+        model: flux-schnell (default; 4 steps), flux-dev, flux-dev-krea (50 steps, gated on the hub), or
+            flux-tiny (a toy model of the same architecture generated locally: no GPU or download needed).
+        prompt: The text prompt.
+        width: Image width in pixels, a positive multiple of 16 (default 256).
+        height: Image height in pixels, a positive multiple of 16 (default 256).
+        seed: Noise seed; random when omitted (the one used is recorded in the metadata).
+        num_steps: Denoising steps; default 4 for flux-schnell and flux-tiny, 50 for dev/Krea.
+        guidance: Distilled guidance for dev/Krea (default 2.5; flux-tiny 3.5); flux-schnell ignores it.
+        offload: Keep models on the CPU and move each to the GPU only while it runs (less GPU memory).
+        device: Torch device; cuda when available, else cpu.
+        output_dir: Folder for all outputs (default "output").
+        capture: Capture block outputs (default True). False runs plain generation with no hooks.
+        format: pt (default; one file, held in memory until the end) or safetensors (a directory with one
+            shard per step, streamed to disk by a background thread: use it for big runs).
+        blocks: Which blocks to capture, e.g. "double:0-5,single:10,single:37" (default: all).
+        steps: Which steps to capture, e.g. "0,3", "0-49:5" (start-stop:stride) (default: all).
+        streams: Tokens to keep from each block output: both (default), img or txt.
+        capture_dtype: bf16, fp16 or fp32 for captured block outputs; default: the model's dtype
+            (bf16 for the published models, fp32 for flux-tiny).
+        force: Capture even when the estimated size exceeds the free disk space.
+        should_decode_intermediates: Decode every captured block output as if it were the last (the lens),
+            writing JPEGs and labelled grids under intermediates/decoded/ (default True).
+        decode_target: What the lens shows: x0 (default; the clean image each block predicts) or next (the
+            latent one Euler step later).
+        weights_dir: A local directory laid out like the model's hub repo, or "hub" to force the Hugging Face
+            cache; default: FLUX_MODEL/FLUX_AE/FLUX_TEXT_ENCODERS if set, else the HF cache.
+    """
+    from flux.pipeline import RunOptions, generate, load_models
+
+    opts = RunOptions(
+        model=model,
+        prompt=prompt,
+        width=width,
+        height=height,
+        seed=seed,
+        num_steps=num_steps,
+        guidance=guidance,
+        offload=offload,
+        device=device,
+        output_dir=output_dir,
+        capture=capture,
+        format=format,
+        blocks=blocks,
+        steps=steps,
+        streams=streams,
+        capture_dtype=capture_dtype,
+        force=force,
+        should_decode_intermediates=should_decode_intermediates,
+        decode_target=decode_target,
+        weights_dir=weights_dir,
+    ).validate()
+    for warning in opts.warnings:
+        print(warning, file=sys.stderr)
+    if opts.capture:
+        size = opts.estimated_capture_bytes()
+        print(f"Estimated capture size: {size / 1e9:.3f} GB ({opts.format})", file=sys.stderr)
+    models = load_models(opts.spec, opts.device, opts.offload, opts.weights_dir)
+    result = generate(models, opts)
+    print(f"Image:    {result.image_path}")
+    if result.capture_path is not None:
+        print(f"Capture:  {result.capture_path}")
+        print(f"Metadata: {result.metadata_path}")
+
+
+COMMANDS = {}
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Entry point: dispatch subcommands, turn user errors into one paragraph and an exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        if argv and argv[0] in COMMANDS:
+            fire.Fire(COMMANDS[argv[0]], argv[1:], name=f"capture_sample.py {argv[0]}")
+        else:
+            fire.Fire(main, argv, name="capture_sample.py")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt as e:
+        print("Stopped.", file=sys.stderr)
+        return 143 if str(e).startswith("signal") else 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

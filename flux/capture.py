@@ -1,0 +1,268 @@
+"""Forward hooks that copy block outputs off the device, and the plan that says which ones.
+
+The hooks observe only: they never change a block's output. Each captured tensor is copied into a
+preallocated host buffer (pinned on CUDA, so the copy is asynchronous); nothing in a hook waits for the
+device. A CUDA event recorded at the end of each step tells the consumer when that step's buffers are
+complete, so the sampling loop itself never synchronises for the capture.
+"""
+
+import queue
+import re
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from flux.errors import UsageError
+from flux.model import Flux
+
+STREAMS = ("both", "img", "txt")
+CAPTURE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _parse_ranges(text: str, upper: int, flag: str, what: str) -> list[int]:
+    """'0,3', '2-5', '0-49:5', 'all' -> sorted unique indices in [0, upper)."""
+    if text.strip().lower() in ("all", "*", ""):
+        return list(range(upper))
+    picked: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?(?::(\d+))?", part)
+        if not m:
+            raise UsageError(
+                f"--{flag}: cannot read {part!r}. Use indices and ranges such as '0,3', '2-5' or '0-49:5'."
+            )
+        start = int(m[1])
+        stop = int(m[2]) if m[2] is not None else start
+        stride = int(m[3]) if m[3] is not None else 1
+        if m[3] is not None and m[2] is None:
+            stop = upper - 1
+        if stride < 1 or stop < start:
+            raise UsageError(f"--{flag}: {part!r} is an empty range.")
+        if stop >= upper:
+            raise UsageError(f"--{flag}: {part!r} is out of range: {what} go from 0 to {upper - 1}.")
+        picked.update(range(start, stop + 1, stride))
+    return sorted(picked)
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    """Which block outputs to copy off the device, at which steps, in which dtype."""
+
+    double: tuple[int, ...]
+    single: tuple[int, ...]
+    steps: tuple[int, ...]
+    streams: str = "both"  # "img", "txt" or "both": which tokens of each block output to keep
+    dtype: torch.dtype | None = None  # None: the dtype the model runs in
+
+    @classmethod
+    def everything(cls, model: Flux, num_steps: int, dtype: torch.dtype | None = None) -> "CapturePlan":
+        return cls(
+            double=tuple(range(len(model.double_blocks))),
+            single=tuple(range(len(model.single_blocks))),
+            steps=tuple(range(num_steps)),
+            dtype=dtype,
+        )
+
+    @classmethod
+    def parse(
+        cls,
+        blocks: str | None,
+        steps: str | int | None,
+        streams: str,
+        capture_dtype: str | None,
+        depth: int,
+        depth_single: int,
+        num_steps: int,
+    ) -> "CapturePlan":
+        """Read the CLI's plan flags, e.g. blocks='double:0-5,single:10', steps='0-49:5'."""
+        double: set[int] = set()
+        single: set[int] = set()
+        if blocks is None or str(blocks).strip().lower() in ("all", "*", ""):
+            double, single = set(range(depth)), set(range(depth_single))
+        else:
+            for item in str(blocks).split(","):
+                kind, _, spec = item.strip().partition(":")
+                if kind not in ("double", "single"):
+                    raise UsageError(
+                        f"--blocks: cannot read {item.strip()!r}. Use 'double:RANGES' or 'single:RANGES', "
+                        "e.g. 'double:0-5,single:10,single:37', or 'all'."
+                    )
+                upper = depth if kind == "double" else depth_single
+                (double if kind == "double" else single).update(
+                    _parse_ranges(spec, upper, "blocks", f"{kind} blocks")
+                )
+        step_list = _parse_ranges(str(steps) if steps is not None else "all", num_steps, "steps", "steps")
+        if streams not in STREAMS:
+            raise UsageError(f"--streams must be one of {', '.join(STREAMS)}; got {streams!r}.")
+        if capture_dtype is None or capture_dtype == "auto":
+            dtype = None
+        elif capture_dtype in CAPTURE_DTYPES:
+            dtype = CAPTURE_DTYPES[capture_dtype]
+        else:
+            raise UsageError(
+                f"--capture_dtype must be one of auto, {', '.join(CAPTURE_DTYPES)}; got {capture_dtype!r}."
+            )
+        return cls(tuple(sorted(double)), tuple(sorted(single)), tuple(step_list), streams, dtype)
+
+    def keys_and_shapes(self, batch: int, txt_len: int, img_len: int, hidden: int) -> dict[str, tuple]:
+        """Flat key -> shape of one captured step, in the safetensors shard naming."""
+        out: dict[str, tuple] = {}
+        for i in self.double:
+            if self.streams in ("both", "img"):
+                out[f"double_blocks.{i}.img"] = (batch, img_len, hidden)
+            if self.streams in ("both", "txt"):
+                out[f"double_blocks.{i}.txt"] = (batch, txt_len, hidden)
+        tokens = {"both": txt_len + img_len, "img": img_len, "txt": txt_len}[self.streams]
+        for i in self.single:
+            out[f"single_blocks.{i}"] = (batch, tokens, hidden)
+        return out
+
+    def bytes_per_step(self, batch: int, txt_len: int, img_len: int, hidden: int, itemsize: int) -> int:
+        shapes = self.keys_and_shapes(batch, txt_len, img_len, hidden).values()
+        return itemsize * sum(torch.Size(s).numel() for s in shapes)
+
+
+CONTEXT_KEYS = ("img_state", "vec")
+
+
+@dataclass
+class StepBuffers:
+    """One step's host buffers, keyed like the shard keys, and the event that marks them complete."""
+
+    step: int
+    buffers: dict[str, Tensor]  # the whole pooled set; only `tensors` hold data for this step
+    captured: bool  # whether the plan captures block outputs at this step
+    ready: "torch.cuda.Event | None" = None
+
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        """What this step recorded: the context, and the planned block outputs if the step is captured."""
+        if self.captured:
+            return self.buffers
+        return {k: self.buffers[k] for k in CONTEXT_KEYS}
+
+    def wait(self) -> None:
+        """Block until every copy into these buffers has landed (a no-op off CUDA)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+
+
+class HostBufferPool:
+    """Preallocated host buffer sets, reused once released; at most `limit` exist at once (None: no limit).
+
+    With a limit, `acquire` blocks until a consumer releases a set, which bounds host memory to `limit`
+    steps' worth however long the run is.
+    """
+
+    def __init__(
+        self, shapes: dict[str, tuple], dtypes: dict[str, torch.dtype], pin: bool, limit: int | None
+    ):
+        self.shapes, self.dtypes, self.pin, self.limit = shapes, dtypes, pin, limit
+        self.free: queue.Queue[dict[str, Tensor]] = queue.Queue()
+        self.allocated = 0
+        self.lock = threading.Lock()
+
+    def acquire(self) -> dict[str, Tensor]:
+        with self.lock:
+            grow = self.free.empty() and (self.limit is None or self.allocated < self.limit)
+            if grow:
+                self.allocated += 1
+        if grow:
+            return {
+                k: torch.empty(s, dtype=self.dtypes[k], pin_memory=self.pin) for k, s in self.shapes.items()
+            }
+        return self.free.get()
+
+    def release(self, tensors: dict[str, Tensor]) -> None:
+        self.free.put(tensors)
+
+
+@dataclass
+class BlockCapture:
+    """Installs the capture hooks on a Flux model for the duration of a `with` block.
+
+    Call `begin_step(k, img_state)` before each model call and `end_step()` after it; `end_step` returns the
+    step's StepBuffers (context tensors `img_state` and `vec`, plus the planned block outputs).
+    """
+
+    model: Flux
+    plan: CapturePlan
+    pool: HostBufferPool
+    txt_len: int
+    handles: list = field(default_factory=list)
+    current: StepBuffers | None = None
+
+    def __post_init__(self) -> None:
+        self._captured_steps = frozenset(self.plan.steps)
+
+    @staticmethod
+    def shapes_for(
+        model: Flux, plan: CapturePlan, batch: int, txt_len: int, img_len: int, model_dtype: torch.dtype
+    ) -> tuple[dict[str, tuple], dict[str, torch.dtype]]:
+        """Shapes and dtypes of one step's host buffers (block outputs in the plan, then the context)."""
+        hidden = model.hidden_size
+        shapes = plan.keys_and_shapes(batch, txt_len, img_len, hidden)
+        dtypes = dict.fromkeys(shapes, plan.dtype or model_dtype)
+        shapes["img_state"] = (batch, img_len, model.in_channels)
+        shapes["vec"] = (batch, hidden)
+        dtypes["img_state"] = dtypes["vec"] = model_dtype
+        return shapes, dtypes
+
+    def __enter__(self) -> "BlockCapture":
+        try:
+            for i in self.plan.double:
+                self.handles.append(self.model.double_blocks[i].register_forward_hook(self._double_hook(i)))
+            for i in self.plan.single:
+                self.handles.append(self.model.single_blocks[i].register_forward_hook(self._single_hook(i)))
+            self.handles.append(self.model.final_layer.register_forward_pre_hook(self._vec_hook))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _copy(self, key: str, value: Tensor) -> None:
+        step = self.current
+        if step is not None and (step.captured or key in CONTEXT_KEYS):
+            step.buffers[key].copy_(value, non_blocking=True)
+
+    def _double_hook(self, i: int):
+        def hook(_module, _args, output):
+            img, txt = output
+            self._copy(f"double_blocks.{i}.img", img)
+            self._copy(f"double_blocks.{i}.txt", txt)
+
+        return hook
+
+    def _single_hook(self, i: int):
+        def hook(_module, _args, output):
+            if self.plan.streams == "img":
+                output = output[:, self.txt_len :]
+            elif self.plan.streams == "txt":
+                output = output[:, : self.txt_len]
+            self._copy(f"single_blocks.{i}", output)
+
+        return hook
+
+    def _vec_hook(self, _module, args):
+        self._copy("vec", args[1])
+
+    def begin_step(self, step: int, img_state: Tensor) -> None:
+        self.current = StepBuffers(step, self.pool.acquire(), captured=step in self._captured_steps)
+        self._copy("img_state", img_state)
+
+    def end_step(self) -> StepBuffers:
+        step, self.current = self.current, None
+        if self.pool.pin:
+            step.ready = torch.cuda.Event()
+            step.ready.record()
+        return step

@@ -1,0 +1,438 @@
+"""One generation with FLUX.1, end to end: load, encode the prompt, sample (optionally capturing), decode.
+
+This is the library behind `capture_sample.py`; notebooks can call it too.
+"""
+
+import contextlib
+import itertools
+import math
+import platform
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flux.autoencoder import AutoEncoder
+from flux.capture import BlockCapture, CapturePlan, HostBufferPool
+from flux.configs import CONFIGS, ModelSpec, get_spec
+from flux.errors import UsageError, UserError
+from flux.loading import load_ae, load_flow_model, load_text_encoders
+from flux.model import Flux
+from flux.sampling import StepInfo, denoise, get_noise, get_schedule, latent_size, prepare, unpack
+from flux.store import (
+    SCHEMA_VERSION,
+    PtSink,
+    SafetensorsSink,
+    claim_stem,
+    publish_new,
+    release_stem,
+    write_json,
+)
+
+FORMATS = ("pt", "safetensors")
+DECODE_TARGETS = ("x0", "next")
+MAX_SIDE = 4096  # 65k image tokens; beyond this FLUX.1 was never trained and memory explodes
+STREAMING_BUFFERED_STEPS = 3  # host buffer sets in flight for the safetensors writer
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """bf16 for the published models (their checkpoints are bf16); float32 for flux-tiny: exact tests."""
+    return torch.float32 if spec.name == "flux-tiny" else torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------- options
+@dataclass
+class RunOptions:
+    """Every knob of one run; `validate()` checks them all before anything is loaded or written."""
+
+    model: str = "flux-schnell"
+    prompt: str = "a beautiful landscape"
+    width: int = 256
+    height: int = 256
+    seed: int | None = None
+    num_steps: int | None = None
+    guidance: float | None = None
+    offload: bool = False
+    device: str | None = None
+    output_dir: str = "output"
+    capture: bool = True
+    format: str = "pt"
+    blocks: str | None = None
+    steps: str | None = None
+    streams: str = "both"
+    capture_dtype: str | None = None
+    force: bool = False
+    should_decode_intermediates: bool = True
+    decode_target: str = "x0"
+    weights_dir: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def validate(self) -> "RunOptions":
+        """Normalise and check values; raise UsageError naming the flag. Touches no files."""
+        if self.model not in CONFIGS:
+            raise UsageError(f"--model {self.model!r} is not known. Choose one of: {', '.join(CONFIGS)}.")
+        spec = get_spec(self.model)
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise UsageError(
+                f"--prompt must be non-empty text; got {self.prompt!r}. Quote it, e.g. --prompt 'a red cube'."
+            )
+        for flag in ("width", "height"):
+            value = getattr(self, flag)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UsageError(f"--{flag} must be a whole number of pixels; got {value!r}.")
+            if value <= 0 or value % 16 or value > MAX_SIDE:
+                raise UsageError(
+                    f"--{flag} must be a positive multiple of 16 up to {MAX_SIDE}; got {value}. "
+                    f"Try {max(16, min(MAX_SIDE, 16 * round(value / 16)))}."
+                )
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise UsageError(
+                f"--seed must be a whole number (or left out for a random one); got {self.seed!r}."
+            )
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise UsageError(f"--seed must be between 0 and 2**64 - 1; got {self.seed}.")
+        if self.num_steps is None:
+            self.num_steps = spec.default_steps
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise UsageError(f"--num_steps must be a whole number >= 1; got {self.num_steps!r}.")
+        if self.num_steps > 1000:
+            raise UsageError(f"--num_steps must be at most 1000; got {self.num_steps}.")
+        if self.guidance is not None and not spec.uses_guidance:
+            self.warnings.append(
+                f"warning: {self.model} has no guidance input; --guidance {self.guidance} is ignored."
+            )
+        if self.guidance is None:
+            self.guidance = spec.default_guidance
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)):
+            raise UsageError(f"--guidance must be a number; got {self.guidance!r}.")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise UsageError(f"--guidance must be a finite number >= 0; got {self.guidance}.")
+        self.guidance = float(self.guidance)
+        if self.format not in FORMATS:
+            raise UsageError(f"--format must be one of {', '.join(FORMATS)}; got {self.format!r}.")
+        if self.decode_target not in DECODE_TARGETS:
+            raise UsageError(
+                f"--decode_target must be one of {', '.join(DECODE_TARGETS)}; got {self.decode_target!r}."
+            )
+        if self.device is None:
+            self.device = default_device()
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
+            raise UsageError(f"--device {self.device!r} is not a device (use cpu, cuda or cuda:N).") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for, but no CUDA GPU is visible. Use --device cpu.")
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise UsageError(f"--output_dir must be a folder path; got {self.output_dir!r}.")
+        self._check_output_dir(Path(self.output_dir))
+        self.plan()  # parses --blocks/--steps/--streams/--capture_dtype
+        return self
+
+    @staticmethod
+    def _check_output_dir(out: Path) -> None:
+        probe = out
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            raise UsageError(f"--output_dir {str(out)!r} cannot be created: {str(probe)!r} is a file.")
+        if not os_access_writable(probe):
+            raise UsageError(f"--output_dir {str(out)!r} is not writable (no write permission on {probe}).")
+
+    @property
+    def spec(self) -> ModelSpec:
+        return get_spec(self.model)
+
+    def plan(self) -> CapturePlan:
+        p = self.spec.params
+        return CapturePlan.parse(
+            self.blocks,
+            self.steps,
+            self.streams,
+            self.capture_dtype,
+            p.depth,
+            p.depth_single_blocks,
+            self.num_steps,
+        )
+
+    def token_counts(self) -> tuple[int, int]:
+        """(T text tokens, L image tokens) of this run."""
+        h, w = latent_size(self.height, self.width)
+        return self.spec.t5_max_length, (h // 2) * (w // 2)
+
+    def estimated_capture_bytes(self) -> int:
+        """Bytes the planned block outputs take on disk (context tensors are small and left out)."""
+        txt_len, img_len = self.token_counts()
+        plan = self.plan()
+        itemsize = (plan.dtype or compute_dtype(self.spec, torch.device(self.device))).itemsize
+        per_step = plan.bytes_per_step(1, txt_len, img_len, self.spec.params.hidden_size, itemsize)
+        return per_step * len(plan.steps)
+
+
+def os_access_writable(path: Path) -> bool:
+    import os
+
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def check_disk_space(folder: Path, needed: int, force: bool) -> None:
+    free = shutil.disk_usage(folder).free
+    if needed > free and not force:
+        raise UserError(
+            f"The capture needs about {needed / 1e9:.2f} GB but {str(folder)!r} has {free / 1e9:.2f} GB "
+            "free. "
+            "Capture fewer blocks or steps (--blocks, --steps, --streams img), a smaller size, "
+            "--capture_dtype fp16/bf16, another --output_dir, or pass --force to try anyway."
+        )
+
+
+# ------------------------------------------------------------------------------------------ models
+@dataclass
+class Models:
+    spec: ModelSpec
+    flow: Flux
+    ae: AutoEncoder
+    t5: Any
+    clip: Any
+    device: torch.device
+    dtype: torch.dtype
+    offload: bool = False
+
+    def encode_prompt(self, prompt: str) -> tuple[Tensor, Tensor]:
+        """(T5 tokens (1, T, 4096), CLIP pooled (1, 768)) on the device, in the model dtype."""
+        if self.offload:
+            self.t5.to(self.device), self.clip.to(self.device)
+        txt, y = self.t5([prompt]), self.clip([prompt])
+        if self.offload:
+            self.t5.cpu(), self.clip.cpu()
+            _empty_cache(self.device)
+        return txt.to(self.device, self.dtype), y.to(self.device, self.dtype)
+
+    def decode(self, tokens: Tensor, height: int, width: int) -> Tensor:
+        """Latent tokens (B, L, 64) -> image (B, 3, H, W) in about [-1, 1], float32."""
+        if self.offload:
+            self.ae.decoder.to(self.device)
+        z = unpack(tokens.float(), height, width).to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            image = self.ae.decode(z).float()
+        if self.offload:
+            self.ae.decoder.cpu()
+            _empty_cache(self.device)
+        return image
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def load_models(
+    spec: ModelSpec, device: str | torch.device, offload: bool = False, weights_dir: str | None = None
+) -> Models:
+    """Load the flow model, AE and text encoders of `spec` (on the CPU first with --offload)."""
+    device = torch.device(device)
+    dtype = compute_dtype(spec, device)
+    home = torch.device("cpu") if offload else device
+    t5, clip = load_text_encoders(spec, home, dtype, weights_dir)
+    flow = load_flow_model(spec, home, dtype, weights_dir)
+    ae = load_ae(spec, home, weights_dir=weights_dir)
+    return Models(spec, flow, ae, t5, clip, device, dtype, offload)
+
+
+# -------------------------------------------------------------------------------------- generation
+@dataclass
+class RunResult:
+    image_path: Path
+    capture_path: Path | None
+    metadata_path: Path | None
+    metadata: dict
+    image: Tensor
+    decoded_dir: Path | None = None
+    timings: dict = field(default_factory=dict)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "safetensors", "huggingface_hub", "einops", "numpy", "pillow"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    with contextlib.suppress(PackageNotFoundError):
+        out["flux-intermediate-representation"] = version("flux-intermediate-representation")
+    return out
+
+
+def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResult:
+    """Sample one image for validated `opts`, capturing blocks if asked, and write every output file.
+
+    Outputs: `{output_dir}/img_{n}.jpg` (next free n) and, with capture,
+    `intermediates/capture_{stamp}_{model}` (`.pt` or a safetensors directory) plus
+    `intermediates/metadata_{stamp}_{model}.json`.
+    """
+    from flux.decode import save_jpeg, to_image
+
+    spec, device, dtype = models.spec, models.device, models.dtype
+    seed = opts.seed if opts.seed is not None else random.SystemRandom().randrange(2**63)
+    out_dir = Path(opts.output_dir)
+    inter_dir = out_dir / "intermediates"
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    txt, y = models.encode_prompt(opts.prompt)
+    timings["encode_prompt_s"] = time.perf_counter() - start
+
+    noise = get_noise(1, opts.height, opts.width, device=device, dtype=dtype, seed=seed)
+    inp = prepare(noise, txt, y)
+    timesteps = get_schedule(opts.num_steps, inp["img"].shape[1], shift=spec.shift_schedule)
+    txt_len, img_len = inp["txt"].shape[1], inp["img"].shape[1]
+
+    metadata: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "model": spec.name,
+        "prompt": opts.prompt,
+        "width": opts.width,
+        "height": opts.height,
+        "num_steps": opts.num_steps,
+        "timesteps": timesteps,
+        "seed": seed,
+        "guidance": opts.guidance,
+        "guidance_used": spec.uses_guidance,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "versions": package_versions(),
+        "flags": {k: v for k, v in asdict(opts).items() if k != "warnings"},
+        "txt_seq_len": txt_len,
+        "img_seq_len": img_len,
+    }
+
+    stem = sink = capture = None
+    if opts.capture:
+        plan = opts.plan()
+        inter_dir.mkdir(parents=True, exist_ok=True)
+        check_disk_space(inter_dir, opts.estimated_capture_bytes(), opts.force)
+        stem = claim_stem(inter_dir, spec.name)
+        shapes, dtypes = BlockCapture.shapes_for(models.flow, plan, 1, txt_len, img_len, dtype)
+        streaming = opts.format == "safetensors"
+        pool = HostBufferPool(
+            shapes, dtypes, pin=device.type == "cuda", limit=STREAMING_BUFFERED_STEPS if streaming else None
+        )
+        metadata.update(
+            capture_dtype=str(plan.dtype or dtype).removeprefix("torch."),
+            captured_blocks={"double": list(plan.double), "single": list(plan.single)},
+            captured_steps=list(plan.steps),
+            streams=plan.streams,
+            format=opts.format,
+            shapes={k: list(v) for k, v in shapes.items()},
+            estimated_capture_bytes=opts.estimated_capture_bytes(),
+        )
+        if streaming:
+            capture_path = inter_dir / stem
+            capture_path.mkdir()
+            sink = SafetensorsSink(capture_path, pool, metadata)
+        else:
+            capture_path = inter_dir / f"{stem}.pt"
+            sink = PtSink(capture_path, pool, opts.estimated_capture_bytes())
+        capture = BlockCapture(models.flow, plan, pool, txt_len)
+
+    context: dict[str, Any] = {
+        "y": y.cpu(),
+        "txt": inp["txt"].cpu(),
+        "txt_ids": inp["txt_ids"].cpu(),
+        "img_ids": inp["img_ids"].cpu(),
+        "txt_seq_len": txt_len,
+        "guidance": opts.guidance,
+        "timestep_pairs": list(itertools.pairwise(timesteps)),
+    }
+
+    def before_step(info: StepInfo) -> None:
+        capture.begin_step(info.index, info.img)
+
+    def after_step(info: StepInfo) -> None:
+        sink.add_step(capture.end_step())
+
+    bar = (lambda it: tqdm(it, desc=f"sampling {spec.name}", unit="step")) if progress else None
+    if models.offload:
+        models.flow.to(device)
+    start = time.perf_counter()
+    try:
+        if capture is not None:
+            with capture:
+                latent = denoise(
+                    models.flow,
+                    **_model_inputs(inp),
+                    timesteps=timesteps,
+                    guidance=opts.guidance,
+                    before_step=before_step,
+                    after_step=after_step,
+                    progress=bar,
+                )
+        else:
+            latent = denoise(
+                models.flow, **_model_inputs(inp), timesteps=timesteps, guidance=opts.guidance, progress=bar
+            )
+        _synchronize(device)
+    except BaseException:
+        if sink is not None:
+            saved = sink.abort(context)
+            if isinstance(sink, SafetensorsSink):
+                write_json(
+                    inter_dir / f"metadata_{stem.split('_', 1)[1]}.json", {**metadata, "complete": False}
+                )
+                print(f"\nInterrupted: steps {saved} are saved in {sink.dir} (index marked incomplete).")
+            else:
+                print("\nInterrupted: the .pt capture is written only at the end, so none was saved.")
+            release_stem(inter_dir, stem)
+        raise
+    finally:
+        if models.offload:
+            models.flow.cpu()
+            _empty_cache(device)
+    timings["sampling_s"] = time.perf_counter() - start
+
+    image = models.decode(latent, opts.height, opts.width)
+    image_path = publish_new(
+        lambda n: out_dir / f"img_{n}.jpg",
+        lambda tmp: save_jpeg(to_image(image[0]), tmp),
+        start=next_image_index(out_dir),
+    )
+    metadata["files"] = {"image": str(image_path)}
+
+    capture_out = meta_path = None
+    if sink is not None:
+        context["final_latent"] = latent.cpu()
+        meta_path = inter_dir / f"metadata_{stem.split('_', 1)[1]}.json"
+        metadata["files"].update(capture=str(capture_path), metadata=str(meta_path))
+        start = time.perf_counter()
+        capture_out = sink.finish(context, metadata)
+        timings["save_capture_s"] = time.perf_counter() - start
+        write_json(meta_path, {**metadata, "complete": True})
+        release_stem(inter_dir, stem)
+    return RunResult(image_path, capture_out, meta_path, metadata, image, timings=timings)
+
+
+def next_image_index(out_dir: Path) -> int:
+    from flux.store import next_free_index
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return next_free_index(out_dir, "img_", ".jpg")
+
+
+def _model_inputs(inp: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: inp[k] for k in ("img", "img_ids", "txt", "txt_ids", "vec")}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,379 @@
+"""Writing captures to disk safely, and reading them back: `.pt` files and streamed safetensors directories.
+
+Every file is written under a temporary name in its final folder and renamed into place when complete, so a
+reader never sees half a file. Names are claimed exclusively, so concurrent runs never overwrite each other.
+"""
+
+import errno
+import json
+import os
+import queue
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from flux.capture import HostBufferPool, StepBuffers
+from flux.errors import UserError
+
+SCHEMA_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _disk_full(path: Path, needed: int | None, err: OSError) -> UserError:
+    need = f" about {needed / 1e9:.2f} GB is needed," if needed else ""
+    free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+    return UserError(
+        f"The disk holding {str(path.parent)!r} is full ({err.strerror}):{need} {free / 1e9:.2f} GB is "
+        "free. Nothing half-written was left behind; free some space or choose another --output_dir."
+    )
+
+
+def atomic_write(path: Path, write: Callable[[Path], None], needed: int | None = None) -> Path:
+    """Call write(tmp) on a temporary name beside `path`, then rename it to `path` (replacing it)."""
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise _disk_full(path, needed, e) from e
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def publish_new(path_for: Callable[[int], Path], write: Callable[[Path], None], start: int = 0) -> Path:
+    """Write a file to the first free name path_for(n), n = start, start + 1, ..., never replacing one.
+
+    The content goes to a temporary file first, then is hard-linked to its name, which fails if the name is
+    taken, so two runs racing for the same index each get their own.
+    """
+    first = path_for(start)
+    tmp = first.with_name(f".{first.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        write(tmp)
+        n = start
+        while True:
+            target = path_for(n)
+            try:
+                os.link(tmp, target)
+                return target
+            except FileExistsError:
+                n += 1
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise _disk_full(first, None, e) from e
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def next_free_index(folder: Path, prefix: str, suffix: str) -> int:
+    """The reference CLI's naming: one past the highest n among existing `{prefix}{n}{suffix}` files."""
+    used = []
+    for p in folder.glob(f"{prefix}*{suffix}"):
+        middle = p.name[len(prefix) : len(p.name) - len(suffix)]
+        if middle.isdigit():
+            used.append(int(middle))
+    return max(used) + 1 if used else 0
+
+
+def claim_stem(folder: Path, model: str, prefix: str = "capture") -> str:
+    """A unique `{prefix}_{YYYYmmdd_HHMMSS}_{model}` stem in `folder`, claimed with an exclusive lock file.
+
+    A stem counts as taken if its .pt, directory, metadata or claim exists; a short random suffix is added
+    when the plain stem is taken. Call `release_stem` once the outputs are in place.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    base = f"{prefix}_{time.strftime('%Y%m%d_%H%M%S')}_{model}"
+    stem = base
+    for _ in range(100):
+        taken = any(
+            (folder / name).exists()
+            for name in (f"{stem}.pt", stem, f"metadata_{stem.split('_', 1)[1]}.json")
+        )
+        if not taken:
+            try:
+                fd = os.open(folder / f".{stem}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.close(fd)
+                return stem
+            except FileExistsError:
+                pass
+        stem = f"{base}_{secrets.token_hex(2)}"
+    raise RuntimeError(f"could not find a free capture name in {folder}")
+
+
+def release_stem(folder: Path, stem: str) -> None:
+    (folder / f".{stem}.claim").unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------- capture structure
+class LazyList(Sequence):
+    """A read-only list whose items are produced (read from disk) when indexed."""
+
+    def __init__(self, n: int, get: Callable[[int], Any]):
+        self._n, self._get = n, get
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._get(j) for j in range(*i.indices(self._n))]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        return self._get(i)
+
+    def __repr__(self) -> str:
+        return f"LazyList(len={self._n})"
+
+
+def nest_blocks(
+    meta: dict, get: Callable[[int, str], Tensor], lazy: bool
+) -> tuple[dict[str, Sequence], dict[str, Sequence]]:
+    """Build `double_blocks` / `single_blocks` from flat keys: get(step, key) -> tensor.
+
+    Lists run over metadata["captured_steps"]; a double entry is (img, txt) with None for a stream not kept.
+    """
+    steps = meta["captured_steps"]
+    streams = meta.get("streams", "both")
+
+    def seq(fn: Callable[[int], Any]) -> Sequence:
+        lst = LazyList(len(steps), fn)
+        return lst if lazy else list(lst)
+
+    def double_entry(i: int, pos: int) -> tuple:
+        k = steps[pos]
+        img = get(k, f"double_blocks.{i}.img") if streams in ("both", "img") else None
+        txt = get(k, f"double_blocks.{i}.txt") if streams in ("both", "txt") else None
+        return img, txt
+
+    double = {
+        f"block_{i}": seq(lambda pos, i=i: double_entry(i, pos)) for i in meta["captured_blocks"]["double"]
+    }
+    single = {
+        f"block_{i}": seq(lambda pos, i=i: get(steps[pos], f"single_blocks.{i}"))
+        for i in meta["captured_blocks"]["single"]
+    }
+    return double, single
+
+
+def assemble(steps: list[StepBuffers], context: dict, metadata: dict) -> dict[str, Any]:
+    """The `.pt` dict (see docs/capture_format.md) from a run's step buffers and context."""
+    by_step = {s.step: s.tensors for s in steps}
+    double, single = nest_blocks(metadata, lambda k, key: by_step[k][key], lazy=False)
+    ctx = dict(context)
+    ctx["img_state"] = [by_step[k]["img_state"] for k in sorted(by_step)]
+    ctx["vec"] = [by_step[k]["vec"] for k in sorted(by_step)]
+    return {"double_blocks": double, "single_blocks": single, "denoising_context": ctx, "metadata": metadata}
+
+
+# ---------------------------------------------------------------------------------------------- sinks
+class PtSink:
+    """Keeps every step in host memory and writes one `.pt` at the end (fine for small runs)."""
+
+    def __init__(self, path: Path, pool: HostBufferPool, estimated_bytes: int | None = None):
+        self.path, self.pool, self.estimated_bytes = path, pool, estimated_bytes
+        self.steps: list[StepBuffers] = []
+
+    def add_step(self, step: StepBuffers) -> None:
+        self.steps.append(step)
+
+    def finish(self, context: dict, metadata: dict) -> Path:
+        for step in self.steps:
+            step.wait()
+        capture = assemble(self.steps, context, metadata)
+        return atomic_write(self.path, lambda tmp: torch.save(capture, tmp), needed=self.estimated_bytes)
+
+    def abort(self) -> list[int]:
+        """Nothing was written; a .pt is all or nothing."""
+        self.steps.clear()
+        return []
+
+
+class SafetensorsSink:
+    """Streams one safetensors shard per step from a background thread, with an index kept up to date.
+
+    Host memory stays bounded by the buffer pool's limit: the sampler blocks for a free buffer set if the
+    disk falls behind. `index.json` says which steps are on disk and whether the run completed.
+    """
+
+    def __init__(self, directory: Path, pool: HostBufferPool, metadata: dict):
+        self.dir, self.pool = directory, pool
+        self.index: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "format": "safetensors",
+            "complete": False,
+            "steps_done": [],
+            "metadata": metadata,
+            "shapes": {},
+            "dtypes": {},
+        }
+        self.bytes_written = 0
+        self.write_seconds = 0.0
+        self.error: BaseException | None = None
+        self.queue: queue.Queue[StepBuffers | None] = queue.Queue()
+        write_json(self.dir / "index.json", self.index)
+        self.thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
+        self.thread.start()
+
+    def _write_index(self) -> None:
+        write_json(self.dir / "index.json", self.index)
+
+    def _run(self) -> None:
+        while (step := self.queue.get()) is not None:
+            try:
+                if self.error is None:
+                    self._write_step(step)
+            except BaseException as e:  # reported to the sampling thread at its next call
+                self.error = e
+            finally:
+                self.pool.release(step.buffers)
+
+    def _write_step(self, step: StepBuffers) -> None:
+        step.wait()
+        tensors = step.tensors
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        start = time.perf_counter()
+        atomic_write(
+            self.dir / f"step_{step.step:04d}.safetensors", lambda tmp: save_file(tensors, tmp), nbytes
+        )
+        self.write_seconds += time.perf_counter() - start
+        self.bytes_written += nbytes
+        for k, t in tensors.items():
+            self.index["shapes"][k] = list(t.shape)
+            self.index["dtypes"][k] = str(t.dtype).removeprefix("torch.")
+        self.index["steps_done"].append(step.step)
+        self._write_index()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def add_step(self, step: StepBuffers) -> None:
+        self._raise_if_failed()
+        self.queue.put(step)
+
+    def _drain(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+
+    def finish(self, context: dict, metadata: dict) -> Path:
+        self._drain()
+        self._raise_if_failed()
+        tensors = {k: v.contiguous() for k, v in context.items() if isinstance(v, Tensor)}
+        atomic_write(self.dir / "context.safetensors", lambda tmp: save_file(tensors, tmp))
+        self.index["metadata"] = metadata
+        self.index["context"] = {k: v for k, v in context.items() if not isinstance(v, Tensor)}
+        self.index["complete"] = True
+        self._write_index()
+        return self.dir
+
+    def abort(self, context: dict | None = None) -> list[int]:
+        """Write what is queued, keep the index marked incomplete; returns the steps on disk."""
+        self._drain()
+        if context:
+            tensors = {k: v.contiguous() for k, v in context.items() if isinstance(v, Tensor)}
+            atomic_write(self.dir / "context.safetensors", lambda tmp: save_file(tensors, tmp))
+            self.index["context"] = {k: v for k, v in context.items() if not isinstance(v, Tensor)}
+        self._write_index()
+        return list(self.index["steps_done"])
+
+
+# -------------------------------------------------------------------------------------------- loading
+def _load_pt(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "pickle" in str(e).lower():
+            raise UserError(
+                f"Refusing to load {str(path)!r}: it contains pickled Python objects, not only tensors. "
+                "Capture files are opened with weights_only=True, so code inside a file never runs; this "
+                "file was not written by this tool or has been tampered with."
+            ) from e
+        raise UserError(
+            f"Could not read the capture {str(path)!r} ({type(e).__name__}: {e}). It is corrupt or "
+            "truncated (was the run interrupted while writing?)."
+        ) from e
+
+
+class _Shards:
+    """Open safetensors shards of a capture directory, read lazily (memory-mapped) key by key."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.handles: dict[Path, Any] = {}
+
+    def get(self, name: str, key: str) -> Tensor:
+        path = self.dir / name
+        try:
+            if path not in self.handles:
+                self.handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            return self.handles[path].get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"Could not read {key!r} from {str(path)!r}: {e}. The shard is corrupt.") from e
+
+
+def _load_dir(directory: Path) -> dict:
+    index_path = directory / "index.json"
+    try:
+        index = json.loads(index_path.read_text())
+        meta = index["metadata"]
+    except FileNotFoundError as e:
+        raise UserError(f"{str(directory)!r} is not a capture directory: it has no index.json.") from e
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"The capture index {str(index_path)!r} is corrupt ({e}).") from e
+    if index.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(
+            f"{str(index_path)!r} has schema version {index.get('schema_version')}; this tool reads "
+            f"version {SCHEMA_VERSION}."
+        )
+    shards = _Shards(directory)
+    done = sorted(index["steps_done"])
+    meta = dict(meta, complete=index["complete"], steps_done=done)
+    if not index["complete"]:
+        # An interrupted run: expose only the captured steps that reached the disk.
+        meta["captured_steps"] = [k for k in meta["captured_steps"] if k in done]
+    double, single = nest_blocks(meta, lambda k, key: shards.get(f"step_{k:04d}.safetensors", key), lazy=True)
+    ctx: dict[str, Any] = dict(index.get("context", {}))
+    if (directory / "context.safetensors").exists():
+        with safe_open(str(directory / "context.safetensors"), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                ctx[key] = f.get_tensor(key)
+    ctx["img_state"] = LazyList(
+        len(done), lambda i: shards.get(f"step_{done[i]:04d}.safetensors", "img_state")
+    )
+    ctx["vec"] = LazyList(len(done), lambda i: shards.get(f"step_{done[i]:04d}.safetensors", "vec"))
+    return {"double_blocks": double, "single_blocks": single, "denoising_context": ctx, "metadata": meta}
+
+
+def load_capture(path: str | Path) -> dict:
+    """Open a capture (`.pt` file or safetensors directory) as the documented nested dict.
+
+    `.pt` files are read with `weights_only=True` (memory-mapped); a file that pickles code is refused.
+    Safetensors captures are lazy: block lists read a tensor from disk only when it is indexed.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _load_dir(path)
+    if not path.exists():
+        raise UserError(f"No capture at {str(path)!r}.")
+    return _load_pt(path)
