@@ -157,7 +157,7 @@ class HostBufferPool:
     """
 
     def __init__(
-        self, shapes: dict[str, tuple], dtypes: dict[str, torch.dtype], pin: bool, limit: int | None
+        self, shapes: dict[str, tuple], dtypes: dict[str, torch.dtype], pin: bool, limit: int | None = None
     ):
         self.shapes, self.dtypes, self.pin, self.limit = shapes, dtypes, pin, limit
         self.free: queue.Queue[dict[str, Tensor]] = queue.Queue()
@@ -232,7 +232,7 @@ class BlockCapture:
 
     def _copy(self, key: str, value: Tensor) -> None:
         step = self.current
-        if step is not None and (step.captured or key in CONTEXT_KEYS):
+        if step is not None and (step.captured or key in CONTEXT_KEYS) and key in step.buffers:
             step.buffers[key].copy_(value, non_blocking=True)
 
     def _double_hook(self, i: int):

@@ -203,7 +203,7 @@ class PtSink:
         capture = assemble(self.steps, context, metadata)
         return atomic_write(self.path, lambda tmp: torch.save(capture, tmp), needed=self.estimated_bytes)
 
-    def abort(self) -> list[int]:
+    def abort(self, context: dict | None = None) -> list[int]:
         """Nothing was written; a .pt is all or nothing."""
         self.steps.clear()
         return []

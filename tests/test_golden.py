@@ -17,7 +17,9 @@ from flux.layers import timestep_embedding
 from flux.model import Flux, FluxParams
 from flux.sampling import denoise, get_noise, get_schedule, pack, unpack
 
-TOL = 1e-5
+# Observed agreement is ~1e-7 for the transformer and ~2e-6 for the AE. The transformer bound stays well
+# under 1e-5 because the erf GELU in place of the tanh one only moves the prediction by ~1e-5 here.
+TOL = 2e-6
 AE_TOL = 1e-5
 DEPTH, DEPTH_SINGLE = 2, 3
 
@@ -65,7 +67,9 @@ def forward_hooks(model: torch.nn.Module, names: list[str], store: dict[str, obj
     try:
         for name in names:
             module = model.get_submodule(name)
-            handles.append(module.register_forward_hook(lambda _m, _i, out, name=name: store.update({name: out})))
+            handles.append(
+                module.register_forward_hook(lambda _m, _i, out, name=name: store.update({name: out}))
+            )
         yield store
     finally:
         for h in handles:

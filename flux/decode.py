@@ -1,0 +1,429 @@
+"""The lens: decode any captured block output as if it were the last block, to JPEGs and contact sheets.
+
+For a block output h at step k, the image tokens go through the final layer with that step's vec, giving a
+velocity pred (B, L, 64). The latent is then formed exactly as the sampler's Euler update
+`img + (t_prev - t_curr) * pred` forms it, with t_prev replaced by 0 for the clean-image estimate:
+
+    x0:   img_state_k + (0.0 - t_curr) * pred      (what the image would be if this block were the last)
+    next: img_state_k + (t_prev - t_curr) * pred   (the latent the sampler would step to)
+
+so the last single block at the last step reproduces the sampler's final latent bit for bit. Latents are
+unpacked and run through the VAE decoder in batches sized to the free device memory, while a thread pool
+encodes and writes the JPEGs of the previous batch.
+"""
+
+import math
+import os
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image, ImageDraw, ImageFont
+from safetensors import safe_open
+from torch import Tensor
+from tqdm import tqdm
+
+from flux.autoencoder import AutoEncoder, AutoEncoderParams
+from flux.errors import UserError
+from flux.layers import LastLayer
+from flux.model import FluxParams
+from flux.sampling import latent_size, unpack
+
+TARGETS = ("x0", "next")
+STREAMS = ("double", "single")
+CPU_BATCH = 8  # CPU convolutions gain little from bigger batches, and progress stays visible
+MAX_CUDA_BATCH = 64  # past this a bigger batch barely helps, and JPEG writing overlaps less
+MAX_CELL = 256  # longest side of a contact-sheet thumbnail, in pixels
+# Contact-sheet layout, in pixels: row-label column, column-label band, space after each cell, space
+# before the final image's column.
+LABEL_W, LABEL_H, PAD, FINAL_GAP = 56, 28, 4, 16
+
+
+# ----------------------------------------------------------------------------- block outputs -> latents
+
+
+@dataclass(frozen=True)
+class LensKey:
+    """One decodable block output: stream ("double" or "single"), block index, step index (from 0)."""
+
+    stream: str
+    block: int
+    step: int
+    position: int  # index into the block's list of captured steps
+
+    @property
+    def filename(self) -> str:
+        return f"{self.stream}_block_{self.block}_step_{self.step}.jpg"
+
+
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+
+
+def lens_plan(
+    capture: dict, blocks: dict[str, Iterable[int]] | None = None, steps: Iterable[int] | None = None
+) -> list[LensKey]:
+    """The block outputs to decode, ordered by stream, block number, step; reads no tensors.
+
+    blocks: None for every captured block, or e.g. {"double": [0, 3], "single": [37]} (a stream left out
+    is skipped). steps: None for every captured step, or real step indices.
+    """
+    meta = capture["metadata"]
+    if meta.get("streams", "both") == "txt":
+        raise UserError(
+            "This capture holds only text tokens (--streams txt), so no block can be decoded to an image. "
+            "Capture again with --streams img or --streams both."
+        )
+    captured_steps = list(meta["captured_steps"])
+    wanted_steps = captured_steps if steps is None else list(steps)
+    if missing := sorted(set(wanted_steps) - set(captured_steps)):
+        raise UserError(f"Steps {missing} were not captured; this capture holds steps {captured_steps}.")
+    plan = []
+    for stream in STREAMS:
+        captured = {int(name.removeprefix("block_")): name for name in capture[f"{stream}_blocks"]}
+        wanted = captured if blocks is None else blocks.get(stream, [])
+        if missing := sorted(set(wanted) - set(captured)):
+            raise UserError(
+                f"{stream} blocks {missing} were not captured; this capture holds {sorted(captured)}."
+            )
+        for block in sorted(wanted):
+            for position, step in enumerate(captured_steps):
+                if step in wanted_steps:
+                    plan.append(LensKey(stream, block, step, position))
+    return plan
+
+
+@torch.inference_mode()
+def lens_latent(capture: dict, key: LensKey, final_layer: LastLayer, target: str = "x0") -> Tensor:
+    """The latent tokens (B, L, 64) that block output `key` decodes to, in img_state's dtype and device
+    of the final layer. The final layer runs in its own dtype, on inputs cast to it."""
+    _check_target(target)
+    ctx = capture["denoising_context"]
+    h = capture[f"{key.stream}_blocks"][f"block_{key.block}"][key.position]
+    if key.stream == "double":
+        h = h[0]  # (img, txt)
+    img_state = ctx["img_state"][key.step]
+    n_img, n_txt = img_state.shape[1], int(ctx["txt_seq_len"])
+    if key.stream == "single" and h.shape[1] != n_img:
+        if h.shape[1] != n_txt + n_img:
+            raise ValueError(
+                f"single block output has {h.shape[1]} tokens; expected {n_img} or {n_txt + n_img}"
+            )
+        h = h[:, n_txt:]  # text first
+    weight = final_layer.linear.weight
+    vec = ctx["vec"][key.step].to(weight.device, weight.dtype)
+    pred = final_layer(h.to(weight.device, weight.dtype), vec)
+    t_curr, t_prev = (float(t) for t in ctx["timestep_pairs"][key.step])
+    t_to = 0.0 if target == "x0" else t_prev
+    # The sampler's own expression, so the last block at the last step gives its final latent exactly.
+    return img_state.to(weight.device) + (t_to - t_curr) * pred.to(img_state.dtype)
+
+
+def block_latents(
+    capture: dict,
+    final_layer: LastLayer,
+    target: str = "x0",
+    blocks: dict[str, Iterable[int]] | None = None,
+    steps: Iterable[int] | None = None,
+) -> Iterator[tuple[LensKey, Tensor]]:
+    """Yield (key, latent tokens (B, L, 64)) for each block output in `lens_plan` order."""
+    for key in lens_plan(capture, blocks, steps):
+        yield key, lens_latent(capture, key, final_layer, target)
+
+
+# ----------------------------------------------------------------------------- latents -> pixels -> files
+
+
+def decode_latents(latents: Tensor, ae: AutoEncoder, height: int, width: int, decoder=None) -> Tensor:
+    """Latent tokens (N, L, 64) -> images (N, 3, H', W'), roughly in [-1, 1], on the decoder's device.
+
+    As the reference CLI: unpack in float32, then decode under bf16 autocast on CUDA (float32 on CPU).
+    `decoder` may be a compiled `ae.decoder`; H', W' are height, width rounded up to multiples of 16.
+    """
+    device = ae.decoder.conv_in.weight.device
+    z = unpack(latents.to(device).float(), height, width)
+    decoder = ae.decoder if decoder is None else decoder
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return decoder(z / ae.scale_factor + ae.shift_factor)  # = ae.decode(z)
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Images (..., 3, H, W) in [-1, 1] -> uint8 (..., H, W, 3), truncated like the reference's `.byte()`."""
+    return rearrange((127.5 * (x.float().clamp(-1, 1) + 1)).byte(), "... c h w -> ... h w c")
+
+
+def to_image(x: Tensor) -> Image.Image:
+    """One decoded image (3, H, W) in [-1, 1] -> PIL RGB image."""
+    return Image.fromarray(to_uint8(x).cpu().numpy())
+
+
+def save_jpeg(img: Image.Image, path: str | Path) -> None:
+    """JPEG at quality 95 without chroma subsampling, written atomically (temp file, then os.replace)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        img.save(tmp, format="JPEG", quality=95, subsampling=0)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def decoder_bytes_per_image(params: AutoEncoderParams, height: int, width: int) -> int:
+    """Rough peak activation memory of one image in the VAE decoder under bf16 autocast.
+
+    The widest activation is at some resolution level l: ch * ch_mult[l + 1] channels (the input of that
+    level) over (H / 2^l) x (W / 2^l) pixels. About 8 such tensors of 4 bytes (GroupNorm runs in float32
+    under autocast) are alive at once; full-size FLUX at 1024 px gives ~8.6 GB.
+    """
+    levels = len(params.ch_mult)
+    widest = max(
+        params.ch * params.ch_mult[min(level + 1, levels - 1)] * (height >> level) * (width >> level)
+        for level in range(levels)
+    )
+    return 8 * 4 * widest
+
+
+def auto_batch_size(params: AutoEncoderParams, height: int, width: int, device: torch.device) -> int:
+    """Images per VAE decoder call: what fits in 70% of the free GPU memory, or a fixed size on CPU."""
+    if device.type != "cuda":
+        return CPU_BATCH
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(MAX_CUDA_BATCH, int(0.7 * free) // decoder_bytes_per_image(params, height, width)))
+
+
+def chunk_sizes(n: int, batch_size: int) -> list[int]:
+    """Split n items into the fewest chunks of at most batch_size, as even as possible (largest first)."""
+    if n == 0:
+        return []
+    n_chunks = math.ceil(n / batch_size)
+    base, extra = divmod(n, n_chunks)
+    return [base + 1] * extra + [base] * (n_chunks - extra)
+
+
+# ----------------------------------------------------------------------------- contact sheets
+
+
+def cell_size(width: int, height: int, max_cell: int = MAX_CELL) -> tuple[int, int]:
+    """Thumbnail (w, h) of a width x height image: the longest side capped at max_cell, aspect kept."""
+    scale = min(1.0, max_cell / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def grid_size(n_rows: int, n_cols: int, cell_w: int, cell_h: int, final: bool = True) -> tuple[int, int]:
+    """Pixel (width, height) of a contact sheet.
+
+    A LABEL_W column of row labels, then n_cols cells each followed by PAD pixels; with the final image,
+    FINAL_GAP more, one cell and PAD. Vertically a LABEL_H band of column labels, then n_rows cells each
+    followed by PAD.
+    """
+    width = LABEL_W + n_cols * (cell_w + PAD) + (FINAL_GAP + cell_w + PAD if final else 0)
+    return width, LABEL_H + n_rows * (cell_h + PAD)
+
+
+def make_grid(
+    cells: dict[tuple[int, int], Image.Image],
+    row_labels: list[str],
+    col_labels: list[str],
+    cell: tuple[int, int],
+    final: Image.Image | None = None,
+) -> Image.Image:
+    """A labelled contact sheet; cells maps (row, column) to a thumbnail of size `cell`."""
+    cell_w, cell_h = cell
+    size = grid_size(len(row_labels), len(col_labels), cell_w, cell_h, final is not None)
+    sheet = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for (row, col), thumb in cells.items():
+        sheet.paste(thumb, (LABEL_W + col * (cell_w + PAD), LABEL_H + row * (cell_h + PAD)))
+    for row, label in enumerate(row_labels):
+        draw.text((2, LABEL_H + row * (cell_h + PAD) + cell_h // 2 - 6), label, fill="black", font=font)
+    for col, label in enumerate(col_labels):
+        if draw.textlength(label, font=font) > cell_w:
+            label = label.replace(" (", "\n(")  # "step k" over "(t=...)" when the cell is narrow
+        draw.multiline_text((LABEL_W + col * (cell_w + PAD), 2), label, fill="black", font=font)
+    if final is not None:
+        x = LABEL_W + len(col_labels) * (cell_w + PAD) + FINAL_GAP
+        sheet.paste(final, (x, LABEL_H))
+        draw.text((x, 2), "final", fill="black", font=font)
+    return sheet
+
+
+def _thumbnail(img: Image.Image, cell: tuple[int, int]) -> Image.Image:
+    return img if img.size == cell else img.resize(cell, Image.Resampling.BICUBIC)
+
+
+def _write_image(pixels: np.ndarray, path: Path | None, cell: tuple[int, int]) -> Image.Image:
+    img = Image.fromarray(pixels)
+    if path is not None:
+        save_jpeg(img, path)
+    return _thumbnail(img, cell)
+
+
+# ----------------------------------------------------------------------------- the whole lens
+
+
+@dataclass
+class DecodeReport:
+    n_images: int  # images decoded, including the final image when decoded from final_latent
+    decode_seconds: float  # final layer + VAE + JPEG writes, after the one-time warm-up
+    compile_seconds: float  # one-time torch.compile and warm-up of the decoder (0 when there was none)
+    seconds_per_image: float
+    batch_size: int
+    files: list[Path] = field(default_factory=list)
+    grids: list[Path] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def decode_capture(
+    capture: dict,
+    final_layer: LastLayer,
+    ae: AutoEncoder,
+    out_dir: str | Path,
+    *,
+    target: str = "x0",
+    blocks: dict[str, Iterable[int]] | None = None,
+    steps: Iterable[int] | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+    compile: bool | None = None,
+    final_image: Image.Image | None = None,
+    progress: bool = True,
+    workers: int | None = None,
+) -> DecodeReport:
+    """Decode captured block outputs to `{out_dir}/{stream}_block_{i}_step_{k}.jpg` plus labelled contact
+    sheets `grid_double.jpg` and `grid_single.jpg` (rows: blocks, columns: steps, then the final image).
+
+    device: where the VAE decodes (default: where ae.decoder is; it is moved there otherwise).
+    batch_size: images per decoder call (default: sized to free GPU memory, CPU_BATCH on CPU); 1 decodes
+    one at a time. compile: torch.compile the decoder (default: on CUDA only). final_image: the sampler's
+    image for the sheets; by default final_latent is decoded along with the blocks.
+    """
+    _check_target(target)
+    meta, ctx = capture["metadata"], capture["denoising_context"]
+    height, width = int(meta["height"]), int(meta["width"])
+    if (batch := ctx["img_state"][0].shape[0]) != 1:
+        raise UserError(f"The lens decodes captures of one image; this one holds a batch of {batch}.")
+    plan = lens_plan(capture, blocks, steps)
+    device = torch.device(device) if device is not None else ae.decoder.conv_in.weight.device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    ae.decoder.to(device)
+    compile = device.type == "cuda" if compile is None else compile
+    decode_final = final_image is None and ctx.get("final_latent") is not None
+    n = len(plan) + decode_final
+    sizes = chunk_sizes(n, batch_size or auto_batch_size(ae.params, height, width, device))
+    batch_size = max(sizes, default=1)  # the one shape a compiled decoder sees
+    h_lat, w_lat = latent_size(height, width)
+    scale = 2 ** (len(ae.params.ch_mult) - 1)
+    cell = cell_size(w_lat * scale, h_lat * scale)
+
+    decoder = torch.compile(ae.decoder, dynamic=False) if compile else ae.decoder
+    compile_seconds = 0.0
+    if compile or device.type == "cuda":  # compile (or cuDNN set-up) once, outside the timed decode
+        start = time.perf_counter()
+        decode_latents(torch.zeros(batch_size, h_lat * w_lat // 4, 64), ae, height, width, decoder)
+        _sync(device)
+        compile_seconds = time.perf_counter() - start
+
+    def latents() -> Iterator[tuple[LensKey | None, Tensor]]:
+        yield from block_latents(capture, final_layer, target, blocks, steps)
+        if decode_final:
+            yield None, ctx["final_latent"]
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    thumbs: dict[LensKey | None, Future] = {}
+    start = time.perf_counter()
+    items = latents()
+    with (
+        ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool,
+        tqdm(total=n, disable=not progress, unit="img", desc="decoding blocks") as bar,
+    ):
+        for size in sizes:
+            keys, chunk = zip(*(next(items) for _ in range(size)))
+            x = torch.cat(chunk)
+            if compile and size < batch_size:  # one static shape: pad rather than compile again
+                x = torch.cat((x, x[-1:].expand(batch_size - size, -1, -1)))
+            pixels = to_uint8(decode_latents(x, ae, height, width, decoder)[:size]).cpu().numpy()
+            for key, px in zip(keys, pixels):
+                path = out_dir / key.filename if key is not None else None
+                thumbs[key] = pool.submit(_write_image, px, path, cell)
+            bar.update(size)
+        thumbs = {key: fut.result() for key, fut in thumbs.items()}
+    decode_seconds = time.perf_counter() - start
+
+    final = _thumbnail(final_image, cell) if final_image is not None else thumbs.get(None)
+    grids = []
+    for stream in STREAMS:
+        keys = [key for key in plan if key.stream == stream]
+        if not keys:
+            continue
+        rows = sorted({key.block for key in keys})
+        cols = sorted({key.step for key in keys})
+        cells = {(rows.index(key.block), cols.index(key.step)): thumbs[key] for key in keys}
+        col_labels = [f"step {k} (t={float(ctx['timestep_pairs'][k][0]):.2f})" for k in cols]
+        sheet = make_grid(cells, [f"block {i}" for i in rows], col_labels, cell, final)
+        save_jpeg(sheet, out_dir / f"grid_{stream}.jpg")
+        grids.append(out_dir / f"grid_{stream}.jpg")
+    return DecodeReport(
+        n_images=n,
+        decode_seconds=decode_seconds,
+        compile_seconds=compile_seconds,
+        seconds_per_image=decode_seconds / max(n, 1),
+        batch_size=batch_size,
+        files=[out_dir / key.filename for key in plan],
+        grids=grids,
+    )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_final_layer(
+    flow_path: str | Path,
+    params: FluxParams,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+) -> LastLayer:
+    """Only the `final_layer.*` tensors of a flow checkpoint, read with safe_open (never the whole file).
+
+    Strict: every key of a LastLayer built from `params` must be there with its shape, and no other
+    `final_layer.*` key may be.
+    """
+    with torch.device("meta"):
+        layer = LastLayer(params.hidden_size, 1, params.out_channels)
+    expected = {f"final_layer.{name}": t.shape for name, t in layer.state_dict().items()}
+    if not Path(flow_path).is_file():
+        raise UserError(f"No flow checkpoint at {flow_path}: pass the path of the model's .safetensors file.")
+    state = {}
+    with safe_open(str(flow_path), framework="pt", device="cpu") as f:
+        found = {key for key in f.keys() if key.startswith("final_layer.")}  # noqa: SIM118 (not a dict)
+        missing, unexpected = sorted(expected.keys() - found), sorted(found - expected.keys())
+        if missing or unexpected:
+            raise UserError(
+                f"{flow_path} does not hold the final layer of this model: missing {missing}, "
+                f"unexpected {unexpected}. Check that the file matches the chosen --model."
+            )
+        for key, shape in expected.items():
+            tensor = f.get_tensor(key)
+            if tensor.shape != shape:
+                raise UserError(
+                    f"{flow_path}: {key} has shape {tuple(tensor.shape)}, but this model expects "
+                    f"{tuple(shape)}. Check that the file matches the chosen --model."
+                )
+            state[key.removeprefix("final_layer.")] = tensor.to(device, dtype)
+    layer.load_state_dict(state, strict=True, assign=True)
+    return layer.eval()

@@ -1,0 +1,188 @@
+"""Text embedders on the flux-tiny encoders: shapes, padding, truncation, CLIP pooling, error messages."""
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import flux.conditioner
+from flux.conditioner import TextEmbedder, load_text_embedder
+from flux.configs import CONFIGS
+from flux.errors import UserError
+from flux.tiny import ensure_tiny_repo
+
+SPEC = CONFIGS["flux-tiny"]
+PROMPTS = ["a photo of a red cat", "a painting of a blue house on a mountain at night"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return ensure_tiny_repo(tmp_path_factory.mktemp("tiny") / "flux-tiny")
+
+
+@pytest.fixture(scope="module")
+def t5(repo) -> TextEmbedder:
+    return load_text_embedder(
+        "t5", repo, "text_encoder_2", "tokenizer_2", SPEC.t5_max_length, "cpu", torch.float32
+    )
+
+
+@pytest.fixture(scope="module")
+def clip(repo) -> TextEmbedder:
+    return load_text_embedder(
+        "clip", repo, "text_encoder", "tokenizer", SPEC.clip_max_length, "cpu", torch.float32
+    )
+
+
+def test_t5_shape_dtype_and_prompt_dependence(t5):
+    txt = t5(PROMPTS)
+    assert txt.shape == (2, SPEC.t5_max_length, SPEC.params.context_in_dim)
+    assert txt.dtype == torch.float32 and txt.device.type == "cpu"
+    assert not torch.allclose(txt[0], txt[1])
+    assert not t5.model.training and not any(p.requires_grad for p in t5.parameters())
+
+
+def test_clip_shape_and_dtype(clip):
+    vec = clip(PROMPTS)
+    assert vec.shape == (2, SPEC.params.vec_in_dim) and vec.dtype == torch.float32
+    assert not torch.allclose(vec[0], vec[1])
+
+
+def test_output_dtype_is_what_was_asked(repo):
+    t5 = load_text_embedder("t5", repo, "text_encoder_2", "tokenizer_2", 8, "cpu", torch.bfloat16)
+    assert t5(["a cat"]).dtype == torch.bfloat16
+
+
+def test_padding_to_max_length_without_mask(t5, repo):
+    ids = t5.tokenize(["a cat"])
+    tok = t5.tokenizer
+    assert ids.shape == (1, SPEC.t5_max_length)
+    # "a cat" is two known words, then </s>, then <pad> to the end.
+    expected = tok.convert_tokens_to_ids(["▁a", "▁cat", "</s>"]) + [tok.pad_token_id] * (
+        SPEC.t5_max_length - 3
+    )
+    assert ids[0].tolist() == expected
+    # No mask: padding tokens attend and are attended to, so the padded length changes every position.
+    short = load_text_embedder("t5", repo, "text_encoder_2", "tokenizer_2", 8, "cpu", torch.float32)
+    assert not torch.allclose(t5(["a cat"])[0, :3], short(["a cat"])[0, :3])
+
+
+def test_truncation_of_long_prompt(t5, clip):
+    long_prompt = " ".join(["a red cat"] * 40)
+    ids = t5.tokenize([long_prompt])
+    assert ids.shape == (1, SPEC.t5_max_length)
+    assert ids[0, -1].item() == t5.tokenizer.eos_token_id  # truncation keeps the closing </s>
+    assert (ids[0] != t5.tokenizer.pad_token_id).all()
+    assert t5([long_prompt]).shape == (1, SPEC.t5_max_length, SPEC.params.context_in_dim)
+    clip_ids = clip.tokenize([long_prompt])
+    assert clip_ids.shape == (1, SPEC.clip_max_length)
+    assert clip_ids[0, 0].item() == clip.tokenizer.bos_token_id
+    assert clip_ids[0, -1].item() == clip.tokenizer.eos_token_id
+
+
+def test_clip_pools_the_first_end_of_text_token(clip):
+    prompts = ["a cat", "a photo of a green tree in the city", "zzz qq"]
+    vec = clip(prompts)
+    ids = clip.tokenize(prompts)
+    hidden = clip.model(input_ids=ids).last_hidden_state
+    eos = clip.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    for b, row in enumerate(ids.tolist()):
+        position = row.index(eos)  # first end-of-text; later ones are padding with the same id
+        assert position == len(clip.tokenizer.tokenize(prompts[b])) + 1
+        torch.testing.assert_close(vec[b], hidden[b, position])
+        assert not torch.allclose(vec[b], hidden[b, position + 1])
+
+
+def test_missing_subfolder_is_a_user_error(repo, tmp_path):
+    (tmp_path / "tokenizer").mkdir()
+    with pytest.raises(UserError, match=r"no text_encoder/ subfolder.*FLUX_TEXT_ENCODERS"):
+        load_text_embedder("clip", tmp_path, "text_encoder", "tokenizer", 77, "cpu", torch.float32)
+
+
+def test_empty_model_folder_is_a_user_error(tmp_path, repo):
+    (tmp_path / "text_encoder_2").mkdir()
+    (tmp_path / "tokenizer_2").symlink_to(repo / "tokenizer_2")
+    with pytest.raises(UserError, match=r"Could not load the T5 text encoder from the local directory"):
+        load_text_embedder("t5", tmp_path, "text_encoder_2", "tokenizer_2", 8, "cpu", torch.float32)
+
+
+def test_nonexistent_path_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="neither an existing directory nor a hub repo id"):
+        load_text_embedder("t5", tmp_path / "nope", "text_encoder_2", "tokenizer_2", 8, "cpu", torch.float32)
+
+
+def test_hub_repo_missing_offline_is_a_user_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match=r"hub repo flux-intermediate-representation/absent.*HF_HUB_OFFLINE"):
+        load_text_embedder(
+            "t5",
+            "flux-intermediate-representation/absent",
+            "text_encoder_2",
+            "tokenizer_2",
+            8,
+            "cpu",
+            torch.float32,
+        )
+
+
+@pytest.mark.parametrize("error_name", ["GatedRepoError", "RepositoryNotFoundError", "EntryNotFoundError"])
+def test_hub_errors_become_user_errors(monkeypatch, error_name):
+    from huggingface_hub import utils as hub_utils
+
+    error_cls = getattr(hub_utils, error_name)
+
+    message = f"{error_name} for black-forest-labs/FLUX.1-schnell"
+    try:
+        error = error_cls(message)
+    except TypeError:  # newer huggingface_hub: HTTP errors carry the HTTP response
+        error = error_cls(message, response=SimpleNamespace(headers={}, request=None))
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    with pytest.raises(UserError) as info:
+        load_text_embedder(
+            "clip", "black-forest-labs/FLUX.1-schnell", "text_encoder", "tokenizer", 77, "cpu", None
+        )
+    message = str(info.value)
+    assert "huggingface-cli download black-forest-labs/FLUX.1-schnell" in message
+    if error_name == "GatedRepoError":
+        assert "HF_TOKEN" in message and "licence" in message
+
+
+def test_our_bugs_stay_loud(monkeypatch):
+    import transformers
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug of ours")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", bug)
+    with pytest.raises(KeyError):
+        load_text_embedder(
+            "clip", "black-forest-labs/FLUX.1-schnell", "text_encoder", "tokenizer", 77, "cpu", None
+        )
+
+
+def test_kind_is_explicit(repo):
+    with pytest.raises(ValueError, match="kind"):
+        load_text_embedder("openai", repo, "text_encoder", "tokenizer", 77, "cpu", torch.float32)
+    assert flux.conditioner.KINDS == ("t5", "clip")
+
+
+def test_checkpoint_missing_weights_is_a_user_error(repo, tmp_path):
+    (tmp_path / "tokenizer").symlink_to(repo / "tokenizer")
+    (tmp_path / "text_encoder").mkdir()
+    shutil.copy(repo / "text_encoder" / "config.json", tmp_path / "text_encoder")
+    state = load_file(repo / "text_encoder" / "model.safetensors")
+    del state["text_model.final_layer_norm.weight"]
+    save_file(state, tmp_path / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"lacks 1 weights.*final_layer_norm\.weight"):
+        load_text_embedder("clip", tmp_path, "text_encoder", "tokenizer", 77, "cpu", torch.float32)

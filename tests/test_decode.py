@@ -1,0 +1,357 @@
+"""The lens on flux-tiny, CPU, float32: block outputs decode to the right latents, files and sheets."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+import flux.decode
+from flux.autoencoder import AutoEncoder
+from flux.configs import TINY_AE_PARAMS, TINY_PARAMS
+from flux.decode import (
+    FINAL_GAP,
+    LABEL_H,
+    LABEL_W,
+    PAD,
+    block_latents,
+    cell_size,
+    chunk_sizes,
+    decode_capture,
+    decode_latents,
+    grid_size,
+    lens_plan,
+    load_final_layer,
+    save_jpeg,
+    to_image,
+    to_uint8,
+)
+from flux.errors import UserError
+from flux.model import Flux
+from flux.sampling import denoise, get_noise, get_schedule, prepare, unpack
+
+HEIGHT, WIDTH, N_TXT, N_STEPS = 48, 64, 8, 4
+N_IMG = (HEIGHT // 16) * (WIDTH // 16)
+
+
+def make_capture(model: Flux, keep_steps: list[int] | None = None, seed: int = 0) -> dict:
+    """Run the sampler with forward hooks, building a capture dict as docs/capture_format.md lays it out."""
+    gen = torch.Generator().manual_seed(seed)
+    txt = torch.randn(1, N_TXT, TINY_PARAMS.context_in_dim, generator=gen)
+    y = torch.randn(1, TINY_PARAMS.vec_in_dim, generator=gen)
+    inp = prepare(get_noise(1, HEIGHT, WIDTH, "cpu", torch.float32, seed), txt, y)
+    timesteps = get_schedule(N_STEPS, inp["img"].shape[1])
+    keep = list(range(N_STEPS)) if keep_steps is None else keep_steps
+    doubles = {f"block_{i}": [] for i in range(len(model.double_blocks))}
+    singles = {f"block_{i}": [] for i in range(len(model.single_blocks))}
+    ctx = {"img_state": [], "timestep_pairs": [], "vec": []}
+    step = [0]
+    guidance = 3.5
+
+    def before_step(info):
+        step[0] = info.index
+        t_vec = torch.full((1,), info.t_curr)
+        ctx["img_state"].append(info.img.clone())
+        ctx["timestep_pairs"].append((info.t_curr, info.t_prev))
+        ctx["vec"].append(model.conditioning(t_vec, y, torch.full((1,), guidance)))
+
+    def hook(store, name):
+        def fn(_module, _args, out):
+            if step[0] in keep:
+                store[name].append(tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone())
+
+        return fn
+
+    handles = [
+        b.register_forward_hook(hook(doubles, f"block_{i}")) for i, b in enumerate(model.double_blocks)
+    ]
+    handles += [
+        b.register_forward_hook(hook(singles, f"block_{i}")) for i, b in enumerate(model.single_blocks)
+    ]
+    try:
+        with torch.inference_mode():
+            final = denoise(model, **inp, timesteps=timesteps, guidance=guidance, before_step=before_step)
+    finally:
+        for h in handles:
+            h.remove()
+    ctx |= {"y": y, "txt": inp["txt"], "txt_ids": inp["txt_ids"], "img_ids": inp["img_ids"]}
+    ctx |= {"txt_seq_len": N_TXT, "guidance": guidance, "final_latent": final}
+    meta = {
+        "model": "flux-tiny",
+        "height": HEIGHT,
+        "width": WIDTH,
+        "num_steps": N_STEPS,
+        "timesteps": timesteps,
+        "captured_steps": keep,
+        "captured_blocks": {"double": list(range(len(doubles))), "single": list(range(len(singles)))},
+        "streams": "both",
+        "dtype": "float32",
+        "capture_dtype": "float32",
+        "schema_version": 1,
+    }
+    return {"double_blocks": doubles, "single_blocks": singles, "denoising_context": ctx, "metadata": meta}
+
+
+@pytest.fixture(scope="module")
+def model() -> Flux:
+    torch.manual_seed(0)
+    return Flux(TINY_PARAMS).eval()
+
+
+@pytest.fixture(scope="module")
+def ae() -> AutoEncoder:
+    torch.manual_seed(1)
+    return AutoEncoder(TINY_AE_PARAMS).eval()
+
+
+@pytest.fixture(scope="module")
+def capture(model) -> dict:
+    return make_capture(model)
+
+
+def test_last_block_at_last_step_is_the_final_latent(model, capture):
+    last = len(model.single_blocks) - 1
+    final = capture["denoising_context"]["final_latent"]
+    for target in ("x0", "next"):
+        [(key, latent)] = block_latents(capture, model.final_layer, target, {"single": [last]}, [N_STEPS - 1])
+        assert (key.stream, key.block, key.step) == ("single", last, N_STEPS - 1)
+        assert latent.dtype == final.dtype
+        assert torch.equal(latent, final)
+
+
+def _final_layer_by_hand(layer, h, vec):
+    mod = F.linear(F.silu(vec), layer.adaLN_modulation[1].weight, layer.adaLN_modulation[1].bias)
+    shift, scale = mod[:, : h.shape[-1]], mod[:, h.shape[-1] :]
+    x = F.layer_norm(h, h.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    return x @ layer.linear.weight.T + layer.linear.bias
+
+
+@pytest.mark.parametrize(("stream", "block", "step"), [("double", 1, 0), ("single", 0, 0), ("single", 1, 2)])
+def test_x0_and_next_match_a_hand_computation(model, capture, stream, block, step):
+    ctx = capture["denoising_context"]
+    h = capture[f"{stream}_blocks"][f"block_{block}"][step]
+    h_img = h[0] if stream == "double" else h[:, N_TXT:]
+    assert h_img.shape == (1, N_IMG, TINY_PARAMS.hidden_size)
+    pred = _final_layer_by_hand(model.final_layer, h_img, ctx["vec"][step])
+    t_curr, t_prev = ctx["timestep_pairs"][step]
+    assert t_curr > 0.5  # a noisy step: x0 and next differ visibly
+    img = ctx["img_state"][step]
+    [(_, x0)] = block_latents(capture, model.final_layer, "x0", {stream: [block]}, [step])
+    [(_, nxt)] = block_latents(capture, model.final_layer, "next", {stream: [block]}, [step])
+    torch.testing.assert_close(x0, img - t_curr * pred, rtol=0, atol=1e-5)
+    torch.testing.assert_close(nxt, img - (t_curr - t_prev) * pred, rtol=0, atol=1e-5)
+    assert not torch.allclose(x0, nxt)
+
+
+def test_single_entries_holding_only_image_tokens(model, capture):
+    img_only = dict(capture)
+    img_only["single_blocks"] = {
+        k: [x[:, N_TXT:].clone() for x in v] for k, v in capture["single_blocks"].items()
+    }
+    img_only["metadata"] = capture["metadata"] | {"streams": "img"}
+    full = dict(block_latents(capture, model.final_layer, blocks={"single": [0, 2]}))
+    sliced = dict(block_latents(img_only, model.final_layer, blocks={"single": [0, 2]}))
+    assert full.keys() == sliced.keys() and len(full) == 2 * N_STEPS
+    for key in full:
+        assert torch.equal(full[key], sliced[key])
+
+
+def test_plan_rejects_what_was_not_captured(capture):
+    with pytest.raises(UserError, match=r"Steps \[7\]"):
+        lens_plan(capture, steps=[7])
+    with pytest.raises(UserError, match=r"single blocks \[9\]"):
+        lens_plan(capture, blocks={"single": [9]})
+    with pytest.raises(ValueError, match="target"):
+        next(block_latents(capture, torch.nn.Identity(), "x1"))
+
+
+def _files(out_dir):
+    return sorted(p.name for p in out_dir.iterdir())
+
+
+def _expected_names(n_double, n_single, steps, grids=True):
+    names = [f"double_block_{i}_step_{k}.jpg" for i in range(n_double) for k in steps]
+    names += [f"single_block_{i}_step_{k}.jpg" for i in range(n_single) for k in steps]
+    return sorted([*names, "grid_double.jpg", "grid_single.jpg"] if grids else names)
+
+
+def test_files_and_grids(model, ae, capture, tmp_path):
+    report = decode_capture(capture, model.final_layer, ae, tmp_path, progress=False)
+    n_double, n_single = len(model.double_blocks), len(model.single_blocks)
+    assert _files(tmp_path) == _expected_names(n_double, n_single, range(N_STEPS))  # no temp files left
+    assert report.n_images == (n_double + n_single) * N_STEPS + 1  # + the final latent
+    assert sorted(p.name for p in report.files) == _expected_names(
+        n_double, n_single, range(N_STEPS), grids=False
+    )
+    assert [p.name for p in report.grids] == ["grid_double.jpg", "grid_single.jpg"]
+    assert report.compile_seconds == 0.0  # CPU: never compiled by default
+    with Image.open(tmp_path / "double_block_1_step_3.jpg") as img:
+        assert img.size == (WIDTH, HEIGHT) and img.mode == "RGB"
+    # Cells are the full 64 x 48 images; label column, cells + padding, gap, final column.
+    for name, n_rows in (("grid_double.jpg", n_double), ("grid_single.jpg", n_single)):
+        with Image.open(tmp_path / name) as grid:
+            expected = (
+                LABEL_W + N_STEPS * (WIDTH + PAD) + FINAL_GAP + WIDTH + PAD,
+                LABEL_H + n_rows * (HEIGHT + PAD),
+            )
+            assert grid.size == expected == grid_size(n_rows, N_STEPS, WIDTH, HEIGHT)
+    # Placement: row 1, column 2 holds block 1 at step 2; the final column holds the sampler's image.
+    with Image.open(tmp_path / "grid_single.jpg") as grid:
+        sheet = np.asarray(grid.convert("RGB"), dtype=np.float32)
+    x, y = LABEL_W + 2 * (WIDTH + PAD), LABEL_H + 1 * (HEIGHT + PAD)
+    with Image.open(tmp_path / "single_block_1_step_2.jpg") as img:
+        assert np.abs(sheet[y : y + HEIGHT, x : x + WIDTH] - np.asarray(img, dtype=np.float32)).mean() < 4
+    final_latent = capture["denoising_context"]["final_latent"]
+    with torch.inference_mode():
+        final = np.asarray(to_image(ae.decode(unpack(final_latent, HEIGHT, WIDTH))[0]), dtype=np.float32)
+    x = LABEL_W + N_STEPS * (WIDTH + PAD) + FINAL_GAP
+    assert np.abs(sheet[LABEL_H : LABEL_H + HEIGHT, x : x + WIDTH] - final).mean() < 4
+    assert sheet[LABEL_H : LABEL_H + HEIGHT, x - FINAL_GAP + 2 : x - 2].min() > 240  # the white gap
+
+
+def test_subset_of_steps(model, ae, tmp_path):
+    capture = make_capture(model, keep_steps=[0, 2])
+    assert len(capture["single_blocks"]["block_0"]) == 2
+    report = decode_capture(capture, model.final_layer, ae, tmp_path, progress=False, batch_size=3)
+    n_double, n_single = len(model.double_blocks), len(model.single_blocks)
+    assert _files(tmp_path) == _expected_names(n_double, n_single, [0, 2])
+    assert report.batch_size == 3
+    with Image.open(tmp_path / "grid_single.jpg") as grid:
+        assert grid.size == (
+            LABEL_W + 2 * (WIDTH + PAD) + FINAL_GAP + WIDTH + PAD,
+            LABEL_H + n_single * (HEIGHT + PAD),
+        )
+    # Step 2 is list position 1: its image is the x0 of entry 1, decoded with step 2's context.
+    [(key, latent)] = block_latents(capture, model.final_layer, blocks={"double": [0]}, steps=[2])
+    assert (key.step, key.position) == (2, 1)
+    ctx = capture["denoising_context"]
+    pred = model.final_layer(capture["double_blocks"]["block_0"][1][0], ctx["vec"][2])
+    torch.testing.assert_close(latent, ctx["img_state"][2] - ctx["timestep_pairs"][2][0] * pred)
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")
+def test_batched_equals_one_at_a_time(model, ae, capture, tmp_path):
+    # oneDNN picks convolution algorithms by batch size (last-bit differences); without it the CPU
+    # kernels are batch-invariant, so any difference left would be a bookkeeping bug.
+    blocks = {"double": [1], "single": [0, 2]}  # 12 block outputs + the final latent: chunks of 7 and 6
+    with torch.backends.mkldnn.flags(enabled=False):
+        batched = decode_capture(
+            capture, model.final_layer, ae, tmp_path / "b", blocks=blocks, batch_size=7, progress=False
+        )
+        single = decode_capture(
+            capture, model.final_layer, ae, tmp_path / "s", blocks=blocks, batch_size=1, progress=False
+        )
+    assert (batched.batch_size, single.batch_size) == (7, 1)
+    assert _files(tmp_path / "b") == _files(tmp_path / "s")
+    for name in _files(tmp_path / "b"):
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "s" / name).read_bytes(), name
+
+
+def test_batched_decode_with_default_kernels_is_within_one_level(model, ae, capture):
+    latents = torch.cat(
+        [lat for _, lat in block_latents(capture, model.final_layer, blocks={"single": [0, 1]})]
+    )
+    batched = to_uint8(decode_latents(latents, ae, HEIGHT, WIDTH)).int()
+    single = torch.cat([to_uint8(decode_latents(lat[None], ae, HEIGHT, WIDTH)).int() for lat in latents])
+    assert batched.shape == (2 * N_STEPS, HEIGHT, WIDTH, 3)
+    assert (batched - single).abs().max() <= 1
+
+
+def test_to_image_truncates_like_the_reference():
+    x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.999, 1.0, 3.0]).reshape(1, 1, 7).expand(3, 1, 7)
+    # 127.5 * (x + 1) after clamping: 0, 0, 63.75, 127.5, 254.87, 255, 255; then truncated.
+    expected = np.array([0, 0, 63, 127, 254, 255, 255], dtype=np.uint8)
+    img = to_image(x)
+    assert img.size == (7, 1) and img.mode == "RGB"
+    assert np.array_equal(np.asarray(img)[0, :, 0], expected)
+    assert np.array_equal(np.asarray(img)[0, :, 2], expected)
+
+
+def test_save_jpeg_is_atomic_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    img = Image.new("RGB", (8, 8), "red")
+    save_jpeg(img, tmp_path / "a.jpg")
+    assert _files(tmp_path) == ["a.jpg"]
+
+    def broken(tmp, final):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_jpeg(Image.new("RGB", (8, 8), "blue"), tmp_path / "a.jpg")
+    assert _files(tmp_path) == ["a.jpg"]
+    with Image.open(tmp_path / "a.jpg") as kept:
+        assert kept.getpixel((4, 4))[0] > 200  # still the red one
+
+
+def test_sizes():
+    assert cell_size(64, 48) == (64, 48)
+    assert cell_size(1024, 768) == (256, 192)
+    assert cell_size(512, 1360) == (96, 256)  # 512 * 256 / 1360 = 96.4
+    assert grid_size(3, 4, 10, 20, final=False) == (LABEL_W + 4 * 14, LABEL_H + 3 * 24)
+    assert chunk_sizes(0, 8) == []
+    for n, b in ((57, 8), (229, 64), (5, 8), (1, 1), (10, 3)):
+        sizes = chunk_sizes(n, b)
+        assert sum(sizes) == n and max(sizes) <= b and max(sizes) - min(sizes) <= 1
+        assert len(sizes) == -(-n // b)
+
+
+def _write_checkpoint(path, layer, extra=True, drop=None):
+    tensors = {f"final_layer.{k}": v.contiguous() for k, v in layer.state_dict().items()}
+    if extra:
+        tensors |= {
+            "img_in.weight": torch.randn(64, 64),
+            "double_blocks.0.img_attn.qkv.bias": torch.randn(192),
+        }
+    if drop is not None:
+        del tensors[drop]
+    save_file(tensors, str(path))
+
+
+def test_load_final_layer_reads_only_its_tensors(model, tmp_path, monkeypatch):
+    path = tmp_path / "flow.safetensors"
+    _write_checkpoint(path, model.final_layer)
+    read = []
+    real_safe_open = flux.decode.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.f = real_safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.f.get_tensor(key)
+
+    monkeypatch.setattr(flux.decode, "safe_open", Recording)
+    layer = load_final_layer(path, TINY_PARAMS, "cpu", torch.float32)
+    assert read and all(key.startswith("final_layer.") for key in read)
+    for name, tensor in model.final_layer.state_dict().items():
+        assert torch.equal(layer.state_dict()[name], tensor), name
+    assert layer.linear.weight.dtype == torch.float32 and not layer.linear.weight.is_meta
+    bf16 = load_final_layer(path, TINY_PARAMS, "cpu", torch.bfloat16)
+    assert bf16.linear.weight.dtype == torch.bfloat16
+
+
+def test_load_final_layer_errors_clearly(model, tmp_path):
+    path = tmp_path / "flow.safetensors"
+    _write_checkpoint(path, model.final_layer, drop="final_layer.linear.bias")
+    with pytest.raises(UserError, match=r"missing \['final_layer.linear.bias'\]"):
+        load_final_layer(path, TINY_PARAMS, "cpu", torch.float32)
+    with pytest.raises(UserError, match="No flow checkpoint"):
+        load_final_layer(tmp_path / "nope.safetensors", TINY_PARAMS, "cpu", torch.float32)
+    _write_checkpoint(path, model.final_layer)
+    wide = TINY_PARAMS.__class__(**{**TINY_PARAMS.__dict__, "hidden_size": 128})
+    with pytest.raises(UserError, match="has shape"):
+        load_final_layer(path, wide, "cpu", torch.float32)

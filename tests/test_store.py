@@ -1,0 +1,195 @@
+"""Capture files: atomic writes, unique names, both formats, lazy loading, incomplete runs, bad files."""
+
+import errno
+import json
+import os
+import threading
+
+import pytest
+import torch
+
+from flux import load_capture
+from flux.capture import BlockCapture, CapturePlan, HostBufferPool
+from flux.configs import TINY_PARAMS
+from flux.errors import UserError
+from flux.model import Flux
+from flux.sampling import denoise, get_noise, get_schedule, prepare
+from flux.store import (
+    LazyList,
+    PtSink,
+    SafetensorsSink,
+    atomic_write,
+    claim_stem,
+    next_free_index,
+    publish_new,
+)
+
+NUM_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def model() -> Flux:
+    torch.manual_seed(0)
+    return Flux(TINY_PARAMS).eval().requires_grad_(False)
+
+
+def _capture(model, sink_factory, plan: CapturePlan, stop_after: int | None = None, limit: int | None = 2):
+    """Run the sampler with capture into a sink; optionally raise KeyboardInterrupt after some steps.
+
+    A .pt sink keeps every step, so its pool must be unbounded (limit=None); the streaming sink recycles.
+    """
+    g = torch.Generator().manual_seed(1)
+    txt = torch.randn(1, 5, TINY_PARAMS.context_in_dim, generator=g)
+    y = torch.randn(1, TINY_PARAMS.vec_in_dim, generator=g)
+    inp = prepare(get_noise(1, 48, 64, "cpu", torch.float32, 7), txt, y)
+    timesteps = get_schedule(NUM_STEPS, inp["img"].shape[1])
+    shapes, dtypes = BlockCapture.shapes_for(model, plan, 1, 5, inp["img"].shape[1], torch.float32)
+    meta = {
+        "captured_steps": list(plan.steps),
+        "captured_blocks": {"double": list(plan.double), "single": list(plan.single)},
+        "streams": plan.streams,
+        "height": 48,
+        "width": 64,
+    }
+    pool = HostBufferPool(shapes, dtypes, pin=False, limit=limit)
+    sink = sink_factory(pool, meta)
+    context = {"y": y, "txt": inp["txt"], "txt_seq_len": 5, "guidance": 3.5}
+
+    def after(info):
+        sink.add_step(cap.end_step())
+        if stop_after is not None and info.index + 1 == stop_after:
+            raise KeyboardInterrupt
+
+    with BlockCapture(model, plan, pool, 5) as cap:
+        try:
+            out = denoise(
+                model, **{k: inp[k] for k in ("img", "img_ids", "txt", "txt_ids", "vec")},
+                timesteps=timesteps, guidance=3.5,
+                before_step=lambda info: cap.begin_step(info.index, info.img), after_step=after,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            return sink.abort(context), pool
+    context["final_latent"] = out
+    return sink.finish(context, meta), pool
+
+
+def test_pt_and_safetensors_load_to_identical_tensors(model, tmp_path):
+    plan = CapturePlan.everything(model, NUM_STEPS)
+    pt, _ = _capture(model, lambda pool, meta: PtSink(tmp_path / "c.pt", pool), plan, limit=None)
+    (tmp_path / "st").mkdir()
+    st, pool = _capture(model, lambda pool, meta: SafetensorsSink(tmp_path / "st", pool, meta), plan)
+    a, b = load_capture(pt), load_capture(st)
+    assert b["metadata"]["complete"] is True
+    assert set(a["double_blocks"]) == set(b["double_blocks"]) and set(a["single_blocks"]) == set(
+        b["single_blocks"]
+    )
+    for name, steps in a["double_blocks"].items():
+        assert len(steps) == len(b["double_blocks"][name]) == NUM_STEPS
+        for (ai, at), (bi, bt) in zip(steps, b["double_blocks"][name]):
+            assert torch.equal(ai, bi) and torch.equal(at, bt)
+    for name, steps in a["single_blocks"].items():
+        for x, z in zip(steps, b["single_blocks"][name]):
+            assert torch.equal(x, z)
+    for key in ("img_state", "vec"):
+        for x, z in zip(a["denoising_context"][key], b["denoising_context"][key]):
+            assert torch.equal(x, z)
+    for key in ("y", "txt", "final_latent"):
+        assert torch.equal(a["denoising_context"][key], b["denoising_context"][key])
+    assert isinstance(b["single_blocks"]["block_0"], LazyList)
+    assert pool.allocated <= 2  # the writer reused at most two host buffer sets for three steps
+
+
+def test_interrupted_safetensors_capture_keeps_finished_steps(model, tmp_path):
+    plan = CapturePlan.everything(model, NUM_STEPS)
+    steps_saved, _ = _capture(
+        model, lambda pool, meta: SafetensorsSink(tmp_path, pool, meta), plan, stop_after=2
+    )
+    assert steps_saved == [0, 1]
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["complete"] is False and index["steps_done"] == [0, 1]
+    capture = load_capture(tmp_path)
+    assert capture["metadata"]["complete"] is False
+    assert len(capture["single_blocks"]["block_0"]) == 2
+    assert capture["single_blocks"]["block_0"][1].shape == (1, 17, 64)
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_interrupted_pt_capture_writes_nothing(model, tmp_path):
+    plan = CapturePlan.everything(model, NUM_STEPS)
+    _capture(model, lambda pool, meta: PtSink(tmp_path / "c.pt", pool), plan, stop_after=1, limit=None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_subset_round_trips(model, tmp_path):
+    plan = CapturePlan((1,), (2,), (0, 2), streams="img")
+    st, _ = _capture(model, lambda pool, meta: SafetensorsSink(tmp_path, pool, meta), plan)
+    capture = load_capture(st)
+    assert list(capture["double_blocks"]) == ["block_1"] and list(capture["single_blocks"]) == ["block_2"]
+    img, txt = capture["double_blocks"]["block_1"][1]
+    assert txt is None and img.shape == (1, 12, 64)
+    assert capture["metadata"]["captured_steps"] == [0, 2]
+    assert len(capture["denoising_context"]["img_state"]) == NUM_STEPS
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "a.json"
+    target.write_text("old")
+
+    def failing(tmp):
+        tmp.write_text("partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError, match="full") as err:
+        atomic_write(target, failing, needed=2_000_000_000)
+    assert str(tmp_path) in str(err.value) and "2.00 GB" in str(err.value)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_publish_new_never_overwrites_under_concurrency(tmp_path):
+    results = []
+
+    def writer(i):
+        results.append(publish_new(lambda n: tmp_path / f"img_{n}.jpg", lambda tmp: tmp.write_text(str(i))))
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 8
+    assert sorted(p.read_text() for p in results) == [str(i) for i in range(8)]
+    assert next_free_index(tmp_path, "img_", ".jpg") == 8
+
+
+def test_claim_stem_is_unique(tmp_path):
+    stems = {claim_stem(tmp_path, "flux-tiny") for _ in range(5)}
+    assert len(stems) == 5
+    assert all(s.startswith("capture_") and "flux-tiny" in s for s in stems)
+
+
+def test_corrupt_and_malicious_files_are_refused(tmp_path):
+    truncated = tmp_path / "t.pt"
+    torch.save({"a": torch.zeros(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(UserError, match="corrupt"):
+        load_capture(truncated)
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, evil)
+    with pytest.raises(UserError, match="Refusing"):
+        load_capture(evil)
+    assert not marker.exists()
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "index.json").write_text("{not json")
+    with pytest.raises(UserError, match="index"):
+        load_capture(tmp_path / "d")
+    with pytest.raises(UserError, match="No capture"):
+        load_capture(tmp_path / "missing.pt")
