@@ -24,12 +24,13 @@ from flux.configs import CONFIGS, ModelSpec, get_spec
 from flux.errors import UsageError, UserError
 from flux.loading import load_ae, load_flow_model, load_text_encoders
 from flux.model import Flux
-from flux.sampling import StepInfo, denoise, get_noise, get_schedule, latent_size, prepare, unpack
+from flux.sampling import denoise, get_noise, get_schedule, latent_size, prepare
 from flux.store import (
     SCHEMA_VERSION,
     PtSink,
     SafetensorsSink,
     claim_stem,
+    next_free_index,
     publish_new,
     release_stem,
     write_json,
@@ -74,6 +75,8 @@ class RunOptions:
     force: bool = False
     should_decode_intermediates: bool = True
     decode_target: str = "x0"
+    decode_batch_size: int | None = None
+    compile_decoder: bool | None = None
     weights_dir: str | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -219,15 +222,15 @@ class Models:
 
     def decode(self, tokens: Tensor, height: int, width: int) -> Tensor:
         """Latent tokens (B, L, 64) -> image (B, 3, H, W) in about [-1, 1], float32."""
-        if self.offload:
-            self.ae.decoder.to(self.device)
-        z = unpack(tokens.float(), height, width).to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            image = self.ae.decode(z).float()
+        from flux.decode import decode_latents
+
+        self.ae.decoder.to(self.device)  # with --offload only the decoder visits the GPU, as in the reference
+        return decode_latents(tokens, self.ae, height, width).float()
+
+    def offload_decoder(self) -> None:
         if self.offload:
             self.ae.decoder.cpu()
             _empty_cache(self.device)
-        return image
 
 
 def _empty_cache(device: torch.device) -> None:
@@ -250,6 +253,76 @@ def load_models(
 
 # -------------------------------------------------------------------------------------- generation
 @dataclass
+class CaptureSession:
+    """Hooks, host buffers and a sink for one sampling run: the glue between the sampler and the store."""
+
+    capture: BlockCapture
+    sink: PtSink | SafetensorsSink
+    path: Path
+
+    @classmethod
+    def open(
+        cls,
+        flow: Flux,
+        plan: CapturePlan,
+        fmt: str,
+        path: Path,
+        txt_len: int,
+        img_len: int,
+        dtype: torch.dtype,
+        metadata: dict,
+    ) -> "CaptureSession":
+        """Prepare a capture into `path` (a `.pt` file, or a directory created here for safetensors)."""
+        device = next(flow.parameters()).device
+        shapes, dtypes = BlockCapture.shapes_for(flow, plan, 1, txt_len, img_len, dtype)
+        streaming = fmt == "safetensors"
+        limit = STREAMING_BUFFERED_STEPS if streaming else None
+        pool = HostBufferPool(shapes, dtypes, pin=device.type == "cuda", limit=limit)
+        if streaming:
+            path.mkdir()
+            sink = SafetensorsSink(path, pool, metadata)
+        else:
+            estimate = sum(math.prod(s) * dtypes[k].itemsize for k, s in shapes.items()) * len(plan.steps)
+            sink = PtSink(path, pool, estimate)
+        return cls(BlockCapture(flow, plan, pool, txt_len), sink, path)
+
+    def before_step(self, info) -> None:
+        self.capture.begin_step(info.index, info.img)
+
+    def after_step(self, info) -> None:
+        self.sink.add_step(self.capture.end_step())
+
+
+def sample(
+    flow: Flux,
+    inp: dict[str, Tensor],
+    timesteps: list[float],
+    guidance: float,
+    session: CaptureSession | None = None,
+    progress: bool | str = False,
+) -> Tensor:
+    """Run the sampler on prepared inputs, capturing through `session` if given; returns the final latent.
+
+    The hooks exist only inside this call. On any exception (Ctrl-C included) the session's sink is
+    aborted (finished safetensors steps stay readable) before the exception propagates.
+    """
+    args = {k: inp[k] for k in ("img", "img_ids", "txt", "txt_ids", "vec")}
+    desc = progress if isinstance(progress, str) else "sampling"
+    bar = (lambda it: tqdm(it, desc=desc, unit="step")) if progress else None
+    if session is None:
+        latent = denoise(flow, **args, timesteps=timesteps, guidance=guidance, progress=bar)
+    else:
+        with session.capture:
+            latent = denoise(
+                flow, **args, timesteps=timesteps, guidance=guidance, progress=bar,
+                before_step=session.before_step, after_step=session.after_step,
+            )  # fmt: skip
+    if latent.device.type == "cuda":
+        torch.cuda.synchronize(latent.device)
+    return latent
+
+
+@dataclass
 class RunResult:
     image_path: Path
     capture_path: Path | None
@@ -264,20 +337,24 @@ def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "safetensors", "huggingface_hub", "einops", "numpy", "pillow"):
+    names = ("torch", "transformers", "safetensors", "huggingface_hub", "einops", "numpy", "pillow")
+    for name in (*names, "flux-intermediate-representation"):
         with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
-    with contextlib.suppress(PackageNotFoundError):
-        out["flux-intermediate-representation"] = version("flux-intermediate-representation")
     return out
+
+
+def metadata_path_for(stem: str, folder: Path) -> Path:
+    """capture_{stamp}_{model} -> folder/metadata_{stamp}_{model}.json"""
+    return folder / f"metadata_{stem.removeprefix('capture_')}.json"
 
 
 def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResult:
     """Sample one image for validated `opts`, capturing blocks if asked, and write every output file.
 
     Outputs: `{output_dir}/img_{n}.jpg` (next free n) and, with capture,
-    `intermediates/capture_{stamp}_{model}` (`.pt` or a safetensors directory) plus
-    `intermediates/metadata_{stamp}_{model}.json`.
+    `intermediates/capture_{stamp}_{model}` (`.pt` or a safetensors directory), its
+    `intermediates/metadata_{stamp}_{model}.json`, and with the lens `intermediates/decoded/{stem}/`.
     """
     from flux.decode import save_jpeg, to_image
 
@@ -290,62 +367,11 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
     start = time.perf_counter()
     txt, y = models.encode_prompt(opts.prompt)
     timings["encode_prompt_s"] = time.perf_counter() - start
-
     noise = get_noise(1, opts.height, opts.width, device=device, dtype=dtype, seed=seed)
     inp = prepare(noise, txt, y)
     timesteps = get_schedule(opts.num_steps, inp["img"].shape[1], shift=spec.shift_schedule)
     txt_len, img_len = inp["txt"].shape[1], inp["img"].shape[1]
-
-    metadata: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "model": spec.name,
-        "prompt": opts.prompt,
-        "width": opts.width,
-        "height": opts.height,
-        "num_steps": opts.num_steps,
-        "timesteps": timesteps,
-        "seed": seed,
-        "guidance": opts.guidance,
-        "guidance_used": spec.uses_guidance,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "versions": package_versions(),
-        "flags": {k: v for k, v in asdict(opts).items() if k != "warnings"},
-        "txt_seq_len": txt_len,
-        "img_seq_len": img_len,
-    }
-
-    stem = sink = capture = None
-    if opts.capture:
-        plan = opts.plan()
-        inter_dir.mkdir(parents=True, exist_ok=True)
-        check_disk_space(inter_dir, opts.estimated_capture_bytes(), opts.force)
-        stem = claim_stem(inter_dir, spec.name)
-        shapes, dtypes = BlockCapture.shapes_for(models.flow, plan, 1, txt_len, img_len, dtype)
-        streaming = opts.format == "safetensors"
-        pool = HostBufferPool(
-            shapes, dtypes, pin=device.type == "cuda", limit=STREAMING_BUFFERED_STEPS if streaming else None
-        )
-        metadata.update(
-            capture_dtype=str(plan.dtype or dtype).removeprefix("torch."),
-            captured_blocks={"double": list(plan.double), "single": list(plan.single)},
-            captured_steps=list(plan.steps),
-            streams=plan.streams,
-            format=opts.format,
-            shapes={k: list(v) for k, v in shapes.items()},
-            estimated_capture_bytes=opts.estimated_capture_bytes(),
-        )
-        if streaming:
-            capture_path = inter_dir / stem
-            capture_path.mkdir()
-            sink = SafetensorsSink(capture_path, pool, metadata)
-        else:
-            capture_path = inter_dir / f"{stem}.pt"
-            sink = PtSink(capture_path, pool, opts.estimated_capture_bytes())
-        capture = BlockCapture(models.flow, plan, pool, txt_len)
-
+    metadata = run_metadata(models, opts, seed, timesteps, txt_len, img_len)
     context: dict[str, Any] = {
         "y": y.cpu(),
         "txt": inp["txt"].cpu(),
@@ -356,44 +382,34 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
         "timestep_pairs": list(itertools.pairwise(timesteps)),
     }
 
-    def before_step(info: StepInfo) -> None:
-        capture.begin_step(info.index, info.img)
+    session = stem = None
+    if opts.capture:
+        plan = opts.plan()
+        inter_dir.mkdir(parents=True, exist_ok=True)
+        check_disk_space(inter_dir, opts.estimated_capture_bytes(), opts.force)
+        stem = claim_stem(inter_dir, spec.name)
+        path = inter_dir / (stem if opts.format == "safetensors" else f"{stem}.pt")
+        metadata.update(
+            capture_dtype=str(plan.dtype or dtype).removeprefix("torch."),
+            captured_blocks={"double": list(plan.double), "single": list(plan.single)},
+            captured_steps=list(plan.steps),
+            streams=plan.streams,
+            format=opts.format,
+            estimated_capture_bytes=opts.estimated_capture_bytes(),
+            files={"capture": str(path), "metadata": str(metadata_path_for(stem, inter_dir))},
+        )
+        session = CaptureSession.open(models.flow, plan, opts.format, path, txt_len, img_len, dtype, metadata)
 
-    def after_step(info: StepInfo) -> None:
-        sink.add_step(capture.end_step())
-
-    bar = (lambda it: tqdm(it, desc=f"sampling {spec.name}", unit="step")) if progress else None
     if models.offload:
         models.flow.to(device)
     start = time.perf_counter()
     try:
-        if capture is not None:
-            with capture:
-                latent = denoise(
-                    models.flow,
-                    **_model_inputs(inp),
-                    timesteps=timesteps,
-                    guidance=opts.guidance,
-                    before_step=before_step,
-                    after_step=after_step,
-                    progress=bar,
-                )
-        else:
-            latent = denoise(
-                models.flow, **_model_inputs(inp), timesteps=timesteps, guidance=opts.guidance, progress=bar
-            )
-        _synchronize(device)
+        latent = sample(
+            models.flow, inp, timesteps, opts.guidance, session, f"sampling {spec.name}" * progress
+        )
     except BaseException:
-        if sink is not None:
-            saved = sink.abort(context)
-            if isinstance(sink, SafetensorsSink):
-                write_json(
-                    inter_dir / f"metadata_{stem.split('_', 1)[1]}.json", {**metadata, "complete": False}
-                )
-                print(f"\nInterrupted: steps {saved} are saved in {sink.dir} (index marked incomplete).")
-            else:
-                print("\nInterrupted: the .pt capture is written only at the end, so none was saved.")
-            release_stem(inter_dir, stem)
+        if session is not None:
+            _report_interrupted(session, context, metadata, inter_dir, stem)
         raise
     finally:
         if models.offload:
@@ -407,32 +423,101 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
         lambda tmp: save_jpeg(to_image(image[0]), tmp),
         start=next_image_index(out_dir),
     )
-    metadata["files"] = {"image": str(image_path)}
+    metadata.setdefault("files", {})["image"] = str(image_path)
+    result = RunResult(image_path, None, None, metadata, image, timings=timings)
+    if session is None:
+        models.offload_decoder()
+        return result
 
-    capture_out = meta_path = None
-    if sink is not None:
-        context["final_latent"] = latent.cpu()
-        meta_path = inter_dir / f"metadata_{stem.split('_', 1)[1]}.json"
-        metadata["files"].update(capture=str(capture_path), metadata=str(meta_path))
+    context["final_latent"] = latent.cpu()
+    start = time.perf_counter()
+    result.capture_path = session.sink.finish(context, metadata)
+    timings["save_capture_s"] = time.perf_counter() - start
+    result.metadata_path = write_json(metadata_path_for(stem, inter_dir), {**metadata, "complete": True})
+    release_stem(inter_dir, stem)
+    if opts.should_decode_intermediates:
+        result.decoded_dir = inter_dir / "decoded" / stem
         start = time.perf_counter()
-        capture_out = sink.finish(context, metadata)
-        timings["save_capture_s"] = time.perf_counter() - start
-        write_json(meta_path, {**metadata, "complete": True})
-        release_stem(inter_dir, stem)
-    return RunResult(image_path, capture_out, meta_path, metadata, image, timings=timings)
+        report = decode_saved(
+            result.capture_path, models.flow.final_layer, models.ae, result.decoded_dir,
+            target=opts.decode_target, device=device, batch_size=opts.decode_batch_size,
+            compile=opts.compile_decoder, final_image=to_image(image[0]), progress=progress,
+        )  # fmt: skip
+        timings["lens_compile_s"] = report.compile_seconds
+        timings["lens_decode_s"] = report.decode_seconds
+        timings["lens_images"] = report.n_images
+    models.offload_decoder()
+    return result
+
+
+def run_metadata(
+    models: Models, opts: RunOptions, seed: int, timesteps: list[float], txt_len: int, img_len: int
+) -> dict[str, Any]:
+    """Everything needed to reproduce the run: model, prompt, size, seed, schedule, versions, all flags."""
+    device = models.device
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": models.spec.name,
+        "prompt": opts.prompt,
+        "width": opts.width,
+        "height": opts.height,
+        "num_steps": opts.num_steps,
+        "timesteps": timesteps,
+        "seed": seed,
+        "guidance": opts.guidance,
+        "guidance_used": models.spec.uses_guidance,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dtype": str(models.dtype).removeprefix("torch."),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+        "versions": package_versions(),
+        "flags": {k: v for k, v in asdict(opts).items() if k != "warnings"},
+        "txt_seq_len": txt_len,
+        "img_seq_len": img_len,
+    }
+
+
+def _report_interrupted(session: CaptureSession, context: dict, metadata: dict, folder: Path, stem: str):
+    saved = session.sink.abort(context)
+    if isinstance(session.sink, SafetensorsSink):
+        write_json(metadata_path_for(stem, folder), {**metadata, "complete": False, "steps_done": saved})
+        print(f"\nInterrupted: steps {saved} are saved in {session.path} (index marked incomplete).")
+    else:
+        print("\nInterrupted: a .pt capture is written only at the end, so none was saved.")
+    release_stem(folder, stem)
+
+
+def decode_saved(
+    capture_path: Path,
+    final_layer,
+    ae: AutoEncoder,
+    out_dir: Path,
+    *,
+    target: str = "x0",
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+    compile: bool | None = None,
+    final_image=None,
+    progress: bool = True,
+):
+    """Run the lens over a capture on disk into `out_dir` (created here; it must not exist yet)."""
+    from flux.decode import decode_capture
+    from flux.store import load_capture
+
+    capture = load_capture(capture_path)
+    out_dir.mkdir(parents=True)
+    report = decode_capture(
+        capture, final_layer, ae, out_dir, target=target, device=device, batch_size=batch_size,
+        compile=compile, final_image=final_image, progress=progress,
+    )  # fmt: skip
+    compile_note = f", plus {report.compile_seconds:.1f} s compiling" if report.compile_seconds else ""
+    print(
+        f"Lens: {report.n_images} images in {report.decode_seconds:.2f} s "
+        f"({1000 * report.seconds_per_image:.1f} ms each{compile_note}) -> {out_dir}"
+    )
+    return report
 
 
 def next_image_index(out_dir: Path) -> int:
-    from flux.store import next_free_index
-
     out_dir.mkdir(parents=True, exist_ok=True)
     return next_free_index(out_dir, "img_", ".jpg")
-
-
-def _model_inputs(inp: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: inp[k] for k in ("img", "img_ids", "txt", "txt_ids", "vec")}
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
