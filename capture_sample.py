@@ -3,10 +3,13 @@
     uv run python capture_sample.py --prompt "a beautiful landscape"
     uv run python capture_sample.py --model flux-tiny --prompt "a red cube" --seed 1   # no GPU, no download
     uv run python capture_sample.py decode output/intermediates/capture_..._flux-schnell.pt
+    uv run python capture_sample.py analyze output/intermediates/capture_..._flux-schnell.pt
+    uv run python capture_sample.py sweep output/intermediates/capture_..._flux-schnell.pt --intervention skip
 
 Run with --help for every flag. The library behind this lives in `flux/`.
 """
 
+import importlib
 import signal
 import sys
 
@@ -35,7 +38,11 @@ def main(
     force: bool = False,
     should_decode_intermediates: bool = True,
     decode_target: str = "x0",
+    decode_batch_size: int | None = None,
+    compile_decoder: bool | None = None,
+    analyze: bool = False,
     weights_dir: str | None = None,
+    progress: bool = True,
 ):
     """Generate one image and capture every double- and single-stream block output at every step.
 
@@ -45,7 +52,7 @@ def main(
 
     Args:
         model: flux-schnell (default; 4 steps), flux-dev, flux-dev-krea (50 steps, gated on the hub), or
-            flux-tiny (a toy model of the same architecture generated locally: no GPU or download needed).
+            flux-tiny (a toy model of the same architecture generated locally; no GPU or download needed).
         prompt: The text prompt.
         width: Image width in pixels, a positive multiple of 16 (default 256).
         height: Image height in pixels, a positive multiple of 16 (default 256).
@@ -57,7 +64,7 @@ def main(
         output_dir: Folder for all outputs (default "output").
         capture: Capture block outputs (default True). False runs plain generation with no hooks.
         format: pt (default; one file, held in memory until the end) or safetensors (a directory with one
-            shard per step, streamed to disk by a background thread: use it for big runs).
+            shard per step, streamed to disk by a background thread; use it for big runs).
         blocks: Which blocks to capture, e.g. "double:0-5,single:10,single:37" (default: all).
         steps: Which steps to capture, e.g. "0,3", "0-49:5" (start-stop:stride) (default: all).
         streams: Tokens to keep from each block output: both (default), img or txt.
@@ -68,8 +75,15 @@ def main(
             writing JPEGs and labelled grids under intermediates/decoded/ (default True).
         decode_target: What the lens shows: x0 (default; the clean image each block predicts) or next (the
             latent one Euler step later).
+        decode_batch_size: Images per VAE decoder call in the lens; default: sized to free GPU memory (8 on
+            CPU). 1 decodes one at a time.
+        compile_decoder: torch.compile the VAE decoder for the lens; default: on for CUDA (the compiled
+            graph is cached on disk, so only the first run per image size pays ~30 s), off on CPU.
+        analyze: After the capture, write metrics, heatmaps, norm plots and an animation (needs the analysis
+            extra); the same as running the `analyze` command on the capture.
         weights_dir: A local directory laid out like the model's hub repo, or "hub" to force the Hugging Face
-            cache; default: FLUX_MODEL/FLUX_AE/FLUX_TEXT_ENCODERS if set, else the HF cache.
+            cache; by default FLUX_MODEL/FLUX_AE/FLUX_TEXT_ENCODERS if set, else the HF cache.
+        progress: Show progress bars (default True).
     """
     from flux.pipeline import RunOptions, generate, load_models
 
@@ -101,14 +115,58 @@ def main(
         size = opts.estimated_capture_bytes()
         print(f"Estimated capture size: {size / 1e9:.3f} GB ({opts.format})", file=sys.stderr)
     models = load_models(opts.spec, opts.device, opts.offload, opts.weights_dir)
-    result = generate(models, opts)
+    result = generate(models, opts, progress=progress)
     print(f"Image:    {result.image_path}")
     if result.capture_path is not None:
         print(f"Capture:  {result.capture_path}")
         print(f"Metadata: {result.metadata_path}")
+    if result.decoded_dir is not None:
+        print(f"Lens:     {result.decoded_dir}")
+    if opts.analyze and result.capture_path is not None:
+        from flux.analysis import analyze_command
+
+        analyze_command(str(result.capture_path), device=opts.device, weights_dir=opts.weights_dir)
 
 
-COMMANDS = {}
+def decode(
+    path: str,
+    output_dir: str | None = None,
+    decode_target: str = "x0",
+    device: str | None = None,
+    decode_batch_size: int | None = None,
+    compile_decoder: bool | None = None,
+    weights_dir: str | None = None,
+):
+    """Decode a saved capture with the lens, without sampling again.
+
+    Loads only the flow checkpoint's final_layer tensors and the AE. Writes
+    {capture folder}/decoded/{capture stem}/{double,single}_block_{i}_step_{k}.jpg and
+    grid_{double,single}.jpg.
+
+    Args:
+        path: A capture: a .pt file or a safetensors capture directory.
+        output_dir: Where to write; default {capture folder}/decoded/{capture stem} (suffixed if taken).
+        decode_target: x0 (default; each block's clean-image estimate) or next (the one-step latent).
+        device: Torch device; cuda when available, else cpu.
+        decode_batch_size: Images per decoder call; default: sized to free GPU memory (8 on CPU).
+        compile_decoder: torch.compile the decoder; default: on for CUDA, off on CPU.
+        weights_dir: A local directory laid out like the model's hub repo, or "hub"; default as for capture.
+    """
+    from flux.pipeline import decode_later
+
+    decode_later(
+        path, output_dir, target=decode_target, device=device, batch_size=decode_batch_size,
+        compile=compile_decoder, weights_dir=weights_dir,
+    )  # fmt: skip
+
+
+# Subcommands, imported only when used: `capture_sample.py NAME ...`.
+COMMANDS = {
+    "decode": "capture_sample:decode",
+    "analyze": "flux.analysis:analyze_command",
+    "replay": "flux.interventions:replay_command",
+    "sweep": "flux.interventions:sweep_command",
+}
 
 
 def _terminate(signum, frame):
@@ -121,7 +179,9 @@ def run(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         if argv and argv[0] in COMMANDS:
-            fire.Fire(COMMANDS[argv[0]], argv[1:], name=f"capture_sample.py {argv[0]}")
+            module, _, func = COMMANDS[argv[0]].partition(":")
+            command = getattr(importlib.import_module(module), func)
+            fire.Fire(command, argv[1:], name=f"capture_sample.py {argv[0]}")
         else:
             fire.Fire(main, argv, name="capture_sample.py")
     except UserError as e:

@@ -77,6 +77,7 @@ class RunOptions:
     decode_target: str = "x0"
     decode_batch_size: int | None = None
     compile_decoder: bool | None = None
+    analyze: bool = False
     weights_dir: str | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -138,6 +139,21 @@ class RunOptions:
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise UsageError(f"--output_dir must be a folder path; got {self.output_dir!r}.")
         self._check_output_dir(Path(self.output_dir))
+        if self.decode_batch_size is not None and (
+            isinstance(self.decode_batch_size, bool)
+            or not isinstance(self.decode_batch_size, int)
+            or self.decode_batch_size < 1
+        ):
+            raise UsageError(
+                f"--decode_batch_size must be a whole number >= 1; got {self.decode_batch_size!r}."
+            )
+        for flag in ("offload", "capture", "force", "should_decode_intermediates", "analyze"):
+            if not isinstance(getattr(self, flag), bool):
+                raise UsageError(
+                    f"--{flag} is a switch: pass --{flag} or --no{flag}; got {getattr(self, flag)!r}."
+                )
+        if self.compile_decoder is not None and not isinstance(self.compile_decoder, bool):
+            raise UsageError(f"--compile_decoder is a switch; got {self.compile_decoder!r}.")
         self.plan()  # parses --blocks/--steps/--streams/--capture_dtype
         return self
 
@@ -441,7 +457,7 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
         report = decode_saved(
             result.capture_path, models.flow.final_layer, models.ae, result.decoded_dir,
             target=opts.decode_target, device=device, batch_size=opts.decode_batch_size,
-            compile=opts.compile_decoder, final_image=to_image(image[0]), progress=progress,
+            compile=opts.compile_decoder, progress=progress,
         )  # fmt: skip
         timings["lens_compile_s"] = report.compile_seconds
         timings["lens_decode_s"] = report.decode_seconds
@@ -497,10 +513,13 @@ def decode_saved(
     device: torch.device | str | None = None,
     batch_size: int | None = None,
     compile: bool | None = None,
-    final_image=None,
     progress: bool = True,
 ):
-    """Run the lens over a capture on disk into `out_dir` (created here; it must not exist yet)."""
+    """Run the lens over a capture on disk into `out_dir` (created here; it must not exist yet).
+
+    The contact sheets' final column decodes the stored final latent in the same batches as the blocks, so
+    decoding at capture time and decoding later give identical files.
+    """
     from flux.decode import decode_capture
     from flux.store import load_capture
 
@@ -508,7 +527,7 @@ def decode_saved(
     out_dir.mkdir(parents=True)
     report = decode_capture(
         capture, final_layer, ae, out_dir, target=target, device=device, batch_size=batch_size,
-        compile=compile, final_image=final_image, progress=progress,
+        compile=compile, progress=progress,
     )  # fmt: skip
     compile_note = f", plus {report.compile_seconds:.1f} s compiling" if report.compile_seconds else ""
     print(
@@ -521,3 +540,40 @@ def decode_saved(
 def next_image_index(out_dir: Path) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     return next_free_index(out_dir, "img_", ".jpg")
+
+
+def decode_later(
+    capture_path: str | Path,
+    output_dir: str | Path | None = None,
+    target: str = "x0",
+    device: str | None = None,
+    batch_size: int | None = None,
+    compile: bool | None = None,
+    weights_dir: str | None = None,
+    progress: bool = True,
+):
+    """The lens over a saved capture, loading only the final layer's tensors and the AE (never the full
+    flow model). Output goes to `{capture folder}/decoded/{capture stem}` unless `output_dir` is given; an
+    existing folder is never written into (a suffix is added)."""
+    from flux.decode import load_final_layer
+    from flux.loading import resolve_flow_path
+    from flux.store import load_capture
+
+    if target not in DECODE_TARGETS:
+        raise UsageError(f"--decode_target must be one of {', '.join(DECODE_TARGETS)}; got {target!r}.")
+    capture_path = Path(capture_path)
+    meta = load_capture(capture_path)["metadata"]
+    spec = get_spec(meta["model"])
+    device = torch.device(device or default_device())
+    dtype = compute_dtype(spec, device)
+    final_layer = load_final_layer(resolve_flow_path(spec, weights_dir), spec.params, device, dtype)
+    ae = load_ae(spec, device, weights_dir=weights_dir)
+    stem = capture_path.name.removesuffix(".pt")
+    base = Path(output_dir) if output_dir else capture_path.parent / "decoded" / stem
+    out_dir = base
+    while out_dir.exists():
+        out_dir = base.with_name(f"{base.name}_{random.SystemRandom().randrange(16**4):04x}")
+    return decode_saved(
+        capture_path, final_layer, ae, out_dir, target=target, device=device, batch_size=batch_size,
+        compile=compile, progress=progress,
+    )  # fmt: skip

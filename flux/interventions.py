@@ -1,0 +1,952 @@
+"""Causal interventions on FLUX.1 blocks: replay saved denoising steps, and change block outputs with hooks.
+
+A capture holds the whole denoising context (latent fed to the model at every step, T5 and CLIP embeddings,
+ids, guidance, timesteps), so any step can be run again without the text encoders. `replay` runs steps
+k..m from the stored latent of step k; with no interventions it reproduces the stored block outputs and
+final latent bit for bit on the device and dtype the capture was made with.
+
+Interventions change what one block hands on, at chosen steps, through forward hooks installed only
+inside an `Intervener` context (removed in `finally`):
+
+    skip   the block is bypassed: output := input, for every token of both streams.
+    zero   the block's update is dropped for the chosen tokens only: those output tokens := input tokens,
+           the others keep the block's normal output. `zero:...:both` equals `skip`; `zero:...:img` differs
+           in that the text tokens are still updated, by an attention that saw the unchanged image tokens.
+    patch  the output tokens are replaced by the ones stored in another capture at the same block and step
+           (activation patching: e.g. the same seed with another prompt).
+    add    scale * direction is added to the block's image tokens (direction (D,) or broadcastable to
+           (B, L, D)).
+
+Spec strings (the CLI's `--intervention`), several joined by ';':
+
+    KIND:STREAM:BLOCK[:TOKENS][@STEPS][*SCALE]
+    skip:double:3@0-2        bypass double block 3 at steps 0, 1, 2
+    zero:single:10:txt       drop single block 10's update of the text tokens at every step
+    patch:single:10:img@all  image tokens of single block 10 from the --source capture, every step
+    add:double:5@0*4.0       4 x the --direction tensor added to double block 5's image tokens at step 0
+
+TOKENS is img, txt or both (default both; `add` takes img only). STEPS uses the `--steps` syntax
+('0,3', '2-5', '0-49:5', 'all'; default all). SCALE only applies to `add` (default 1).
+"""
+
+import contextlib
+import csv
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flux.autoencoder import AutoEncoder
+from flux.capture import BlockCapture, CapturePlan, HostBufferPool
+from flux.errors import UsageError, UserError
+from flux.model import Flux
+from flux.sampling import StepInfo, denoise
+
+KINDS = ("skip", "zero", "patch", "add")
+STREAMS = ("double", "single")
+TOKENS = ("img", "txt", "both")
+_SPEC = re.compile(
+    r"(?P<kind>\w+):(?P<stream>\w+):(?P<block>\d+)(?::(?P<tokens>\w+))?"
+    r"(?:@(?P<steps>[^*]+))?(?:\*(?P<scale>[-+0-9.eE]+))?"
+)
+_SPEC_HELP = (
+    "Write KIND:STREAM:BLOCK[:TOKENS][@STEPS][*SCALE], e.g. 'skip:double:3@0-2', 'zero:single:10:img', "
+    "'patch:single:10:img@all' or 'add:double:5@0*4.0'; join several with ';'. KIND is skip, zero, patch "
+    "or add; STREAM double or single; TOKENS img, txt or both; STEPS like --steps ('0,3', '2-5', 'all')."
+)
+
+
+# ------------------------------------------------------------------------------------- interventions
+@dataclass(frozen=True)
+class Intervention:
+    """One change to one block's output. steps: the step indices it applies at (None: every step).
+
+    source: a capture (as `flux.load_capture` returns) for `patch`; direction: a tensor for `add`.
+    """
+
+    kind: str
+    stream: str
+    block: int
+    steps: tuple[int, ...] | None = None
+    tokens: str = "both"
+    scale: float = 1.0
+    source: dict | None = field(default=None, compare=False, repr=False)
+    direction: Tensor | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UsageError(f"Unknown intervention {self.kind!r}: use one of {', '.join(KINDS)}.")
+        if self.stream not in STREAMS:
+            raise UsageError(f"Intervention stream must be double or single; got {self.stream!r}.")
+        if self.tokens not in TOKENS:
+            raise UsageError(f"Intervention tokens must be img, txt or both; got {self.tokens!r}.")
+        if self.kind == "skip" and self.tokens != "both":
+            raise UsageError(
+                "skip bypasses the whole block; to keep some tokens' input use zero:...:img/txt."
+            )
+        if self.kind == "add" and self.tokens != "img":
+            raise UsageError("add changes image tokens only: leave TOKENS out or write img.")
+        if self.kind != "add" and self.scale != 1.0:
+            raise UsageError(f"*SCALE only applies to add, not to {self.kind}.")
+
+    @property
+    def spec(self) -> str:
+        """The spec string that parses back to this intervention (source and direction aside)."""
+        text = f"{self.kind}:{self.stream}:{self.block}"
+        if self.kind in ("zero", "patch"):
+            text += f":{self.tokens}"
+        text += f"@{format_steps(self.steps)}"
+        return text + (f"*{self.scale:g}" if self.kind == "add" else "")
+
+    def applies_at(self, step: int | None) -> bool:
+        if self.steps is None:
+            return True
+        if step is None:
+            raise RuntimeError("Intervener.step is not set: call begin_step(k) (or pass on_step to denoise).")
+        return step in self.steps
+
+    def check(self, model: Flux, num_steps: int, txt_len: int, img_len: int) -> None:
+        """Raise a UserError if this intervention cannot apply to `model` on a run of these sizes."""
+        depth = len(self.blocks_of(model))
+        if not 0 <= self.block < depth:
+            raise UsageError(f"{self.spec}: {self.stream} blocks go from 0 to {depth - 1}.")
+        if self.steps is not None and any(not 0 <= k < num_steps for k in self.steps):
+            raise UsageError(f"{self.spec}: this run has steps 0 to {num_steps - 1}.")
+        if self.kind == "add":
+            if self.direction is None:
+                raise UsageError(f"{self.spec} needs a direction tensor (--direction FILE).")
+            target = (1, img_len, model.hidden_size)
+            try:
+                fits = torch.broadcast_shapes(self.direction.shape, target) == target
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise UserError(
+                    f"{self.spec}: the direction has shape {tuple(self.direction.shape)}, which does not "
+                    f"broadcast to the image tokens (B, {img_len}, {model.hidden_size}). Use a (D,) vector "
+                    "or a (1, L, D) tensor of this run's sizes."
+                )
+        if self.kind == "patch":
+            check_patch_source(self, txt_len, img_len, num_steps)
+
+    def blocks_of(self, model: Flux):
+        return model.double_blocks if self.stream == "double" else model.single_blocks
+
+
+def format_steps(steps: Sequence[int] | None) -> str:
+    """(0, 1, 2, 5) -> '0-2,5'; None -> 'all'."""
+    if steps is None:
+        return "all"
+    parts, run = [], []
+    for k in sorted(steps):
+        if run and k != run[-1] + 1:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(k)
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
+
+
+def parse_steps(text: str | int | None, num_steps: int, what: str = "steps") -> tuple[int, ...] | None:
+    """--steps syntax -> step indices, or None for every step."""
+    if text is None or str(text).strip().lower() in ("all", "*", ""):
+        return None
+    try:
+        plan = CapturePlan.parse("double:0", str(text), "both", None, 1, 1, num_steps)
+    except UsageError as e:
+        raise UsageError(f"{what}: {str(e).removeprefix('--steps: ')}") from e
+    return plan.steps
+
+
+def parse_interventions(
+    text: str | Sequence[str] | None,
+    depth: int,
+    depth_single: int,
+    num_steps: int,
+    source: dict | None = None,
+    direction: Tensor | None = None,
+) -> list[Intervention]:
+    """Spec strings (see the module docstring) -> interventions; a UsageError explains a malformed one.
+
+    Block and step indices are checked against the model depth and the run's step count; `source` is
+    attached to every patch and `direction` to every add.
+    """
+    if text is None:
+        return []
+    items = [text] if isinstance(text, str) else list(text)
+    specs = [s.strip() for item in items for s in str(item).split(";") if s.strip()]
+    out = []
+    for spec in specs:
+        m = _SPEC.fullmatch(spec)
+        if m is None:
+            raise UsageError(f"Cannot read the intervention {spec!r}. {_SPEC_HELP}")
+        kind, stream, block = m["kind"], m["stream"], int(m["block"])
+        if kind not in KINDS or stream not in STREAMS or (m["tokens"] and m["tokens"] not in TOKENS):
+            raise UsageError(f"Cannot read the intervention {spec!r}. {_SPEC_HELP}")
+        upper = depth if stream == "double" else depth_single
+        if block >= upper:
+            raise UsageError(f"Intervention {spec!r}: {stream} blocks go from 0 to {upper - 1}.")
+        try:
+            scale = float(m["scale"]) if m["scale"] is not None else 1.0
+        except ValueError as e:
+            raise UsageError(f"Intervention {spec!r}: {m['scale']!r} is not a number.") from e
+        if m["scale"] is not None and kind != "add":
+            raise UsageError(f"Intervention {spec!r}: *SCALE only applies to add.")
+        tokens = m["tokens"] or ("img" if kind == "add" else "both")
+        steps = parse_steps(m["steps"], num_steps, f"Intervention {spec!r}")
+        if kind == "patch" and source is None:
+            raise UsageError(f"Intervention {spec!r} patches from another capture: pass --source CAPTURE.")
+        if kind == "add" and direction is None:
+            raise UsageError(f"Intervention {spec!r} adds a direction: pass --direction FILE (.pt tensor).")
+        out.append(
+            Intervention(
+                kind,
+                stream,
+                block,
+                steps,
+                tokens,
+                scale,
+                source=source if kind == "patch" else None,
+                direction=direction if kind == "add" else None,
+            )
+        )
+    return out
+
+
+def check_patch_source(iv: Intervention, txt_len: int, img_len: int, num_steps: int) -> None:
+    """The source capture must hold this block, at these steps, with the tokens patched, at equal sizes."""
+    if iv.source is None:
+        raise UsageError(f"{iv.spec} needs a source capture (--source CAPTURE).")
+    meta, ctx = iv.source["metadata"], iv.source["denoising_context"]
+    src_txt, src_img = int(ctx["txt_seq_len"]), ctx["img_ids"].shape[1]
+    if (src_txt, src_img) != (txt_len, img_len):
+        raise UserError(
+            f"{iv.spec}: the source capture has {src_txt} text and {src_img} image tokens, this run "
+            f"{txt_len} and {img_len}. Patching needs captures of the same model at the same width, height "
+            f"and text length (source: {meta.get('model')} {meta.get('width')}x{meta.get('height')})."
+        )
+    if f"block_{iv.block}" not in iv.source[f"{iv.stream}_blocks"]:
+        raise UserError(f"{iv.spec}: the source capture did not capture {iv.stream} block {iv.block}.")
+    captured = set(meta["captured_steps"])
+    wanted = set(range(num_steps)) if iv.steps is None else set(iv.steps)
+    if missing := sorted(wanted - captured):
+        raise UserError(f"{iv.spec}: the source capture has no block outputs at steps {missing}.")
+    streams = meta.get("streams", "both")
+    if streams != "both" and iv.tokens != streams:
+        raise UserError(f"{iv.spec}: the source capture kept only {streams} tokens (--streams {streams}).")
+
+
+# ----------------------------------------------------------------------------------------- hooks
+class Intervener:
+    """Installs intervention hooks on a Flux model for the duration of a `with` block.
+
+    Set `step` (or pass `on_step` as denoise's before_step) so step ranges apply; `offset` is added to
+    the sampler's step index, for replays that start past step 0. Interventions on one block apply in order.
+    """
+
+    def __init__(self, model: Flux, interventions: Sequence[Intervention], txt_len: int, offset: int = 0):
+        self.model, self.interventions, self.txt_len, self.offset = (
+            model,
+            list(interventions),
+            txt_len,
+            offset,
+        )
+        self.step: int | None = None
+        self.handles: list = []
+        self.applied: list[tuple[str, int]] = []  # (spec, step) of every change made, for bookkeeping
+
+    def __enter__(self) -> "Intervener":
+        try:
+            for iv in self.interventions:
+                module = iv.blocks_of(self.model)[iv.block]
+                self.handles.append(module.register_forward_hook(self._hook(iv), with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def on_step(self, info: StepInfo) -> None:
+        self.step = info.index + self.offset
+
+    def _hook(self, iv: Intervention):
+        def hook(_module, args, kwargs, output):
+            if not iv.applies_at(self.step):
+                return None
+            self.applied.append((iv.spec, self.step))
+            if iv.stream == "double":
+                img_in = args[0] if args else kwargs["img"]
+                txt_in = args[1] if len(args) > 1 else kwargs["txt"]
+                img, txt = self._change(iv, img_in, txt_in, *output)
+                return img, txt
+            x_in = args[0] if args else kwargs["x"]
+            t = self.txt_len
+            img, txt = self._change(iv, x_in[:, t:], x_in[:, :t], output[:, t:], output[:, :t])
+            return torch.cat((txt, img), dim=1)
+
+        return hook
+
+    def _change(self, iv: Intervention, img_in, txt_in, img, txt) -> tuple[Tensor, Tensor]:
+        """New (img, txt) output tokens of one block call, from its input and output tokens."""
+        do_img, do_txt = iv.tokens in ("img", "both"), iv.tokens in ("txt", "both")
+        if iv.kind in ("skip", "zero"):
+            return (img_in if do_img else img), (txt_in if do_txt else txt)
+        if iv.kind == "add":
+            return img + iv.scale * iv.direction.to(img.device, img.dtype), txt
+        src_img, src_txt = source_tokens(iv, self.step, self.txt_len)
+        if do_img:
+            img = _like(src_img, img, iv, "image")
+        if do_txt:
+            txt = _like(src_txt, txt, iv, "text")
+        return img, txt
+
+
+def source_tokens(iv: Intervention, step: int, txt_len: int) -> tuple[Tensor | None, Tensor | None]:
+    """(img, txt) tokens stored in the patch source at iv's block and `step`; None for a stream not kept."""
+    meta = iv.source["metadata"]
+    position = list(meta["captured_steps"]).index(step)
+    stored = iv.source[f"{iv.stream}_blocks"][f"block_{iv.block}"][position]
+    if iv.stream == "double":
+        return stored[0], stored[1]
+    streams = meta.get("streams", "both")
+    if streams == "img":
+        return stored, None
+    if streams == "txt":
+        return None, stored
+    return stored[:, txt_len:], stored[:, :txt_len]
+
+
+def _like(src: Tensor | None, out: Tensor, iv: Intervention, what: str) -> Tensor:
+    if src is None or src.shape != out.shape:
+        got = "none" if src is None else tuple(src.shape)
+        raise UserError(
+            f"{iv.spec}: the source capture's {what} tokens have shape {got}, the block's "
+            f"{tuple(out.shape)}. "
+            "Patch between captures of the same model, size and text length."
+        )
+    return src.to(out.device, out.dtype)
+
+
+# ----------------------------------------------------------------------------------------- replay
+@dataclass
+class ReplayResult:
+    latent: Tensor  # (B, L, 64) after the last replayed step (the final latent when it ran to the end)
+    x0: Tensor  # (B, L, 64) clean-image estimate of the last replayed step (= latent at the last step)
+    start: int
+    stop: int  # last replayed step, inclusive
+    capture: dict | None = None  # block outputs as the model saw them (after interventions), if recorded
+    applied: list[tuple[str, int]] = field(default_factory=list)
+
+
+def _model_place(model: Flux) -> tuple[torch.device, torch.dtype]:
+    weight = model.img_in.weight
+    return weight.device, weight.dtype
+
+
+def timesteps_of(capture: dict) -> list[float]:
+    """The num_steps + 1 sampler times of a capture, from its timestep pairs (or the metadata)."""
+    pairs = capture["denoising_context"].get("timestep_pairs")
+    if pairs:
+        return [float(p[0]) for p in pairs] + [float(pairs[-1][1])]
+    return [float(t) for t in capture["metadata"]["timesteps"]]
+
+
+@torch.inference_mode()
+def replay(
+    model: Flux,
+    capture: dict,
+    start: int = 0,
+    stop: int | None = None,
+    interventions: Sequence[Intervention] = (),
+    record: CapturePlan | None = None,
+    progress: Callable | None = None,
+) -> ReplayResult:
+    """Re-run steps start..stop (inclusive; default to the end) of a captured run from its stored latent.
+
+    Uses only the stored context (img_state[start], txt, txt_ids, img_ids, y, guidance, timesteps): no text
+    encoders. `record` captures block outputs at its steps (those within the replay) as the next block
+    sees them, i.e. after the interventions, into `result.capture` (documented capture format; img_state
+    and vec hold the replayed steps only).
+    """
+    ctx, meta = capture["denoising_context"], capture["metadata"]
+    timesteps = timesteps_of(capture)
+    num_steps = len(timesteps) - 1
+    stop = num_steps - 1 if stop is None else stop
+    if not 0 <= start <= stop < num_steps:
+        raise UsageError(f"Replay steps {start}..{stop} are not within this run's steps 0..{num_steps - 1}.")
+    if start >= len(ctx["img_state"]):
+        raise UserError(f"The capture holds the latent of steps 0..{len(ctx['img_state']) - 1} only.")
+    device, _ = _model_place(model)
+    img = ctx["img_state"][start].to(device)
+    txt_len, img_len = int(ctx["txt_seq_len"]), img.shape[1]
+    for iv in interventions:
+        iv.check(model, num_steps, txt_len, img_len)
+
+    recorder = steps = None
+    if record is not None:
+        plan = replace(record, steps=tuple(k for k in record.steps if start <= k <= stop))
+        shapes, dtypes = BlockCapture.shapes_for(model, plan, img.shape[0], txt_len, img_len, img.dtype)
+        pool = HostBufferPool(shapes, dtypes, pin=device.type == "cuda")
+        recorder, steps = BlockCapture(model, plan, pool, txt_len), []
+    intervener = Intervener(model, interventions, txt_len, offset=start)
+    last: dict[str, Any] = {}
+
+    def before_step(info: StepInfo) -> None:
+        intervener.on_step(info)
+        if recorder is not None:
+            recorder.begin_step(info.index + start, info.img)
+
+    def after_step(info: StepInfo) -> None:
+        last["info"] = info
+        if recorder is not None:
+            steps.append(recorder.end_step())
+
+    # The recorder is entered second, so its hooks run after the interventions and see their result.
+    with intervener, recorder if recorder is not None else contextlib.nullcontext():
+        latent = denoise(
+            model,
+            img,
+            ctx["img_ids"].to(device),
+            ctx["txt"].to(device),
+            ctx["txt_ids"].to(device),
+            ctx["y"].to(device),
+            timesteps[start : stop + 2],
+            guidance=float(ctx["guidance"]),
+            before_step=before_step,
+            after_step=after_step,
+            progress=progress,
+        )
+    info = last["info"]
+    x0 = info.img + (0.0 - info.t_curr) * info.pred  # as the lens forms it (flux.decode)
+    result = ReplayResult(latent, x0, start, stop, applied=list(intervener.applied))
+    if recorder is not None:
+        from flux.store import assemble
+
+        for s in steps:
+            s.wait()
+        new_meta = dict(
+            meta,
+            captured_steps=list(plan.steps),
+            captured_blocks={"double": list(plan.double), "single": list(plan.single)},
+            streams=plan.streams,
+            capture_dtype=str(plan.dtype or img.dtype).removeprefix("torch."),
+            interventions=[iv.spec for iv in interventions],
+            replayed_steps=[start, stop],
+        )
+        new_ctx = {k: v for k, v in ctx.items() if k not in ("img_state", "vec", "final_latent")}
+        if stop == num_steps - 1:
+            new_ctx["final_latent"] = latent.cpu()
+        result.capture = assemble(steps, new_ctx, new_meta)
+        # Steps before `start` ran as stored: keep their context, so list index = step index again.
+        for key in ("img_state", "vec"):
+            result.capture["denoising_context"][key][:0] = [ctx[key][k] for k in range(start)]
+    return result
+
+
+# ------------------------------------------------------------------------------------------ scores
+def to_unit(images: Tensor) -> Tensor:
+    """Decoded images in about [-1, 1] -> float32 in [0, 1] (clamped, as the saved JPEGs are)."""
+    return (images.float().clamp(-1, 1) + 1) / 2
+
+
+def mse(a: Tensor, b: Tensor) -> Tensor:
+    """Mean squared error per image (N,) over (N, C, H, W) images in [0, 1]."""
+    return ((a.float() - b.float()) ** 2).flatten(1).mean(1)
+
+
+def psnr(a: Tensor, b: Tensor) -> Tensor:
+    """Peak signal-to-noise ratio in dB per image, peak 1: 10 log10(1 / MSE); inf for identical images."""
+    return 10 * torch.log10(1 / mse(a, b))
+
+
+def ssim(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
+    """Structural similarity per image (Wang et al. 2004: Gaussian 11x11 window, sigma 1.5, K1 0.01,
+    K2 0.03, peak 1), averaged over pixels and channels of (N, C, H, W) images in [0, 1]. 1 = identical."""
+    a, b = a.float(), b.float()
+    c = a.shape[1]
+    x = torch.arange(window, dtype=torch.float32, device=a.device) - window // 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window)
+
+    def blur(t: Tensor) -> Tensor:
+        return F.conv2d(t, kernel, groups=c)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1)
+
+
+# ------------------------------------------------------------------------------------------- sweep
+@dataclass
+class SweepRow:
+    spec: str  # the intervention, as a spec string
+    stream: str
+    block: int
+    mse: float  # pixel MSE against the unmodified image, images in [0, 1]
+    psnr: float  # dB; higher = closer to the unmodified image
+    ssim: float  # 1 = structurally identical
+    latent_mse: float  # MSE of the final latent tokens against the unmodified final latent
+    image: Image.Image = field(repr=False)
+
+
+def sweep(
+    model: Flux,
+    ae: AutoEncoder,
+    capture: dict,
+    kind: str = "skip",
+    blocks: Sequence[tuple[str, int]] | None = None,
+    steps: tuple[int, ...] | None = None,
+    tokens: str | None = None,
+    scale: float = 1.0,
+    source: dict | None = None,
+    direction: Tensor | None = None,
+    progress: bool = True,
+) -> tuple[list[SweepRow], Image.Image, Tensor]:
+    """Intervene on each block in turn, replay the run from step 0, and score the final image.
+
+    blocks: (stream, index) pairs, default every block. The reference is an unmodified replay on this
+    device (identical to the capture's final latent on its own device and dtype). Returns the rows in block
+    order, the reference image and the reference's final latent.
+    """
+    from flux.decode import decode_latents, to_image
+
+    meta = capture["metadata"]
+    height, width = int(meta["height"]), int(meta["width"])
+    if blocks is None:
+        blocks = [("double", i) for i in range(len(model.double_blocks))]
+        blocks += [("single", i) for i in range(len(model.single_blocks))]
+    tokens = tokens or ("img" if kind == "add" else "both")
+    ivs = [
+        Intervention(kind, s, i, steps, tokens, scale, source=source, direction=direction) for s, i in blocks
+    ]
+    num_steps = len(timesteps_of(capture)) - 1
+    txt_len = int(capture["denoising_context"]["txt_seq_len"])
+    img_len = capture["denoising_context"]["img_state"][0].shape[1]
+    for iv in ivs:  # fail before the first replay, not after an hour of them
+        iv.check(model, num_steps, txt_len, img_len)
+
+    base_latent = replay(model, capture).latent
+    base_decoded = decode_latents(base_latent, ae, height, width)
+    base = to_unit(base_decoded)
+    rows = []
+    for iv in tqdm(ivs, desc=f"{kind} sweep", unit="block", disable=not progress):
+        latent = replay(model, capture, interventions=[iv]).latent
+        decoded = decode_latents(latent, ae, height, width)
+        img = to_unit(decoded)
+        lat_mse = ((latent.float() - base_latent.float()) ** 2).mean()
+        rows.append(
+            SweepRow(
+                iv.spec,
+                iv.stream,
+                iv.block,
+                mse=float(mse(img, base)[0]),
+                psnr=float(psnr(img, base)[0]),
+                ssim=float(ssim(img, base)[0]),
+                latent_mse=float(lat_mse),
+                image=to_image(decoded[0]),
+            )
+        )
+    return rows, to_image(base_decoded[0]), base_latent
+
+
+def rank(rows: Sequence[SweepRow]) -> list[SweepRow]:
+    """Most disruptive first: by pixel MSE, ties by latent MSE."""
+    return sorted(rows, key=lambda r: (-r.mse, -r.latent_mse))
+
+
+def write_csv(rows: Sequence[SweepRow], path: Path) -> None:
+    from flux.store import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["rank", "intervention", "stream", "block", "mse", "psnr", "ssim", "latent_mse"])
+            for n, r in enumerate(rank(rows), 1):
+                w.writerow(
+                    [
+                        n,
+                        r.spec,
+                        r.stream,
+                        r.block,
+                        f"{r.mse:.6g}",
+                        f"{r.psnr:.4f}",
+                        f"{r.ssim:.5f}",
+                        f"{r.latent_mse:.6g}",
+                    ]
+                )
+
+    atomic_write(path, write)
+
+
+def write_chart(rows: Sequence[SweepRow], path: Path, title: str) -> None:
+    """Bar chart of pixel MSE per block, in block order (double then single), PSNR below."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise UserError(
+            "The sweep chart needs matplotlib: install the analysis extra "
+            "(`uv sync --extra analysis` or `pip install 'flux-intermediate-representation[analysis]'`)."
+        ) from e
+    from flux.store import atomic_write
+
+    labels = [f"{r.stream[0]}{r.block}" for r in rows]
+    colors = ["tab:blue" if r.stream == "double" else "tab:orange" for r in rows]
+    fig = Figure(figsize=(max(6.0, 0.22 * len(rows) + 1.5), 5.5), layout="constrained")
+    ax_mse, ax_psnr = fig.subplots(2, 1, sharex=True)
+    ax_mse.bar(range(len(rows)), [r.mse for r in rows], color=colors)
+    ax_mse.set_ylabel("pixel MSE vs unmodified")
+    ax_mse.set_title(title)
+    finite = [r.psnr if math.isfinite(r.psnr) else float("nan") for r in rows]
+    ax_psnr.bar(range(len(rows)), finite, color=colors)
+    ax_psnr.set_ylabel("PSNR (dB)")
+    ax_psnr.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
+    ax_psnr.set_xlabel("block (d = double, s = single)")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+def contact_sheet(
+    rows: Sequence[SweepRow], reference: Image.Image, columns: int = 8, max_cell: int = 192
+) -> Image.Image:
+    """The unmodified image, then each altered image in rank order, each captioned with block and MSE."""
+    from flux.decode import cell_size
+
+    cell_w, cell_h = cell_size(*reference.size, max_cell=max_cell)
+    caption, pad = 26, 4
+    items = [
+        ("unmodified", reference),
+        *((f"{r.stream} {r.block}\nmse {r.mse:.4g}", r.image) for r in rank(rows)),
+    ]
+    n_rows = math.ceil(len(items) / columns)
+    sheet = Image.new(
+        "RGB", (columns * (cell_w + pad) + pad, n_rows * (cell_h + caption + pad) + pad), "white"
+    )
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    for n, (label, img) in enumerate(items):
+        x = pad + (n % columns) * (cell_w + pad)
+        y = pad + (n // columns) * (cell_h + caption + pad)
+        sheet.paste(img.resize((cell_w, cell_h), Image.Resampling.BICUBIC), (x, y + caption))
+        draw.multiline_text((x, y), label, fill="black", font=font, spacing=1)
+    return sheet
+
+
+# -------------------------------------------------------------------------------------- commands
+def _new_dir(base: Path) -> Path:
+    """base, or base_1, base_2, ...: the first that does not exist yet, created (never reused)."""
+    for n in range(10_000):
+        path = base if n == 0 else base.with_name(f"{base.name}_{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free output folder next to {base}")
+
+
+def _capture_stem(path: Path) -> str:
+    return path.stem if path.suffix == ".pt" else path.name
+
+
+def load_direction(path: str | None) -> Tensor | None:
+    """A direction tensor from a .pt file (a tensor, or a dict with one) or a .safetensors with one tensor."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(
+            f"--direction {path!r} is not a file. Save the direction with torch.save(tensor, path)."
+        )
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(p))
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"Could not read the direction {path!r}: {e}") from e
+    if isinstance(obj, dict):
+        tensors = [v for v in obj.values() if isinstance(v, Tensor)]
+        if len(tensors) != 1:
+            raise UserError(f"--direction {path!r} holds {len(tensors)} tensors; save exactly one.")
+        obj = tensors[0]
+    if not isinstance(obj, Tensor):
+        raise UserError(f"--direction {path!r} holds a {type(obj).__name__}, not a tensor.")
+    return obj.float()
+
+
+def _setup(path: str, device: str | None, weights_dir: str | None, with_ae: bool = True):
+    """Capture, spec, flow model (and AE) on the device, in the dtype the pipeline uses; no text encoders."""
+    from flux.configs import get_spec
+    from flux.loading import load_ae, load_flow_model
+    from flux.pipeline import compute_dtype, default_device
+    from flux.store import load_capture
+
+    capture = load_capture(path)
+    meta = capture["metadata"]
+    try:
+        spec = get_spec(meta["model"])
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path!r} does not name a known model in its metadata ({e}).") from e
+    if "final_latent" not in capture["denoising_context"]:
+        raise UserError(f"{path!r} is an interrupted capture (no final latent); replay needs a complete one.")
+    try:
+        device = torch.device(device or default_device())
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N).") from e
+    dtype = compute_dtype(spec, device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    if device.type != torch.device(meta.get("device", "cpu")).type or meta.get("dtype") != dtype_name:
+        print(
+            f"note: the capture ran on {meta.get('device')} in {meta.get('dtype')}; replaying on {device} in "
+            f"{dtype_name}, so an unmodified replay may differ slightly from the stored run.",
+            file=sys.stderr,
+        )
+    flow = load_flow_model(spec, device, dtype, weights_dir)
+    ae = load_ae(spec, device, weights_dir=weights_dir) if with_ae else None
+    return capture, spec, flow, ae
+
+
+def _provenance(path: str, capture: dict, **extra) -> dict:
+    from flux.pipeline import package_versions
+
+    meta = capture["metadata"]
+    keep = ("model", "prompt", "width", "height", "num_steps", "seed", "guidance", "dtype", "device")
+    return {
+        "capture": str(Path(path).resolve()),
+        "capture_metadata": {k: meta.get(k) for k in keep},
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": package_versions(),
+        **extra,
+    }
+
+
+def sweep_command(
+    path: str,
+    intervention: str = "skip",
+    blocks: str | None = None,
+    steps: str | None = None,
+    tokens: str | None = None,
+    scale: float = 1.0,
+    source: str | None = None,
+    direction: str | None = None,
+    output_dir: str | None = None,
+    device: str | None = None,
+    weights_dir: str | None = None,
+) -> None:
+    """Intervene on each block in turn, replay the captured run, and rank blocks by how much it changes.
+
+    For every block (all 57, or --blocks) the run is replayed from its stored initial latent with that one
+    block altered, the final image decoded and compared with an unmodified replay. Writes into
+    {capture folder}/sweeps/{capture name}_{intervention}/ (a new folder each time): sweep.csv (ranked,
+    most disruptive first), sweep.json (every row's intervention spec and scores, plus provenance),
+    sweep.png (bar chart), contact_sheet.jpg and one JPEG per altered image. Only the flow model and the
+    autoencoder are loaded, never the text encoders.
+
+    Args:
+        path: A capture: a capture_*.pt file or a capture_* safetensors directory.
+        intervention: skip (default; the block passes its input through), zero (drop the block's update of
+            --tokens only), patch (--tokens from the --source capture at the same block and step) or add
+            (--scale x the --direction tensor added to the image tokens).
+        blocks: Blocks to sweep, e.g. "double:0-5,single:10" (default: all).
+        steps: Steps at which the intervention applies, e.g. "0", "0-2" (default: all).
+        tokens: img, txt or both, for zero and patch (default both; add uses img).
+        scale: Multiplier of the direction for add (default 1).
+        source: The capture to patch from (same model, size and text length; e.g. another prompt).
+        direction: A .pt (or .safetensors) file holding one tensor of shape (D,) or (B, L, D), for add.
+        output_dir: Folder for the results (default: beside the capture, as above).
+        device: Torch device; cuda when available, else cpu. Exact replays need the capture's device.
+        weights_dir: A local directory laid out like the model's hub repo, or "hub"; as for generation.
+    """
+    from flux.decode import save_jpeg
+    from flux.store import load_capture, write_json
+
+    if intervention not in KINDS:
+        raise UsageError(f"--intervention must be one of {', '.join(KINDS)}; got {intervention!r}.")
+    if tokens is not None and tokens not in TOKENS:
+        raise UsageError(f"--tokens must be img, txt or both; got {tokens!r}.")
+    if intervention == "patch" and source is None:
+        raise UsageError(
+            "--intervention patch needs --source CAPTURE (the capture to take activations from)."
+        )
+    if intervention == "add" and direction is None:
+        raise UsageError("--intervention add needs --direction FILE (a .pt file holding one tensor).")
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--scale must be a number; got {scale!r}.") from e
+    capture, spec, flow, ae = _setup(path, device, weights_dir)
+    p = spec.params
+    num_steps = len(timesteps_of(capture)) - 1
+    plan = CapturePlan.parse(blocks, None, "both", None, p.depth, p.depth_single_blocks, num_steps)
+    chosen = [("double", i) for i in plan.double] + [("single", i) for i in plan.single]
+    step_set = parse_steps(steps, num_steps, "--steps")
+    src = load_capture(source) if source is not None else None
+    rows, reference, _ = sweep(
+        flow,
+        ae,
+        capture,
+        intervention,
+        chosen,
+        step_set,
+        tokens,
+        scale if intervention == "add" else 1.0,
+        source=src,
+        direction=load_direction(direction),
+    )
+
+    cap_path = Path(path)
+    label = (
+        intervention + (f"_{tokens}" if tokens else "") + (f"_steps{format_steps(step_set)}" if steps else "")
+    )
+    out = _new_dir(
+        Path(output_dir) if output_dir else cap_path.parent / "sweeps" / f"{_capture_stem(cap_path)}_{label}"
+    )
+    for r in rows:
+        save_jpeg(r.image, out / f"{r.stream}_block_{r.block}.jpg")
+    save_jpeg(reference, out / "unmodified.jpg")
+    write_csv(rows, out / "sweep.csv")
+    title = f"{intervention} sweep: {capture['metadata'].get('model')} (steps {format_steps(step_set)})"
+    write_chart(rows, out / "sweep.png", title)
+    save_jpeg(contact_sheet(rows, reference), out / "contact_sheet.jpg")
+    write_json(
+        out / "sweep.json",
+        _provenance(
+            path,
+            capture,
+            kind=intervention,
+            steps=format_steps(step_set),
+            tokens=tokens,
+            scale=scale,
+            source=str(Path(source).resolve()) if source else None,
+            direction=direction,
+            reference="unmodified replay on this device",
+            replay_device=str(flow.img_in.weight.device),
+            rows=[
+                {
+                    "rank": n,
+                    "intervention": r.spec,
+                    "stream": r.stream,
+                    "block": r.block,
+                    "mse": r.mse,
+                    "psnr": r.psnr,
+                    "ssim": r.ssim,
+                    "latent_mse": r.latent_mse,
+                    "image": f"{r.stream}_block_{r.block}.jpg",
+                }
+                for n, r in enumerate(rank(rows), 1)
+            ],
+        ),
+    )
+    top = ", ".join(f"{r.stream} {r.block} (mse {r.mse:.4g})" for r in rank(rows)[:5])
+    print(f"Most disruptive: {top}")
+    print(f"Sweep:    {out}")
+
+
+def replay_command(
+    path: str,
+    step: int = 0,
+    until: int | None = None,
+    intervention: str | None = None,
+    source: str | None = None,
+    direction: str | None = None,
+    output_dir: str | None = None,
+    save_capture: bool = False,
+    device: str | None = None,
+    weights_dir: str | None = None,
+) -> None:
+    """Re-run steps of a captured run from the stored latent, optionally with interventions; save the image.
+
+    Writes {capture folder}/replays/replay_{n}.jpg (next free n) and replay_{n}.json with the interventions
+    and scores against the stored final image; with --save_capture also replay_{n}.pt, a capture of the
+    replayed steps whose metadata["interventions"] lists the specs. Intervention specs:
+    KIND:STREAM:BLOCK[:TOKENS][@STEPS][*SCALE], several joined by ';', e.g. "skip:double:3@0-2",
+    "zero:single:10:img", "patch:single:10:img@all", "add:double:5@0*4.0".
+
+    Args:
+        path: A capture: a capture_*.pt file or a capture_* safetensors directory.
+        step: First step to replay (default 0: from the stored initial noise).
+        until: Last step to replay, inclusive (default: the last step). Before the last step the image is
+            the clean-image estimate of step `until`, as the lens shows it.
+        intervention: Intervention specs (see above); default none, which reproduces the stored run.
+        source: The capture to patch from, for patch.
+        direction: A .pt (or .safetensors) file holding one tensor of shape (D,) or (B, L, D), for add.
+        output_dir: Folder for the outputs (default: {capture folder}/replays).
+        save_capture: Also write a capture of the replayed steps (needs the replay to run to the last step).
+        device: Torch device; cuda when available, else cpu. Exact replays need the capture's device.
+        weights_dir: A local directory laid out like the model's hub repo, or "hub"; as for generation.
+    """
+    from flux.decode import decode_latents, save_jpeg, to_image
+    from flux.store import atomic_write, load_capture, next_free_index, publish_new, write_json
+
+    for flag, value in (("step", step), ("until", until)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UsageError(f"--{flag} must be a step index (a whole number); got {value!r}.")
+    capture, spec, flow, ae = _setup(path, device, weights_dir)
+    p, meta = spec.params, capture["metadata"]
+    num_steps = len(timesteps_of(capture)) - 1
+    if save_capture and until is not None and until != num_steps - 1:
+        raise UsageError("--save_capture needs the replay to run to the last step: leave --until out.")
+    ivs = parse_interventions(
+        intervention,
+        p.depth,
+        p.depth_single_blocks,
+        num_steps,
+        source=load_capture(source) if source is not None else None,
+        direction=load_direction(direction),
+    )
+    record = CapturePlan.everything(flow, num_steps) if save_capture else None
+    result = replay(flow, capture, step, until, ivs, record=record)
+    height, width = int(meta["height"]), int(meta["width"])
+    image = to_unit(decode_latents(result.x0, ae, height, width))
+    stored = to_unit(decode_latents(capture["denoising_context"]["final_latent"], ae, height, width))
+
+    out = Path(output_dir) if output_dir else Path(path).parent / "replays"
+    out.mkdir(parents=True, exist_ok=True)
+    image_path = publish_new(
+        lambda n: out / f"replay_{n}.jpg",
+        lambda tmp: save_jpeg(to_image(image[0] * 2 - 1), tmp),
+        start=next_free_index(out, "replay_", ".jpg"),
+    )
+    base = image_path.with_suffix("")
+    record_meta = _provenance(
+        path,
+        capture,
+        replayed_steps=[result.start, result.stop],
+        interventions=[iv.spec for iv in ivs],
+        source=str(Path(source).resolve()) if source else None,
+        direction=direction,
+        applied=len(result.applied),
+        image=str(image_path),
+        vs_stored_final={"mse": float(mse(image, stored)[0]), "psnr": float(psnr(image, stored)[0])},
+    )
+    if result.capture is not None:
+        capture_path = base.with_suffix(".pt")
+        result.capture["metadata"]["files"] = {"image": str(image_path), "capture": str(capture_path)}
+        atomic_write(capture_path, lambda tmp: torch.save(result.capture, tmp))
+        record_meta["capture_file"] = str(capture_path)
+        print(f"Capture:  {capture_path}")
+    write_json(base.with_suffix(".json"), record_meta)
+    print(f"Image:    {image_path}")
+    print(f"Metadata: {base.with_suffix('.json')}")

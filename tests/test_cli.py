@@ -1,0 +1,195 @@
+"""capture_sample.py end to end on flux-tiny (CPU): files, format, observation only, decode later, errors."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import capture_sample  # noqa: E402
+from flux import load_capture  # noqa: E402
+from flux.configs import TINY_PARAMS  # noqa: E402
+
+SIZE = ["--width", "64", "--height", "48"]  # 4x3 = 12 image tokens
+T = 32  # flux-tiny's T5 length
+L = 12
+D = TINY_PARAMS.hidden_size
+
+
+def cli(*args: str) -> int:
+    return capture_sample.run([*args, "--progress", "False"])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    rc = cli("--model", "flux-tiny", "--prompt", "a red cube", "--seed", "1", *SIZE, "--output_dir", str(out))
+    assert rc == 0
+    return out
+
+
+def _only(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.glob(pattern))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_writes_the_three_documented_files(tiny_run):
+    assert (tiny_run / "img_0.jpg").is_file()
+    pt = _only(tiny_run / "intermediates", "capture_*_flux-tiny.pt")
+    meta = _only(tiny_run / "intermediates", "metadata_*_flux-tiny.json")
+    assert meta.name == "metadata_" + pt.name.removeprefix("capture_").removesuffix(".pt") + ".json"
+    assert Image.open(tiny_run / "img_0.jpg").size == (64, 48)
+    data = json.loads(meta.read_text())
+    assert data["seed"] == 1 and data["model"] == "flux-tiny" and data["complete"] is True
+    assert data["files"]["image"].endswith("img_0.jpg")
+    assert data["flags"]["prompt"] == "a red cube"
+
+
+def test_pt_loads_with_default_torch_load_in_documented_structure(tiny_run):
+    pt = _only(tiny_run / "intermediates", "capture_*_flux-tiny.pt")
+    capture = torch.load(pt)  # torch's default: weights_only=True
+    assert set(capture) == {"double_blocks", "single_blocks", "denoising_context", "metadata"}
+    steps = capture["metadata"]["num_steps"]
+    assert steps == 4 and len(capture["metadata"]["timesteps"]) == steps + 1
+    assert list(capture["double_blocks"]) == [f"block_{i}" for i in range(TINY_PARAMS.depth)]
+    assert list(capture["single_blocks"]) == [f"block_{i}" for i in range(TINY_PARAMS.depth_single_blocks)]
+    for entries in capture["double_blocks"].values():
+        assert len(entries) == steps
+        for img, txt in entries:
+            assert img.shape == (1, L, D) and txt.shape == (1, T, D)
+    for entries in capture["single_blocks"].values():
+        assert len(entries) == steps and all(x.shape == (1, T + L, D) for x in entries)
+    ctx = capture["denoising_context"]
+    assert len(ctx["img_state"]) == steps and ctx["img_state"][0].shape == (1, L, 64)
+    assert len(ctx["vec"]) == steps and ctx["vec"][0].shape == (1, D)
+    assert ctx["txt"].shape == (1, T, TINY_PARAMS.context_in_dim) and ctx["y"].shape == (
+        1,
+        TINY_PARAMS.vec_in_dim,
+    )
+    assert ctx["txt_seq_len"] == T and ctx["guidance"] == 3.5
+    assert ctx["timestep_pairs"] == list(
+        zip(capture["metadata"]["timesteps"][:-1], capture["metadata"]["timesteps"][1:])
+    )
+    assert ctx["final_latent"].shape == (1, L, 64)
+    assert ctx["img_ids"].shape == (1, L, 3) and ctx["txt_ids"].shape == (1, T, 3)
+
+
+def test_lens_files_match_captured_blocks_and_steps(tiny_run):
+    decoded = _only(tiny_run / "intermediates" / "decoded", "capture_*")
+    expected = {f"double_block_{i}_step_{k}.jpg" for i in range(2) for k in range(4)}
+    expected |= {f"single_block_{i}_step_{k}.jpg" for i in range(3) for k in range(4)}
+    expected |= {"grid_double.jpg", "grid_single.jpg"}
+    assert {p.name for p in decoded.iterdir()} == expected
+
+
+def test_decode_later_equals_decode_at_capture(tiny_run, tmp_path):
+    pt = _only(tiny_run / "intermediates", "capture_*_flux-tiny.pt")
+    at_capture = _only(tiny_run / "intermediates" / "decoded", "capture_*")
+    assert capture_sample.run(["decode", str(pt), "--output_dir", str(tmp_path / "later")]) == 0
+    later = sorted((tmp_path / "later").iterdir())
+    assert [p.name for p in later] == sorted(p.name for p in at_capture.iterdir())
+    for p in later:
+        assert p.read_bytes() == (at_capture / p.name).read_bytes(), p.name
+
+
+def test_capture_is_observation_only_and_runs_are_deterministic(tiny_run, tmp_path):
+    base = ["--model", "flux-tiny", "--prompt", "a red cube", "--seed", "1", *SIZE]
+    assert cli(*base, "--capture", "False", "--output_dir", str(tmp_path / "plain")) == 0
+    assert (tmp_path / "plain" / "img_0.jpg").read_bytes() == (tiny_run / "img_0.jpg").read_bytes()
+    assert not (tmp_path / "plain" / "intermediates").exists()
+    # Same seed again: byte-identical image and identical capture tensors.
+    assert cli(*base, "--should_decode_intermediates", "False", "--output_dir", str(tmp_path / "again")) == 0
+    assert (tmp_path / "again" / "img_0.jpg").read_bytes() == (tiny_run / "img_0.jpg").read_bytes()
+    a = load_capture(_only(tiny_run / "intermediates", "capture_*.pt"))
+    b = load_capture(_only(tmp_path / "again" / "intermediates", "capture_*.pt"))
+    for name, entries in a["single_blocks"].items():
+        assert all(torch.equal(x, y) for x, y in zip(entries, b["single_blocks"][name]))
+    assert torch.equal(a["denoising_context"]["final_latent"], b["denoising_context"]["final_latent"])
+
+
+def test_second_run_in_same_folder_never_overwrites(tiny_run, tmp_path):
+    out = tmp_path / "twice"
+    base = ["--model", "flux-tiny", "--prompt", "a", "--seed", "2", *SIZE, "--output_dir", str(out)]
+    assert cli(*base, "--should_decode_intermediates", "False") == 0
+    assert cli(*base, "--should_decode_intermediates", "False") == 0
+    assert sorted(p.name for p in out.glob("img_*.jpg")) == ["img_0.jpg", "img_1.jpg"]
+    assert len(list((out / "intermediates").glob("capture_*.pt"))) == 2
+    assert len(list((out / "intermediates").glob("metadata_*.json"))) == 2
+
+
+def test_safetensors_capture_matches_pt(tiny_run, tmp_path):
+    args = ["--model", "flux-tiny", "--prompt", "a red cube", "--seed", "1", *SIZE]
+    assert cli(*args, "--format", "safetensors", "--should_decode_intermediates", "False",
+               "--output_dir", str(tmp_path)) == 0  # fmt: skip
+    directory = _only(tmp_path / "intermediates", "capture_*_flux-tiny")
+    assert (directory / "index.json").is_file() and len(list(directory.glob("step_*.safetensors"))) == 4
+    a = load_capture(_only(tiny_run / "intermediates", "capture_*.pt"))
+    b = load_capture(directory)
+    for name, entries in a["double_blocks"].items():
+        for (ai, at), (bi, bt) in zip(entries, b["double_blocks"][name]):
+            assert torch.equal(ai, bi) and torch.equal(at, bt)
+    assert torch.equal(a["denoising_context"]["final_latent"], b["denoising_context"]["final_latent"])
+    assert (tmp_path / "img_0.jpg").read_bytes() == (tiny_run / "img_0.jpg").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--model", "flux-huge"], "--model"),
+        (["--width", "100"], "--width"),
+        (["--height", "-16"], "--height"),
+        (["--width", "1e9"], "--width"),
+        (["--num_steps", "0"], "--num_steps"),
+        (["--seed", "abc"], "--seed"),
+        (["--prompt", "123"], "--prompt"),
+        (["--decode_target", "x1"], "--decode_target"),
+        (["--blocks", "double:99"], "--blocks"),
+        (["--steps", "3-1"], "--steps"),
+        (["--format", "npz"], "--format"),
+        (["--streams", "image"], "--streams"),
+        (["--capture_dtype", "int8"], "--capture_dtype"),
+    ],
+)
+def test_bad_values_exit_2_with_one_line_naming_the_flag(args, flag, tmp_path, capsys):
+    out = tmp_path / "never"
+    rc = (
+        cli("--model", "flux-tiny", "--output_dir", str(out), *args)
+        if args[0] != "--model"
+        else cli(*args, "--output_dir", str(out))
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith("error: ") and flag in err[-1]
+    assert not out.exists()
+
+
+def test_guidance_on_schnell_warns_before_loading(tmp_path, capsys):
+    from flux.pipeline import RunOptions
+
+    opts = RunOptions(model="flux-schnell", guidance=4.0, output_dir=str(tmp_path), device="cpu").validate()
+    assert any("ignored" in w for w in opts.warnings)
+
+
+def test_unwritable_output_dir_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli("--model", "flux-tiny", "--output_dir", str(blocker / "sub")) == 2
+
+
+def test_help_documents_every_flag(capsys):
+    import inspect
+
+    with pytest.raises(SystemExit):
+        capture_sample.run(["--help"])
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    doc = capture_sample.main.__doc__
+    for name in inspect.signature(capture_sample.main).parameters:
+        assert f"--{name}" in text
+        assert f"\n        {name}: " in doc, f"{name} has no Args entry"
