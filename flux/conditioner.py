@@ -86,21 +86,30 @@ def load_text_embedder(
 
     model_cls = T5EncoderModel if kind == "t5" else CLIPTextModel
     local = _local_dir(source)
-    if local is not None:
-        for sub in (subfolder_tokenizer, subfolder_model):
-            if not (local / sub).is_dir():
-                raise UserError(
-                    f"The {kind.upper()} text encoder directory {local} has no {sub}/ subfolder. "
-                    f"{_HOW_TO_GET_FILES}"
+    if local is None:
+        # Fetch (or find in the cache) just the two subfolders, then load from disk like any local copy.
+        # Loading by repo id instead makes newer transformers look up files that do not exist
+        # (tokenizer_2/config.json), which fails offline even when everything needed is cached.
+        from huggingface_hub import snapshot_download
+
+        try:
+            local = Path(
+                snapshot_download(
+                    str(source), allow_patterns=[f"{subfolder_model}/*", f"{subfolder_tokenizer}/*"]
                 )
-        tokenizer_args = (str(local / subfolder_tokenizer),)
-        model_args = (str(local / subfolder_model),)
-        tokenizer_kwargs: dict = {}
-        model_kwargs: dict = {}
-    else:
-        tokenizer_args = model_args = (str(source),)
-        tokenizer_kwargs = {"subfolder": subfolder_tokenizer}
-        model_kwargs = {"subfolder": subfolder_model}
+            )
+        except _fetch_errors() as err:
+            raise UserError(_fetch_failure(f"{kind.upper()} files", source, False, err)) from err
+    for sub in (subfolder_tokenizer, subfolder_model):
+        if not (local / sub).is_dir():
+            raise UserError(
+                f"The {kind.upper()} text encoder directory {local} has no {sub}/ subfolder. "
+                f"{_HOW_TO_GET_FILES}"
+            )
+    tokenizer_args = (str(local / subfolder_tokenizer),)
+    model_args = (str(local / subfolder_model),)
+    tokenizer_kwargs: dict = {}
+    model_kwargs: dict = {}
 
     what = f"{kind.upper()} tokenizer"
     try:

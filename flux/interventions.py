@@ -78,7 +78,7 @@ class Intervention:
     stream: str
     block: int
     steps: tuple[int, ...] | None = None
-    tokens: str = "both"
+    tokens: str | None = None  # img, txt or both; None: img for add, both otherwise
     scale: float = 1.0
     source: dict | None = field(default=None, compare=False, repr=False)
     direction: Tensor | None = field(default=None, compare=False, repr=False)
@@ -86,6 +86,8 @@ class Intervention:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise UsageError(f"Unknown intervention {self.kind!r}: use one of {', '.join(KINDS)}.")
+        if self.tokens is None:
+            object.__setattr__(self, "tokens", "img" if self.kind == "add" else "both")
         if self.stream not in STREAMS:
             raise UsageError(f"Intervention stream must be double or single; got {self.stream!r}.")
         if self.tokens not in TOKENS:
@@ -158,8 +160,12 @@ def format_steps(steps: Sequence[int] | None) -> str:
     return ",".join(parts)
 
 
-def parse_steps(text: str | int | None, num_steps: int, what: str = "steps") -> tuple[int, ...] | None:
-    """--steps syntax -> step indices, or None for every step."""
+def parse_steps(
+    text: str | int | Sequence[int] | None, num_steps: int, what: str = "steps"
+) -> tuple[int, ...] | None:
+    """--steps syntax -> step indices, or None for every step. Fire turns '--steps 0,3' into (0, 3)."""
+    if isinstance(text, (list, tuple)):
+        text = ",".join(str(t) for t in text)
     if text is None or str(text).strip().lower() in ("all", "*", ""):
         return None
     try:
@@ -203,24 +209,17 @@ def parse_interventions(
             raise UsageError(f"Intervention {spec!r}: {m['scale']!r} is not a number.") from e
         if m["scale"] is not None and kind != "add":
             raise UsageError(f"Intervention {spec!r}: *SCALE only applies to add.")
-        tokens = m["tokens"] or ("img" if kind == "add" else "both")
         steps = parse_steps(m["steps"], num_steps, f"Intervention {spec!r}")
+        source_for, direction_for = (
+            (source if kind == "patch" else None),
+            (direction if kind == "add" else None),
+        )
+        iv = Intervention(kind, stream, block, steps, m["tokens"], scale, source_for, direction_for)
         if kind == "patch" and source is None:
             raise UsageError(f"Intervention {spec!r} patches from another capture: pass --source CAPTURE.")
         if kind == "add" and direction is None:
             raise UsageError(f"Intervention {spec!r} adds a direction: pass --direction FILE (.pt tensor).")
-        out.append(
-            Intervention(
-                kind,
-                stream,
-                block,
-                steps,
-                tokens,
-                scale,
-                source=source if kind == "patch" else None,
-                direction=direction if kind == "add" else None,
-            )
-        )
+        out.append(iv)
     return out
 
 
@@ -383,8 +382,8 @@ def replay(
 
     Uses only the stored context (img_state[start], txt, txt_ids, img_ids, y, guidance, timesteps): no text
     encoders. `record` captures block outputs at its steps (those within the replay) as the next block
-    sees them, i.e. after the interventions, into `result.capture` (documented capture format; img_state
-    and vec hold the replayed steps only).
+    sees them, i.e. after the interventions, into `result.capture` (the documented capture format, with
+    metadata["interventions"]; img_state and vec of steps before `start` are the stored ones).
     """
     ctx, meta = capture["denoising_context"], capture["metadata"]
     timesteps = timesteps_of(capture)
@@ -480,9 +479,9 @@ def psnr(a: Tensor, b: Tensor) -> Tensor:
 def ssim(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
     """Structural similarity per image (Wang et al. 2004: Gaussian 11x11 window, sigma 1.5, K1 0.01,
     K2 0.03, peak 1), averaged over pixels and channels of (N, C, H, W) images in [0, 1]. 1 = identical."""
-    a, b = a.float(), b.float()
+    a, b = a.double(), b.double()  # float64: E[x^2] - mu^2 cancels badly in float32
     c = a.shape[1]
-    x = torch.arange(window, dtype=torch.float32, device=a.device) - window // 2
+    x = torch.arange(window, dtype=torch.float64, device=a.device) - window // 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
     g = g / g.sum()
     kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window)
@@ -495,7 +494,7 @@ def ssim(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
     cov = blur(a * b) - mu_a * mu_b
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s.flatten(1).mean(1)
+    return s.flatten(1).mean(1).float()
 
 
 # ------------------------------------------------------------------------------------------- sweep
@@ -524,11 +523,13 @@ def sweep(
     direction: Tensor | None = None,
     progress: bool = True,
 ) -> tuple[list[SweepRow], Image.Image, Tensor]:
-    """Intervene on each block in turn, replay the run from step 0, and score the final image.
+    """Intervene on each block in turn, replay the run to the end, and score the final image.
 
-    blocks: (stream, index) pairs, default every block. The reference is an unmodified replay on this
-    device (identical to the capture's final latent on its own device and dtype). Returns the rows in block
-    order, the reference image and the reference's final latent.
+    blocks: (stream, index) pairs, default every block. steps: where the intervention applies (None: all).
+    Replays start from the stored latent of the first intervened step (step 0 when steps is None): the
+    steps before it would run exactly as stored. The reference is an unmodified replay from the same step
+    on this device (identical to the capture's final latent on the capture's device and dtype). Returns
+    the rows in block order, the reference image and the reference's final latent.
     """
     from flux.decode import decode_latents, to_image
 
@@ -537,7 +538,6 @@ def sweep(
     if blocks is None:
         blocks = [("double", i) for i in range(len(model.double_blocks))]
         blocks += [("single", i) for i in range(len(model.single_blocks))]
-    tokens = tokens or ("img" if kind == "add" else "both")
     ivs = [
         Intervention(kind, s, i, steps, tokens, scale, source=source, direction=direction) for s, i in blocks
     ]
@@ -547,12 +547,14 @@ def sweep(
     for iv in ivs:  # fail before the first replay, not after an hour of them
         iv.check(model, num_steps, txt_len, img_len)
 
-    base_latent = replay(model, capture).latent
+    # Steps before the first intervened one would replay exactly as stored: start both runs there.
+    start = min(steps) if steps else 0
+    base_latent = replay(model, capture, start).latent
     base_decoded = decode_latents(base_latent, ae, height, width)
     base = to_unit(base_decoded)
     rows = []
     for iv in tqdm(ivs, desc=f"{kind} sweep", unit="block", disable=not progress):
-        latent = replay(model, capture, interventions=[iv]).latent
+        latent = replay(model, capture, start, interventions=[iv]).latent
         decoded = decode_latents(latent, ae, height, width)
         img = to_unit(decoded)
         lat_mse = ((latent.float() - base_latent.float()) ** 2).mean()
@@ -757,8 +759,9 @@ def sweep_command(
 ) -> None:
     """Intervene on each block in turn, replay the captured run, and rank blocks by how much it changes.
 
-    For every block (all 57, or --blocks) the run is replayed from its stored initial latent with that one
-    block altered, the final image decoded and compared with an unmodified replay. Writes into
+    For every block (all 57, or --blocks) the run is replayed with that one block altered, from the stored
+    latent of the first step the intervention applies at (step 0 by default), and the final image is decoded
+    and compared with an unmodified replay. Writes into
     {capture folder}/sweeps/{capture name}_{intervention}/ (a new folder each time): sweep.csv (ranked,
     most disruptive first), sweep.json (every row's intervention spec and scores, plus provenance),
     sweep.png (bar chart), contact_sheet.jpg and one JPEG per altered image. Only the flow model and the
@@ -774,7 +777,7 @@ def sweep_command(
         tokens: img, txt or both, for zero and patch (default both; add uses img).
         scale: Multiplier of the direction for add (default 1).
         source: The capture to patch from (same model, size and text length; e.g. another prompt).
-        direction: A .pt (or .safetensors) file holding one tensor of shape (D,) or (B, L, D), for add.
+        direction: A .pt (or .safetensors) file holding one tensor of shape (D,) or (1, L, D), for add.
         output_dir: Folder for the results (default: beside the capture, as above).
         device: Torch device; cuda when available, else cpu. Exact replays need the capture's device.
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; as for generation.
@@ -891,7 +894,7 @@ def replay_command(
             the clean-image estimate of step `until`, as the lens shows it.
         intervention: Intervention specs (see above); default none, which reproduces the stored run.
         source: The capture to patch from, for patch.
-        direction: A .pt (or .safetensors) file holding one tensor of shape (D,) or (B, L, D), for add.
+        direction: A .pt (or .safetensors) file holding one tensor of shape (D,) or (1, L, D), for add.
         output_dir: Folder for the outputs (default: {capture folder}/replays).
         save_capture: Also write a capture of the replayed steps (needs the replay to run to the last step).
         device: Torch device; cuda when available, else cpu. Exact replays need the capture's device.
@@ -919,14 +922,15 @@ def replay_command(
     record = CapturePlan.everything(flow, num_steps) if save_capture else None
     result = replay(flow, capture, step, until, ivs, record=record)
     height, width = int(meta["height"]), int(meta["width"])
-    image = to_unit(decode_latents(result.x0, ae, height, width))
+    decoded = decode_latents(result.x0, ae, height, width)
+    image = to_unit(decoded)
     stored = to_unit(decode_latents(capture["denoising_context"]["final_latent"], ae, height, width))
 
     out = Path(output_dir) if output_dir else Path(path).parent / "replays"
     out.mkdir(parents=True, exist_ok=True)
     image_path = publish_new(
         lambda n: out / f"replay_{n}.jpg",
-        lambda tmp: save_jpeg(to_image(image[0] * 2 - 1), tmp),
+        lambda tmp: save_jpeg(to_image(decoded[0]), tmp),
         start=next_free_index(out, "replay_", ".jpg"),
     )
     base = image_path.with_suffix("")

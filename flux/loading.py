@@ -72,9 +72,7 @@ def hub_download(repo_id: str, filename: str, *, gated: bool = False, what: str 
     except RepositoryNotFoundError as e:
         hint = " It may be gated: accept its licence and set HF_TOKEN." if gated else ""
         raise UserError(f"The hub repository {repo_id} was not found or is not visible.{hint}") from e
-    except EntryNotFoundError as e:
-        raise UserError(f"The hub repository {repo_id} has no file {filename!r} ({what}).") from e
-    except LocalEntryNotFoundError as e:
+    except LocalEntryNotFoundError as e:  # before EntryNotFoundError: newer hubs subclass it
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
         raise UserError(
@@ -82,6 +80,8 @@ def hub_download(repo_id: str, filename: str, *, gated: bool = False, what: str 
             f"it once with network access (`huggingface-cli download {repo_id} {filename}`), or set "
             "FLUX_MODEL / FLUX_AE to local files, or pass a local weights directory."
         ) from e
+    except EntryNotFoundError as e:
+        raise UserError(f"The hub repository {repo_id} has no file {filename!r} ({what}).") from e
 
 
 def _resolve(spec: ModelSpec, filename: str, env_var: str, weights_dir: str | Path | None, what: str) -> Path:

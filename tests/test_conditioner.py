@@ -145,9 +145,8 @@ def test_hub_errors_become_user_errors(monkeypatch, error_name):
     def refuse(*args, **kwargs):
         raise error
 
-    import transformers
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    # Hub sources are fetched with snapshot_download (only the two subfolders) before loading from disk.
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
     with pytest.raises(UserError) as info:
         load_text_embedder(
             "clip", "black-forest-labs/FLUX.1-schnell", "text_encoder", "tokenizer", 77, "cpu", None
@@ -158,7 +157,7 @@ def test_hub_errors_become_user_errors(monkeypatch, error_name):
         assert "HF_TOKEN" in message and "licence" in message
 
 
-def test_our_bugs_stay_loud(monkeypatch):
+def test_our_bugs_stay_loud(monkeypatch, repo):
     import transformers
 
     def bug(*args, **kwargs):
@@ -166,9 +165,7 @@ def test_our_bugs_stay_loud(monkeypatch):
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", bug)
     with pytest.raises(KeyError):
-        load_text_embedder(
-            "clip", "black-forest-labs/FLUX.1-schnell", "text_encoder", "tokenizer", 77, "cpu", None
-        )
+        load_text_embedder("clip", repo, "text_encoder", "tokenizer", 77, "cpu", None)
 
 
 def test_kind_is_explicit(repo):

@@ -1,0 +1,158 @@
+"""Weight resolution and strict loading: local files, the HF cache offline, and errors that say what to do."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flux.configs import CONFIGS
+from flux.errors import UserError
+from flux.loading import HUB, load_ae, load_flow_model, resolve_flow_path
+from flux.tiny import ensure_tiny_repo
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = CONFIGS["flux-tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory) -> Path:
+    return ensure_tiny_repo(tmp_path_factory.mktemp("tiny") / "repo")
+
+
+def test_local_directory_loads_strictly_into_exact_tensors(tiny_repo):
+    model = load_flow_model(TINY, "cpu", torch.float32, weights_dir=tiny_repo)
+    on_disk = load_file(tiny_repo / TINY.repo_flow)
+    state = model.state_dict()
+    assert state.keys() == on_disk.keys()
+    assert all(torch.equal(state[k], on_disk[k]) for k in on_disk)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    ae = load_ae(TINY, "cpu", weights_dir=tiny_repo)
+    assert next(ae.parameters()).dtype == torch.float32  # the checkpoint's own dtype
+
+
+def test_flux_model_env_var_wins_and_is_checked(tiny_repo, monkeypatch, tmp_path):
+    copy = tmp_path / "elsewhere.safetensors"
+    shutil.copy(tiny_repo / TINY.repo_flow, copy)
+    monkeypatch.setenv("FLUX_MODEL", str(copy))
+    assert resolve_flow_path(TINY, tiny_repo) == copy
+    monkeypatch.setenv("FLUX_MODEL", str(tmp_path / "missing.safetensors"))
+    with pytest.raises(UserError, match="FLUX_MODEL"):
+        resolve_flow_path(TINY, tiny_repo)
+
+
+def _write_variant(tiny_repo: Path, tmp_path: Path, edit) -> Path:
+    folder = tmp_path / "variant"
+    folder.mkdir()
+    sd = load_file(tiny_repo / TINY.repo_flow)
+    edit(sd)
+    save_file(sd, folder / TINY.repo_flow)
+    return folder
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(tiny_repo, tmp_path):
+    def edit(sd):
+        del sd["final_layer.linear.bias"]
+        sd["extra.weight"] = torch.zeros(1)
+        sd["img_in.weight"] = torch.zeros(3, 3)
+
+    folder = _write_variant(tiny_repo, tmp_path, edit)
+    with pytest.raises(UserError) as err:
+        load_flow_model(TINY, "cpu", torch.float32, weights_dir=folder)
+    message = str(err.value)
+    assert "final_layer.linear.bias" in message and "extra.weight" in message and "img_in.weight" in message
+    assert "1 missing" in message and "1 unexpected" in message and "1 with the wrong shape" in message
+
+
+def test_schnell_checkpoint_for_a_dev_config_is_refused(tiny_repo, tmp_path):
+    folder = _write_variant(
+        tiny_repo, tmp_path, lambda sd: [sd.pop(k) for k in list(sd) if "guidance_in" in k]
+    )
+    with pytest.raises(UserError, match="guidance_in"):
+        load_flow_model(TINY, "cpu", torch.float32, weights_dir=folder)
+
+
+def test_comfyui_prefix_is_stripped(tiny_repo, tmp_path):
+    def edit(sd):
+        for k in list(sd):
+            sd["model.diffusion_model." + k] = sd.pop(k)
+
+    folder = _write_variant(tiny_repo, tmp_path, edit)
+    load_flow_model(TINY, "cpu", torch.float32, weights_dir=folder)
+
+
+def test_truncated_checkpoint_gives_clear_error(tiny_repo, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    data = (tiny_repo / TINY.repo_flow).read_bytes()
+    (folder / TINY.repo_flow).write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        load_flow_model(TINY, "cpu", torch.float32, weights_dir=folder)
+
+
+def test_missing_file_in_weights_dir(tmp_path):
+    with pytest.raises(UserError, match=r"has no flux1-tiny\.safetensors"):
+        resolve_flow_path(TINY, tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_flow_path(TINY, tmp_path / "nope")
+
+
+def test_gated_repo_error_explains_licence_and_token(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(*args, **kwargs):
+        err = GatedRepoError.__new__(GatedRepoError)
+        Exception.__init__(err, "401 gated")
+        raise err
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    with pytest.raises(UserError) as err:
+        resolve_flow_path(CONFIGS["flux-dev"])
+    assert "HF_TOKEN" in str(err.value) and "black-forest-labs/FLUX.1-dev" in str(err.value)
+
+
+def _populate_hf_cache(cache: Path, repo_id: str, source: Path) -> None:
+    """The layout huggingface_hub writes: refs/main -> commit, snapshots/<commit>/<files>."""
+    commit = "0" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(source, repo / "snapshots" / commit)
+
+
+def test_hub_path_offline_from_a_prepopulated_cache(tiny_repo, tmp_path):
+    cache = tmp_path / "hf-cache"
+    _populate_hf_cache(cache, TINY.repo_id, tiny_repo)
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from flux.configs import CONFIGS
+        from flux.errors import UserError
+        from flux.loading import HUB, load_flow_model, load_text_encoders, resolve_flow_path
+
+        spec = CONFIGS["flux-tiny"]
+        path = resolve_flow_path(spec, HUB)
+        assert str(path).startswith({str(cache)!r}), path
+        model = load_flow_model(spec, "cpu", torch.float32, weights_dir=HUB)
+        t5, clip = load_text_encoders(spec, "cpu", torch.float32, weights_dir=HUB)
+        print("T5", tuple(t5(["a red cube"]).shape), "CLIP", tuple(clip(["a red cube"]).shape))
+        try:
+            resolve_flow_path(CONFIGS["flux-dev"], HUB)
+        except UserError as e:
+            print("ERROR", e)
+        """
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "FLUX_TINY_DIR": str(tiny_repo)}
+    for var in ("FLUX_MODEL", "FLUX_AE", "FLUX_TEXT_ENCODERS", "HF_HOME"):
+        env.pop(var, None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "T5 (1, 32, 32) CLIP (1, 32)" in out.stdout
+    assert "ERROR" in out.stdout and "HF_HUB_OFFLINE is set" in out.stdout and "FLUX.1-dev" in out.stdout
+    assert HUB == "hub"
