@@ -640,6 +640,7 @@ def contact_sheet(
         ("unmodified", reference),
         *((f"{r.stream} {r.block}\nmse {r.mse:.4g}", r.image) for r in rank(rows)),
     ]
+    columns = min(columns, len(items))
     n_rows = math.ceil(len(items) / columns)
     sheet = Image.new(
         "RGB", (columns * (cell_w + pad) + pad, n_rows * (cell_h + caption + pad) + pad), "white"
