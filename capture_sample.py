@@ -14,6 +14,7 @@ import signal
 import sys
 
 import fire
+import torch
 
 from flux.errors import UserError
 
@@ -187,6 +188,14 @@ def run(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except torch.cuda.OutOfMemoryError as e:
+        print(
+            "error: the GPU ran out of memory. Try --offload (models visit the GPU one at a time), a "
+            "smaller --width/--height, a smaller --decode_batch_size, or capturing less (--blocks, --steps, "
+            f"--streams img). ({' '.join(str(e).split())[:200]})",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt as e:
         print("Stopped.", file=sys.stderr)
         return 143 if str(e).startswith("signal") else 130

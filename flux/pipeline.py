@@ -412,6 +412,10 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
             streams=plan.streams,
             format=opts.format,
             estimated_capture_bytes=opts.estimated_capture_bytes(),
+            shapes={
+                k: list(v)
+                for k, v in plan.keys_and_shapes(1, txt_len, img_len, models.flow.hidden_size).items()
+            },
             files={"capture": str(path), "metadata": str(metadata_path_for(stem, inter_dir))},
         )
         session = CaptureSession.open(models.flow, plan, opts.format, path, txt_len, img_len, dtype, metadata)

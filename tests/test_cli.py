@@ -193,3 +193,28 @@ def test_help_documents_every_flag(capsys):
     for name in inspect.signature(capture_sample.main).parameters:
         assert f"--{name}" in text
         assert f"\n        {name}: " in doc, f"{name} has no Args entry"
+
+
+def test_cuda_out_of_memory_names_offload_and_smaller_sizes(monkeypatch, tmp_path, capsys):
+    import flux.pipeline
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(flux.pipeline, "load_models", oom)
+    rc = cli("--model", "flux-tiny", "--output_dir", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "--offload" in err and "--width/--height" in err and "Traceback" not in err
+
+
+def test_metadata_records_shapes_and_paths(tiny_run):
+    data = json.loads(_only(tiny_run / "intermediates", "metadata_*.json").read_text())
+    assert data["shapes"]["double_blocks.0.img"] == [1, L, D] and data["shapes"]["single_blocks.2"] == [
+        1,
+        T + L,
+        D,
+    ]
+    assert Path(data["files"]["capture"]).is_file() and Path(data["files"]["metadata"]).is_file()
+    assert {"torch", "python", "transformers"} <= set(data["versions"])
+    assert data["dtype"] == "float32" and data["device"] == "cpu" and data["timestamp"]
