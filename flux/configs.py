@@ -1,6 +1,6 @@
 """Named model specs: architecture, where the weights live, and the sampling defaults of each model."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flux.autoencoder import AutoEncoderParams
 from flux.model import FluxParams
@@ -91,6 +91,22 @@ TINY_AE_PARAMS = AutoEncoderParams(
     shift_factor=0.1159,
 )
 
+FLUX_DEV = ModelSpec(
+    name="flux-dev",
+    params=_full_size_params(guidance_embed=True),
+    ae_params=FULL_AE_PARAMS,
+    repo_id="black-forest-labs/FLUX.1-dev",
+    repo_flow="flux1-dev.safetensors",
+    repo_ae="ae.safetensors",
+    text_repo_id=TEXT_ENCODER_REPO,
+    t5_max_length=512,
+    default_steps=50,
+    default_guidance=2.5,
+    shift_schedule=True,
+    gated=True,
+    license="FLUX.1 [dev] Non-Commercial License",
+)
+
 CONFIGS: dict[str, ModelSpec] = {
     "flux-schnell": ModelSpec(
         name="flux-schnell",
@@ -107,35 +123,13 @@ CONFIGS: dict[str, ModelSpec] = {
         gated=False,
         license="Apache-2.0",
     ),
-    "flux-dev": ModelSpec(
-        name="flux-dev",
-        params=_full_size_params(guidance_embed=True),
-        ae_params=FULL_AE_PARAMS,
-        repo_id="black-forest-labs/FLUX.1-dev",
-        repo_flow="flux1-dev.safetensors",
-        repo_ae="ae.safetensors",
-        text_repo_id=TEXT_ENCODER_REPO,
-        t5_max_length=512,
-        default_steps=50,
-        default_guidance=2.5,
-        shift_schedule=True,
-        gated=True,
-        license="FLUX.1 [dev] Non-Commercial License",
-    ),
-    "flux-dev-krea": ModelSpec(
+    "flux-dev": FLUX_DEV,
+    # Krea is a drop-in replacement for dev: the same architecture and defaults, other weights.
+    "flux-dev-krea": replace(
+        FLUX_DEV,
         name="flux-dev-krea",
-        params=_full_size_params(guidance_embed=True),
-        ae_params=FULL_AE_PARAMS,
         repo_id="black-forest-labs/FLUX.1-Krea-dev",
         repo_flow="flux1-krea-dev.safetensors",
-        repo_ae="ae.safetensors",
-        text_repo_id=TEXT_ENCODER_REPO,
-        t5_max_length=512,
-        default_steps=50,
-        default_guidance=2.5,
-        shift_schedule=True,
-        gated=True,
-        license="FLUX.1 [dev] Non-Commercial License",
     ),
     "flux-tiny": ModelSpec(
         name="flux-tiny",
