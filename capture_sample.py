@@ -165,8 +165,8 @@ def decode(
 COMMANDS = {
     "decode": "capture_sample:decode",
     "analyze": "flux.analysis:analyze_command",
-    "replay": "flux.interventions:replay_command",
-    "sweep": "flux.interventions:sweep_command",
+    "replay": "flux.sweep:replay_command",
+    "sweep": "flux.sweep:sweep_command",
 }
 
 

@@ -10,19 +10,10 @@ from PIL import Image
 
 from flux.capture import CapturePlan
 from flux.errors import UsageError, UserError
-from flux.interventions import (
-    Intervener,
-    Intervention,
-    parse_interventions,
-    parse_steps,
-    psnr,
-    replay,
-    replay_command,
-    ssim,
-    sweep_command,
-)
+from flux.interventions import Intervener, Intervention, parse_interventions, parse_steps, replay
 from flux.pipeline import RunOptions, generate, load_models
 from flux.store import load_capture
+from flux.sweep import psnr, replay_command, ssim, sweep_command
 
 NUM_STEPS = 4
 

@@ -1,0 +1,532 @@
+"""Intervention sweeps and replays from the command line, and the image scores they rank by.
+
+`sweep` applies one intervention to each block in turn (see `flux.interventions`), replays the run from the
+stored latents, decodes each final image and scores it against an unmodified replay: pixel MSE, PSNR and
+SSIM on images mapped to [0, 1], and the MSE of the final latent tokens.
+"""
+
+import csv
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flux.autoencoder import AutoEncoder
+from flux.capture import CapturePlan
+from flux.errors import UsageError, UserError
+from flux.interventions import (
+    KINDS,
+    TOKENS,
+    Intervention,
+    format_steps,
+    parse_interventions,
+    parse_steps,
+    replay,
+    timesteps_of,
+)
+from flux.model import Flux
+
+
+# ------------------------------------------------------------------------------------------ scores
+def to_unit(images: Tensor) -> Tensor:
+    """Decoded images in about [-1, 1] -> float32 in [0, 1] (clamped, as the saved JPEGs are)."""
+    return (images.float().clamp(-1, 1) + 1) / 2
+
+
+def mse(a: Tensor, b: Tensor) -> Tensor:
+    """Mean squared error per image (N,) over (N, C, H, W) images in [0, 1]."""
+    return ((a.float() - b.float()) ** 2).flatten(1).mean(1)
+
+
+def psnr(a: Tensor, b: Tensor) -> Tensor:
+    """Peak signal-to-noise ratio in dB per image, peak 1: 10 log10(1 / MSE); inf for identical images."""
+    return 10 * torch.log10(1 / mse(a, b))
+
+
+def ssim(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
+    """Structural similarity per image (Wang et al. 2004: Gaussian 11x11 window, sigma 1.5, K1 0.01,
+    K2 0.03, peak 1), averaged over pixels and channels of (N, C, H, W) images in [0, 1]. 1 = identical."""
+    a, b = a.double(), b.double()  # float64: E[x^2] - mu^2 cancels badly in float32
+    c = a.shape[1]
+    x = torch.arange(window, dtype=torch.float64, device=a.device) - window // 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window)
+
+    def blur(t: Tensor) -> Tensor:
+        return F.conv2d(t, kernel, groups=c)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1).float()
+
+
+# ------------------------------------------------------------------------------------------- sweep
+@dataclass
+class SweepRow:
+    spec: str  # the intervention, as a spec string
+    stream: str
+    block: int
+    mse: float  # pixel MSE against the unmodified image, images in [0, 1]
+    psnr: float  # dB; higher = closer to the unmodified image
+    ssim: float  # 1 = structurally identical
+    latent_mse: float  # MSE of the final latent tokens against the unmodified final latent
+    image: Image.Image = field(repr=False)
+
+
+def sweep(
+    model: Flux,
+    ae: AutoEncoder,
+    capture: dict,
+    kind: str = "skip",
+    blocks: Sequence[tuple[str, int]] | None = None,
+    steps: tuple[int, ...] | None = None,
+    tokens: str | None = None,
+    scale: float = 1.0,
+    source: dict | None = None,
+    direction: Tensor | None = None,
+    progress: bool = True,
+) -> tuple[list[SweepRow], Image.Image, Tensor]:
+    """Intervene on each block in turn, replay the run to the end, and score the final image.
+
+    blocks: (stream, index) pairs, default every block. steps: where the intervention applies (None: all).
+    Replays start from the stored latent of the first intervened step (step 0 when steps is None): the
+    steps before it would run exactly as stored. The reference is an unmodified replay from the same step
+    on this device (identical to the capture's final latent on the capture's device and dtype). Returns
+    the rows in block order, the reference image and the reference's final latent.
+    """
+    from flux.decode import decode_latents, to_image
+
+    meta = capture["metadata"]
+    height, width = int(meta["height"]), int(meta["width"])
+    if blocks is None:
+        blocks = [("double", i) for i in range(len(model.double_blocks))]
+        blocks += [("single", i) for i in range(len(model.single_blocks))]
+    ivs = [
+        Intervention(kind, s, i, steps, tokens, scale, source=source, direction=direction) for s, i in blocks
+    ]
+    num_steps = len(timesteps_of(capture)) - 1
+    txt_len = int(capture["denoising_context"]["txt_seq_len"])
+    img_len = capture["denoising_context"]["img_state"][0].shape[1]
+    for iv in ivs:  # fail before the first replay, not after an hour of them
+        iv.check(model, num_steps, txt_len, img_len)
+
+    # Steps before the first intervened one would replay exactly as stored: start both runs there.
+    start = min(steps) if steps else 0
+    base_latent = replay(model, capture, start).latent
+    base_decoded = decode_latents(base_latent, ae, height, width)
+    base = to_unit(base_decoded)
+    rows = []
+    for iv in tqdm(ivs, desc=f"{kind} sweep", unit="block", disable=not progress):
+        latent = replay(model, capture, start, interventions=[iv]).latent
+        decoded = decode_latents(latent, ae, height, width)
+        img = to_unit(decoded)
+        lat_mse = ((latent.float() - base_latent.float()) ** 2).mean()
+        rows.append(
+            SweepRow(
+                iv.spec,
+                iv.stream,
+                iv.block,
+                mse=float(mse(img, base)[0]),
+                psnr=float(psnr(img, base)[0]),
+                ssim=float(ssim(img, base)[0]),
+                latent_mse=float(lat_mse),
+                image=to_image(decoded[0]),
+            )
+        )
+    return rows, to_image(base_decoded[0]), base_latent
+
+
+def rank(rows: Sequence[SweepRow]) -> list[SweepRow]:
+    """Most disruptive first: by pixel MSE, ties by latent MSE."""
+    return sorted(rows, key=lambda r: (-r.mse, -r.latent_mse))
+
+
+def write_csv(rows: Sequence[SweepRow], path: Path) -> None:
+    from flux.store import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["rank", "intervention", "stream", "block", "mse", "psnr", "ssim", "latent_mse"])
+            for n, r in enumerate(rank(rows), 1):
+                w.writerow(
+                    [
+                        n,
+                        r.spec,
+                        r.stream,
+                        r.block,
+                        f"{r.mse:.6g}",
+                        f"{r.psnr:.4f}",
+                        f"{r.ssim:.5f}",
+                        f"{r.latent_mse:.6g}",
+                    ]
+                )
+
+    atomic_write(path, write)
+
+
+def write_chart(rows: Sequence[SweepRow], path: Path, title: str) -> None:
+    """Bar chart of pixel MSE per block, in block order (double then single), PSNR below."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise UserError(
+            "The sweep chart needs matplotlib: install the analysis extra "
+            "(`uv sync --extra analysis` or `pip install 'flux-intermediate-representation[analysis]'`)."
+        ) from e
+    from flux.store import atomic_write
+
+    labels = [f"{r.stream[0]}{r.block}" for r in rows]
+    colors = ["tab:blue" if r.stream == "double" else "tab:orange" for r in rows]
+    fig = Figure(figsize=(max(6.0, 0.22 * len(rows) + 1.5), 5.5), layout="constrained")
+    ax_mse, ax_psnr = fig.subplots(2, 1, sharex=True)
+    ax_mse.bar(range(len(rows)), [r.mse for r in rows], color=colors)
+    ax_mse.set_ylabel("pixel MSE vs unmodified")
+    ax_mse.set_title(title)
+    finite = [r.psnr if math.isfinite(r.psnr) else float("nan") for r in rows]
+    ax_psnr.bar(range(len(rows)), finite, color=colors)
+    ax_psnr.set_ylabel("PSNR (dB)")
+    ax_psnr.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
+    ax_psnr.set_xlabel("block (d = double, s = single)")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+def contact_sheet(
+    rows: Sequence[SweepRow], reference: Image.Image, columns: int = 8, max_cell: int = 192
+) -> Image.Image:
+    """The unmodified image, then each altered image in rank order, each captioned with block and MSE."""
+    from flux.decode import cell_size
+
+    cell_w, cell_h = cell_size(*reference.size, max_cell=max_cell)
+    caption, pad = 26, 4
+    items = [
+        ("unmodified", reference),
+        *((f"{r.stream} {r.block}\nmse {r.mse:.4g}", r.image) for r in rank(rows)),
+    ]
+    columns = min(columns, len(items))
+    n_rows = math.ceil(len(items) / columns)
+    sheet = Image.new(
+        "RGB", (columns * (cell_w + pad) + pad, n_rows * (cell_h + caption + pad) + pad), "white"
+    )
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    for n, (label, img) in enumerate(items):
+        x = pad + (n % columns) * (cell_w + pad)
+        y = pad + (n // columns) * (cell_h + caption + pad)
+        sheet.paste(img.resize((cell_w, cell_h), Image.Resampling.BICUBIC), (x, y + caption))
+        draw.multiline_text((x, y), label, fill="black", font=font, spacing=1)
+    return sheet
+
+
+# -------------------------------------------------------------------------------------- commands
+def _new_dir(base: Path) -> Path:
+    """base, or base_1, base_2, ...: the first that does not exist yet, created (never reused)."""
+    for n in range(10_000):
+        path = base if n == 0 else base.with_name(f"{base.name}_{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free output folder next to {base}")
+
+
+def _capture_stem(path: Path) -> str:
+    return path.stem if path.suffix == ".pt" else path.name
+
+
+def load_direction(path: str | None) -> Tensor | None:
+    """A direction tensor from a .pt file (a tensor, or a dict with one) or a .safetensors with one tensor."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(
+            f"--direction {path!r} is not a file. Save the direction with torch.save(tensor, path)."
+        )
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(p))
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"Could not read the direction {path!r}: {e}") from e
+    if isinstance(obj, dict):
+        tensors = [v for v in obj.values() if isinstance(v, Tensor)]
+        if len(tensors) != 1:
+            raise UserError(f"--direction {path!r} holds {len(tensors)} tensors; save exactly one.")
+        obj = tensors[0]
+    if not isinstance(obj, Tensor):
+        raise UserError(f"--direction {path!r} holds a {type(obj).__name__}, not a tensor.")
+    return obj.float()
+
+
+def _setup(path: str, device: str | None, weights_dir: str | None, with_ae: bool = True):
+    """Capture, spec, flow model (and AE) on the device, in the dtype the pipeline uses; no text encoders."""
+    from flux.configs import get_spec
+    from flux.loading import load_ae, load_flow_model
+    from flux.pipeline import compute_dtype, default_device
+    from flux.store import load_capture
+
+    capture = load_capture(path)
+    meta = capture["metadata"]
+    try:
+        spec = get_spec(meta["model"])
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path!r} does not name a known model in its metadata ({e}).") from e
+    if "final_latent" not in capture["denoising_context"]:
+        raise UserError(f"{path!r} is an interrupted capture (no final latent); replay needs a complete one.")
+    try:
+        device = torch.device(device or default_device())
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N).") from e
+    dtype = compute_dtype(spec, device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    if device.type != torch.device(meta.get("device", "cpu")).type or meta.get("dtype") != dtype_name:
+        print(
+            f"note: the capture ran on {meta.get('device')} in {meta.get('dtype')}; replaying on {device} in "
+            f"{dtype_name}, so an unmodified replay may differ slightly from the stored run.",
+            file=sys.stderr,
+        )
+    flow = load_flow_model(spec, device, dtype, weights_dir)
+    ae = load_ae(spec, device, weights_dir=weights_dir) if with_ae else None
+    return capture, spec, flow, ae
+
+
+def _provenance(path: str, capture: dict, **extra) -> dict:
+    from flux.pipeline import package_versions
+
+    meta = capture["metadata"]
+    keep = ("model", "prompt", "width", "height", "num_steps", "seed", "guidance", "dtype", "device")
+    return {
+        "capture": str(Path(path).resolve()),
+        "capture_metadata": {k: meta.get(k) for k in keep},
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": package_versions(),
+        **extra,
+    }
+
+
+def sweep_command(
+    path: str,
+    intervention: str = "skip",
+    blocks: str | None = None,
+    steps: str | None = None,
+    tokens: str | None = None,
+    scale: float = 1.0,
+    source: str | None = None,
+    direction: str | None = None,
+    output_dir: str | None = None,
+    device: str | None = None,
+    weights_dir: str | None = None,
+) -> None:
+    """Intervene on each block in turn, replay the captured run, and rank blocks by how much it changes.
+
+    For every block (all 57, or --blocks) the run is replayed with that one block altered, from the stored
+    latent of the first step the intervention applies at (step 0 by default), and the final image is decoded
+    and compared with an unmodified replay. Writes into
+    {capture folder}/sweeps/{capture name}_{intervention}/ (a new folder each time): sweep.csv (ranked,
+    most disruptive first), sweep.json (every row's intervention spec and scores, plus provenance),
+    sweep.png (bar chart), contact_sheet.jpg and one JPEG per altered image. Only the flow model and the
+    autoencoder are loaded, never the text encoders.
+
+    Args:
+        path: A capture: a capture_*.pt file or a capture_* safetensors directory.
+        intervention: skip (default; the block passes its input through), zero (drop the block's update of
+            --tokens only), patch (--tokens from the --source capture at the same block and step) or add
+            (--scale x the --direction tensor added to the image tokens).
+        blocks: Blocks to sweep, e.g. "double:0-5,single:10" (default: all).
+        steps: Steps at which the intervention applies, e.g. "0", "0-2" (default: all).
+        tokens: img, txt or both, for zero and patch (default both; add uses img).
+        scale: Multiplier of the direction for add (default 1).
+        source: The capture to patch from (same model, size and text length; e.g. another prompt).
+        direction: A .pt (or .safetensors) file holding one tensor of shape (D,) or (1, L, D), for add.
+        output_dir: Folder for the results (default: beside the capture, as above).
+        device: Torch device; cuda when available, else cpu. Exact replays need the capture's device.
+        weights_dir: A local directory laid out like the model's hub repo, or "hub"; as for generation.
+    """
+    from flux.decode import save_jpeg
+    from flux.store import load_capture, write_json
+
+    if intervention not in KINDS:
+        raise UsageError(f"--intervention must be one of {', '.join(KINDS)}; got {intervention!r}.")
+    if tokens is not None and tokens not in TOKENS:
+        raise UsageError(f"--tokens must be img, txt or both; got {tokens!r}.")
+    if intervention == "patch" and source is None:
+        raise UsageError(
+            "--intervention patch needs --source CAPTURE (the capture to take activations from)."
+        )
+    if intervention == "add" and direction is None:
+        raise UsageError("--intervention add needs --direction FILE (a .pt file holding one tensor).")
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--scale must be a number; got {scale!r}.") from e
+    capture, spec, flow, ae = _setup(path, device, weights_dir)
+    p = spec.params
+    num_steps = len(timesteps_of(capture)) - 1
+    plan = CapturePlan.parse(blocks, None, "both", None, p.depth, p.depth_single_blocks, num_steps)
+    chosen = [("double", i) for i in plan.double] + [("single", i) for i in plan.single]
+    step_set = parse_steps(steps, num_steps, "--steps")
+    src = load_capture(source) if source is not None else None
+    rows, reference, _ = sweep(
+        flow,
+        ae,
+        capture,
+        intervention,
+        chosen,
+        step_set,
+        tokens,
+        scale if intervention == "add" else 1.0,
+        source=src,
+        direction=load_direction(direction),
+    )
+
+    cap_path = Path(path)
+    label = (
+        intervention + (f"_{tokens}" if tokens else "") + (f"_steps{format_steps(step_set)}" if steps else "")
+    )
+    out = _new_dir(
+        Path(output_dir) if output_dir else cap_path.parent / "sweeps" / f"{_capture_stem(cap_path)}_{label}"
+    )
+    for r in rows:
+        save_jpeg(r.image, out / f"{r.stream}_block_{r.block}.jpg")
+    save_jpeg(reference, out / "unmodified.jpg")
+    write_csv(rows, out / "sweep.csv")
+    title = f"{intervention} sweep: {capture['metadata'].get('model')} (steps {format_steps(step_set)})"
+    write_chart(rows, out / "sweep.png", title)
+    save_jpeg(contact_sheet(rows, reference), out / "contact_sheet.jpg")
+    write_json(
+        out / "sweep.json",
+        _provenance(
+            path,
+            capture,
+            kind=intervention,
+            steps=format_steps(step_set),
+            tokens=tokens,
+            scale=scale,
+            source=str(Path(source).resolve()) if source else None,
+            direction=direction,
+            reference="unmodified replay on this device",
+            replay_device=str(flow.img_in.weight.device),
+            rows=[
+                {
+                    "rank": n,
+                    "intervention": r.spec,
+                    "stream": r.stream,
+                    "block": r.block,
+                    "mse": r.mse,
+                    "psnr": r.psnr,
+                    "ssim": r.ssim,
+                    "latent_mse": r.latent_mse,
+                    "image": f"{r.stream}_block_{r.block}.jpg",
+                }
+                for n, r in enumerate(rank(rows), 1)
+            ],
+        ),
+    )
+    top = ", ".join(f"{r.stream} {r.block} (mse {r.mse:.4g})" for r in rank(rows)[:5])
+    print(f"Most disruptive: {top}")
+    print(f"Sweep:    {out}")
+
+
+def replay_command(
+    path: str,
+    step: int = 0,
+    until: int | None = None,
+    intervention: str | None = None,
+    source: str | None = None,
+    direction: str | None = None,
+    output_dir: str | None = None,
+    save_capture: bool = False,
+    device: str | None = None,
+    weights_dir: str | None = None,
+) -> None:
+    """Re-run steps of a captured run from the stored latent, optionally with interventions; save the image.
+
+    Writes {capture folder}/replays/replay_{n}.jpg (next free n) and replay_{n}.json with the interventions
+    and scores against the stored final image; with --save_capture also replay_{n}.pt, a capture of the
+    replayed steps whose metadata["interventions"] lists the specs. Intervention specs:
+    KIND:STREAM:BLOCK[:TOKENS][@STEPS][*SCALE], several joined by ';', e.g. "skip:double:3@0-2",
+    "zero:single:10:img", "patch:single:10:img@all", "add:double:5@0*4.0".
+
+    Args:
+        path: A capture: a capture_*.pt file or a capture_* safetensors directory.
+        step: First step to replay (default 0: from the stored initial noise).
+        until: Last step to replay, inclusive (default: the last step). Before the last step the image is
+            the clean-image estimate of step `until`, as the lens shows it.
+        intervention: Intervention specs (see above); default none, which reproduces the stored run.
+        source: The capture to patch from, for patch.
+        direction: A .pt (or .safetensors) file holding one tensor of shape (D,) or (1, L, D), for add.
+        output_dir: Folder for the outputs (default: {capture folder}/replays).
+        save_capture: Also write a capture of the replayed steps (needs the replay to run to the last step).
+        device: Torch device; cuda when available, else cpu. Exact replays need the capture's device.
+        weights_dir: A local directory laid out like the model's hub repo, or "hub"; as for generation.
+    """
+    from flux.decode import decode_latents, save_jpeg, to_image
+    from flux.store import atomic_write, load_capture, next_free_index, publish_new, write_json
+
+    for flag, value in (("step", step), ("until", until)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UsageError(f"--{flag} must be a step index (a whole number); got {value!r}.")
+    capture, spec, flow, ae = _setup(path, device, weights_dir)
+    p, meta = spec.params, capture["metadata"]
+    num_steps = len(timesteps_of(capture)) - 1
+    if save_capture and until is not None and until != num_steps - 1:
+        raise UsageError("--save_capture needs the replay to run to the last step: leave --until out.")
+    ivs = parse_interventions(
+        intervention,
+        p.depth,
+        p.depth_single_blocks,
+        num_steps,
+        source=load_capture(source) if source is not None else None,
+        direction=load_direction(direction),
+    )
+    record = CapturePlan.everything(flow, num_steps) if save_capture else None
+    result = replay(flow, capture, step, until, ivs, record=record)
+    height, width = int(meta["height"]), int(meta["width"])
+    decoded = decode_latents(result.x0, ae, height, width)
+    image = to_unit(decoded)
+    stored = to_unit(decode_latents(capture["denoising_context"]["final_latent"], ae, height, width))
+
+    out = Path(output_dir) if output_dir else Path(path).parent / "replays"
+    out.mkdir(parents=True, exist_ok=True)
+    image_path = publish_new(
+        lambda n: out / f"replay_{n}.jpg",
+        lambda tmp: save_jpeg(to_image(decoded[0]), tmp),
+        start=next_free_index(out, "replay_", ".jpg"),
+    )
+    base = image_path.with_suffix("")
+    record_meta = _provenance(
+        path,
+        capture,
+        replayed_steps=[result.start, result.stop],
+        interventions=[iv.spec for iv in ivs],
+        source=str(Path(source).resolve()) if source else None,
+        direction=direction,
+        applied=len(result.applied),
+        image=str(image_path),
+        vs_stored_final={"mse": float(mse(image, stored)[0]), "psnr": float(psnr(image, stored)[0])},
+    )
+    if result.capture is not None:
+        capture_path = base.with_suffix(".pt")
+        result.capture["metadata"]["files"] = {"image": str(image_path), "capture": str(capture_path)}
+        atomic_write(capture_path, lambda tmp: torch.save(result.capture, tmp))
+        record_meta["capture_file"] = str(capture_path)
+        print(f"Capture:  {capture_path}")
+    write_json(base.with_suffix(".json"), record_meta)
+    print(f"Image:    {image_path}")
+    print(f"Metadata: {base.with_suffix('.json')}")
