@@ -52,12 +52,16 @@ def img_ids_for(batch: int, h: int, w: int, device: torch.device | str | None = 
 def prepare(img: Tensor, txt: Tensor, vec: Tensor) -> dict[str, Tensor]:
     """Pack a noise latent and pair it with text embeddings into the model's inputs.
 
-    img (B, 16, h, w); txt (B or 1, T, 4096) T5 tokens; vec (B or 1, 768) CLIP pooled. Text ids are zero.
-    Unlike the reference, the encoders run outside (see `flux.conditioner`), so prompts never reach here.
+    img (B or 1, 16, h, w); txt (B or 1, T, 4096) T5 tokens; vec (B or 1, 768) CLIP pooled. A batch of 1 is
+    repeated to match the other side (one noise for several prompts, or one prompt for several noises).
+    Text ids are zero. Unlike the reference, the encoders run outside (see `flux.conditioner`).
     """
-    bs, _, h, w = img.shape
+    bs = max(img.shape[0], txt.shape[0])
+    if img.shape[0] == 1 and bs > 1:
+        img = repeat(img, "1 ... -> b ...", b=bs)
     if txt.shape[0] == 1 and bs > 1:
         txt, vec = repeat(txt, "1 ... -> b ...", b=bs), repeat(vec, "1 ... -> b ...", b=bs)
+    _, _, h, w = img.shape
     return {
         "img": pack(img),
         "img_ids": img_ids_for(bs, h, w, device=img.device),

@@ -218,3 +218,10 @@ def test_metadata_records_shapes_and_paths(tiny_run):
     assert Path(data["files"]["capture"]).is_file() and Path(data["files"]["metadata"]).is_file()
     assert {"torch", "python", "transformers"} <= set(data["versions"])
     assert data["dtype"] == "float32" and data["device"] == "cpu" and data["timestamp"]
+
+
+def test_offload_gives_the_same_image(tiny_run, tmp_path):
+    # On the CPU the moves are no-ops, but the whole --offload code path runs and must not change the result.
+    base = ["--model", "flux-tiny", "--prompt", "a red cube", "--seed", "1", *SIZE]
+    assert cli(*base, "--offload", "True", "--capture", "False", "--output_dir", str(tmp_path)) == 0
+    assert (tmp_path / "img_0.jpg").read_bytes() == (tiny_run / "img_0.jpg").read_bytes()

@@ -567,3 +567,13 @@ def test_denoise_passes_timesteps_in_the_latent_dtype():
     denoise(stub, torch.zeros(1, 3, 4, dtype=torch.bfloat16), None, None, None, None, [1.0, 0.55, 0.0], 3.5)
     assert [c[0].dtype for c in stub.calls] == [torch.bfloat16] * 2
     assert stub.calls[1][0].item() == round_bf16(0.55)
+
+
+def test_prepare_repeats_a_batch_of_one_to_match_the_other_side():
+    img = torch.randn(1, 16, 4, 6)
+    txt, vec = torch.randn(3, 5, 32), torch.randn(3, 16)
+    inp = prepare(img, txt, vec)
+    assert inp["img"].shape == (3, 6, 64) and inp["img_ids"].shape == (3, 6, 3)
+    assert torch.equal(inp["img"][2], inp["img"][0]) and inp["txt_ids"].shape == (3, 5, 3)
+    inp = prepare(torch.randn(2, 16, 4, 6), txt[:1], vec[:1])
+    assert inp["txt"].shape == (2, 5, 32) and inp["vec"].shape == (2, 16)
