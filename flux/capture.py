@@ -129,19 +129,16 @@ CONTEXT_KEYS = ("img_state", "vec")
 
 @dataclass
 class StepBuffers:
-    """One step's host buffers, keyed like the shard keys, and the event that marks them complete."""
+    """One step's host buffers, keyed like the shard keys, and the event that marks them complete.
+
+    A captured step holds the context (`img_state`, `vec`) and the planned block outputs; any other step
+    holds the context only.
+    """
 
     step: int
-    buffers: dict[str, Tensor]  # the whole pooled set; only `tensors` hold data for this step
-    captured: bool  # whether the plan captures block outputs at this step
+    tensors: dict[str, Tensor]
+    captured: bool
     ready: "torch.cuda.Event | None" = None
-
-    @property
-    def tensors(self) -> dict[str, Tensor]:
-        """What this step recorded: the context, and the planned block outputs if the step is captured."""
-        if self.captured:
-            return self.buffers
-        return {k: self.buffers[k] for k in CONTEXT_KEYS}
 
     def wait(self) -> None:
         """Block until every copy into these buffers has landed (a no-op off CUDA)."""
@@ -150,33 +147,45 @@ class StepBuffers:
 
 
 class HostBufferPool:
-    """Preallocated host buffer sets, reused once released; at most `limit` exist at once (None: no limit).
+    """Host buffer sets, allocated up front and reused once released.
 
-    With a limit, `acquire` blocks until a consumer releases a set, which bounds host memory to `limit`
-    steps' worth however long the run is.
+    Full sets (context and block outputs) number at most `limit` (None: no limit); with a limit `acquire`
+    blocks until a consumer releases one, which bounds host memory to `limit` steps however long the run.
+    Steps the plan does not capture get small context-only sets. On CUDA the buffers are pinned, so copies
+    into them are asynchronous; allocate them with `preallocate` before sampling, as pinning is slow.
     """
 
     def __init__(
         self, shapes: dict[str, tuple], dtypes: dict[str, torch.dtype], pin: bool, limit: int | None = None
     ):
         self.shapes, self.dtypes, self.pin, self.limit = shapes, dtypes, pin, limit
-        self.free: queue.Queue[dict[str, Tensor]] = queue.Queue()
-        self.allocated = 0
+        self.free = {True: queue.Queue(), False: queue.Queue()}  # captured (full) sets, context-only sets
+        self.allocated = 0  # full sets
         self.lock = threading.Lock()
 
-    def acquire(self) -> dict[str, Tensor]:
+    def _new(self, full: bool) -> dict[str, Tensor]:
+        keys = self.shapes if full else CONTEXT_KEYS
+        return {k: torch.empty(self.shapes[k], dtype=self.dtypes[k], pin_memory=self.pin) for k in keys}
+
+    def preallocate(self, full: int, context: int = 0) -> None:
+        """Allocate sets now, outside the sampling loop."""
+        for _ in range(full if self.limit is None else min(full, self.limit - self.allocated)):
+            self.allocated += 1
+            self.free[True].put(self._new(True))
+        for _ in range(context):
+            self.free[False].put(self._new(False))
+
+    def acquire(self, captured: bool = True) -> dict[str, Tensor]:
+        if not captured:
+            return self._new(False) if self.free[False].empty() else self.free[False].get()
         with self.lock:
-            grow = self.free.empty() and (self.limit is None or self.allocated < self.limit)
+            grow = self.free[True].empty() and (self.limit is None or self.allocated < self.limit)
             if grow:
                 self.allocated += 1
-        if grow:
-            return {
-                k: torch.empty(s, dtype=self.dtypes[k], pin_memory=self.pin) for k, s in self.shapes.items()
-            }
-        return self.free.get()
+        return self._new(True) if grow else self.free[True].get()
 
     def release(self, tensors: dict[str, Tensor]) -> None:
-        self.free.put(tensors)
+        self.free[len(tensors) > len(CONTEXT_KEYS)].put(tensors)
 
 
 @dataclass
@@ -232,8 +241,8 @@ class BlockCapture:
 
     def _copy(self, key: str, value: Tensor) -> None:
         step = self.current
-        if step is not None and (step.captured or key in CONTEXT_KEYS) and key in step.buffers:
-            step.buffers[key].copy_(value, non_blocking=True)
+        if step is not None and key in step.tensors:
+            step.tensors[key].copy_(value, non_blocking=True)
 
     def _double_hook(self, i: int):
         def hook(_module, _args, output):
@@ -257,7 +266,8 @@ class BlockCapture:
         self._copy("vec", args[1])
 
     def begin_step(self, step: int, img_state: Tensor) -> None:
-        self.current = StepBuffers(step, self.pool.acquire(), captured=step in self._captured_steps)
+        captured = step in self._captured_steps
+        self.current = StepBuffers(step, self.pool.acquire(captured), captured)
         self._copy("img_state", img_state)
 
     def end_step(self) -> StepBuffers:

@@ -128,14 +128,7 @@ class RunOptions:
             raise UsageError(
                 f"--decode_target must be one of {', '.join(DECODE_TARGETS)}; got {self.decode_target!r}."
             )
-        if self.device is None:
-            self.device = default_device()
-        try:
-            device = torch.device(self.device)
-        except (RuntimeError, TypeError) as e:
-            raise UsageError(f"--device {self.device!r} is not a device (use cpu, cuda or cuda:N).") from e
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for, but no CUDA GPU is visible. Use --device cpu.")
+        self.device = str(check_device(self.device))
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise UsageError(f"--output_dir must be a folder path; got {self.output_dir!r}.")
         self._check_output_dir(Path(self.output_dir))
@@ -195,6 +188,17 @@ class RunOptions:
         itemsize = (plan.dtype or compute_dtype(self.spec, torch.device(self.device))).itemsize
         per_step = plan.bytes_per_step(1, txt_len, img_len, self.spec.params.hidden_size, itemsize)
         return per_step * len(plan.steps)
+
+
+def check_device(name: str | None) -> torch.device:
+    """The torch device named by --device (default: cuda when available, else cpu); UsageError if bad."""
+    try:
+        device = torch.device(name if name is not None else default_device())
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"--device {name!r} is not a device (use cpu, cuda or cuda:N).") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but no CUDA GPU is visible. Use --device cpu.")
+    return device
 
 
 def os_access_writable(path: Path) -> bool:
@@ -287,6 +291,7 @@ class CaptureSession:
         img_len: int,
         dtype: torch.dtype,
         metadata: dict,
+        num_steps: int,
     ) -> "CaptureSession":
         """Prepare a capture into `path` (a `.pt` file, or a directory created here for safetensors)."""
         device = next(flow.parameters()).device
@@ -294,6 +299,9 @@ class CaptureSession:
         streaming = fmt == "safetensors"
         limit = STREAMING_BUFFERED_STEPS if streaming else None
         pool = HostBufferPool(shapes, dtypes, pin=device.type == "cuda", limit=limit)
+        # Pinning host memory is slow: do all of it before the first step, not inside the sampling loop.
+        captured = len(plan.steps)
+        pool.preallocate(full=captured if limit is None else limit, context=num_steps - captured)
         if streaming:
             path.mkdir()
             sink = SafetensorsSink(path, pool, metadata)
@@ -418,51 +426,72 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
             },
             files={"capture": str(path), "metadata": str(metadata_path_for(stem, inter_dir))},
         )
-        session = CaptureSession.open(models.flow, plan, opts.format, path, txt_len, img_len, dtype, metadata)
+        session = CaptureSession.open(
+            models.flow, plan, opts.format, path, txt_len, img_len, dtype, metadata, opts.num_steps
+        )
 
     if models.offload:
         models.flow.to(device)
     start = time.perf_counter()
+    # Until the capture is complete, any exception (Ctrl-C, SIGTERM, a full disk while writing the image or
+    # the capture) stops the writer, leaves what reached the disk valid and says what it is; the capture's
+    # name is freed whatever happens. Then the exception propagates.
+    finished = False
     try:
-        latent = sample(
-            models.flow, inp, timesteps, opts.guidance, session, f"sampling {spec.name}" * progress
+        try:
+            latent = sample(
+                models.flow, inp, timesteps, opts.guidance, session, f"sampling {spec.name}" * progress
+            )
+        finally:
+            if models.offload:
+                models.flow.cpu()
+                _empty_cache(device)
+        timings["sampling_s"] = time.perf_counter() - start
+
+        image = models.decode(latent, opts.height, opts.width)
+        image_path = publish_new(
+            lambda n: out_dir / f"img_{n}.jpg",
+            lambda tmp: save_jpeg(to_image(image[0]), tmp),
+            start=next_image_index(out_dir),
         )
-    except BaseException:
+        metadata.setdefault("files", {})["image"] = str(image_path)
+        result = RunResult(image_path, None, None, metadata, image, timings=timings)
         if session is not None:
-            _report_interrupted(session, context, metadata, inter_dir, stem)
+            context["final_latent"] = latent.cpu()
+            start = time.perf_counter()
+            result.capture_path = session.sink.finish(context, metadata)
+            finished = True
+            timings["save_capture_s"] = time.perf_counter() - start
+            meta_path = metadata_path_for(stem, inter_dir)
+            result.metadata_path = write_json(meta_path, {**metadata, "complete": True})
+    except BaseException as e:
+        if session is not None and not finished:
+            _report_interrupted(session, context, metadata, inter_dir, stem, e)
         raise
     finally:
-        if models.offload:
-            models.flow.cpu()
-            _empty_cache(device)
-    timings["sampling_s"] = time.perf_counter() - start
-
-    image = models.decode(latent, opts.height, opts.width)
-    image_path = publish_new(
-        lambda n: out_dir / f"img_{n}.jpg",
-        lambda tmp: save_jpeg(to_image(image[0]), tmp),
-        start=next_image_index(out_dir),
-    )
-    metadata.setdefault("files", {})["image"] = str(image_path)
-    result = RunResult(image_path, None, None, metadata, image, timings=timings)
+        if stem is not None:
+            release_stem(inter_dir, stem)
     if session is None:
         models.offload_decoder()
         return result
 
-    context["final_latent"] = latent.cpu()
-    start = time.perf_counter()
-    result.capture_path = session.sink.finish(context, metadata)
-    timings["save_capture_s"] = time.perf_counter() - start
-    result.metadata_path = write_json(metadata_path_for(stem, inter_dir), {**metadata, "complete": True})
-    release_stem(inter_dir, stem)
     if opts.should_decode_intermediates:
         result.decoded_dir = inter_dir / "decoded" / stem
         start = time.perf_counter()
-        report = decode_saved(
-            result.capture_path, models.flow.final_layer, models.ae, result.decoded_dir,
-            target=opts.decode_target, device=device, batch_size=opts.decode_batch_size,
-            compile=opts.compile_decoder, progress=progress,
-        )  # fmt: skip
+        try:
+            report = decode_saved(
+                result.capture_path, models.flow.final_layer, models.ae, result.decoded_dir,
+                target=opts.decode_target, device=device, batch_size=opts.decode_batch_size,
+                compile=opts.compile_decoder, progress=progress,
+            )  # fmt: skip
+        except BaseException as e:  # the run's outputs are complete; only the lens is partial
+            print(
+                f"\n{_stopped(e)} while decoding the lens. Saved and complete: the image {image_path}, the "
+                f"capture {result.capture_path} and its metadata {result.metadata_path}. "
+                f"{result.decoded_dir} holds only the JPEGs finished so far; decode again with "
+                f"`capture_sample.py decode {result.capture_path}`."
+            )
+            raise
         timings["lens_compile_s"] = report.compile_seconds
         timings["lens_decode_s"] = report.decode_seconds
         timings["lens_images"] = report.n_images
@@ -497,14 +526,34 @@ def run_metadata(
     }
 
 
-def _report_interrupted(session: CaptureSession, context: dict, metadata: dict, folder: Path, stem: str):
-    saved = session.sink.abort(context)
+def _stopped(error: BaseException) -> str:
+    """How a run ended early: "Interrupted" only for Ctrl-C or SIGTERM, never for an error (a full disk)."""
+    if isinstance(error, KeyboardInterrupt):
+        return "Interrupted"
+    return f"Stopped by an error ({type(error).__name__})"
+
+
+def _report_interrupted(
+    session: CaptureSession, context: dict, metadata: dict, folder: Path, stem: str, error: BaseException
+) -> None:
+    """Stop the sink, keeping what reached the disk valid, and say what was saved; the caller re-raises."""
+    why = _stopped(error)
+    try:
+        saved = session.sink.abort(context)
+        if isinstance(session.sink, SafetensorsSink):
+            write_json(metadata_path_for(stem, folder), {**metadata, "complete": False, "steps_done": saved})
+    except Exception as e:  # e.g. the disk is still full; the original error is the one raised
+        print(
+            f"\n{why}. Could not finish the partial capture in {session.path} ({e}); "
+            "the steps its index.json lists are complete."
+            if isinstance(session.sink, SafetensorsSink)
+            else f"\n{why}. No .pt capture was saved."
+        )
+        return
     if isinstance(session.sink, SafetensorsSink):
-        write_json(metadata_path_for(stem, folder), {**metadata, "complete": False, "steps_done": saved})
-        print(f"\nInterrupted: steps {saved} are saved in {session.path} (index marked incomplete).")
+        print(f"\n{why}: steps {saved} are saved in {session.path} (index marked incomplete).")
     else:
-        print("\nInterrupted: a .pt capture is written only at the end, so none was saved.")
-    release_stem(folder, stem)
+        print(f"\n{why}: a .pt capture is written only at the end, so none was saved.")
 
 
 def decode_saved(
@@ -563,12 +612,22 @@ def decode_later(
     from flux.loading import resolve_flow_path
     from flux.store import load_capture
 
+    # Check every value before reading or writing anything (exit code 2, no output folder).
     if target not in DECODE_TARGETS:
         raise UsageError(f"--decode_target must be one of {', '.join(DECODE_TARGETS)}; got {target!r}.")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise UsageError(f"--decode_batch_size must be a whole number >= 1; got {batch_size!r}.")
+    device = check_device(device)
     capture_path = Path(capture_path)
+    if not capture_path.exists():
+        raise UsageError(
+            f"PATH {str(capture_path)!r} does not exist: pass a .pt capture file or a safetensors capture "
+            "directory (output/intermediates/capture_...)."
+        )
     meta = load_capture(capture_path)["metadata"]
     spec = get_spec(meta["model"])
-    device = torch.device(device or default_device())
     dtype = compute_dtype(spec, device)
     final_layer = load_final_layer(resolve_flow_path(spec, weights_dir), spec.params, device, dtype)
     ae = load_ae(spec, device, weights_dir=weights_dir)

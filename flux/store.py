@@ -25,37 +25,73 @@ from flux.capture import HostBufferPool, StepBuffers
 from flux.errors import UserError
 
 SCHEMA_VERSION = 1
+CAPTURE_KEYS = frozenset({"double_blocks", "single_blocks", "denoising_context", "metadata"})
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _disk_full(path: Path, needed: int | None, err: OSError) -> UserError:
-    need = f" about {needed / 1e9:.2f} GB is needed," if needed else ""
+def _size(n: float) -> str:
+    """Bytes as a short human figure: 2.00 GB, 12.3 MB, 4.6 kB (a tiny shard is not "0.00 GB")."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "GB" else f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """Whether `err` (or an error it was raised from) is a full disk or quota.
+
+    Writers report it differently: Python I/O raises OSError(ENOSPC); torch.save raises a RuntimeError
+    ("unexpected pos ...") whose __context__ is the OSError of the file it wrote to; safetensors raises a
+    SafetensorError whose message ends with "(os error 28)".
+    """
+    codes = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in codes:
+            return True
+        if any(f"(os error {code})" in str(err) for code in codes):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _disk_full(path: Path, needed: int | None) -> UserError:
+    need = f" about {_size(needed)} is needed," if needed else ""
     free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
     return UserError(
-        f"The disk holding {str(path.parent)!r} is full ({err.strerror}):{need} {free / 1e9:.2f} GB is "
-        "free. Nothing half-written was left behind; free some space or choose another --output_dir."
+        f"The disk holding {str(path.parent)!r} is full (or over quota):{need} {_size(free)} is free. "
+        "Nothing half-written was left behind; free some space or choose another --output_dir."
     )
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], needed: int | None = None) -> Path:
-    """Call write(tmp) on a temporary name beside `path`, then rename it to `path` (replacing it)."""
+    """Call write(tmp) on a temporary name beside `path`, then rename it to `path` (replacing it).
+
+    A full disk becomes a UserError naming the folder and `needed` bytes, whatever the writer raised.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise _disk_full(path, needed, e) from e
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        if not isinstance(e, UserError) and _is_disk_full(e):
+            raise _disk_full(path, needed) from e
         raise
     return path
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text), needed=len(text.encode()))
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file, so that a full disk surfaces as OSError(ENOSPC) in the error
+    chain (given a path, torch's C++ writer reports only "unexpected pos ...", with no errno)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def publish_new(path_for: Callable[[int], Path], write: Callable[[Path], None], start: int = 0) -> Path:
@@ -77,8 +113,8 @@ def publish_new(path_for: Callable[[int], Path], write: Callable[[Path], None], 
             except FileExistsError:
                 n += 1
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise _disk_full(first, None, e) from e
+        if _is_disk_full(e):
+            raise _disk_full(first, None) from e
         raise
     finally:
         tmp.unlink(missing_ok=True)
@@ -187,6 +223,10 @@ def assemble(steps: list[StepBuffers], context: dict, metadata: dict) -> dict[st
 
 
 # ---------------------------------------------------------------------------------------------- sinks
+def _nbytes(tensors: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 class PtSink:
     """Keeps every step in host memory and writes one `.pt` at the end (fine for small runs)."""
 
@@ -201,7 +241,7 @@ class PtSink:
         for step in self.steps:
             step.wait()
         capture = assemble(self.steps, context, metadata)
-        return atomic_write(self.path, lambda tmp: torch.save(capture, tmp), needed=self.estimated_bytes)
+        return atomic_write(self.path, lambda tmp: torch_save(capture, tmp), needed=self.estimated_bytes)
 
     def abort(self, context: dict | None = None) -> list[int]:
         """Nothing was written; a .pt is all or nothing."""
@@ -246,12 +286,12 @@ class SafetensorsSink:
             except BaseException as e:  # reported to the sampling thread at its next call
                 self.error = e
             finally:
-                self.pool.release(step.buffers)
+                self.pool.release(step.tensors)
 
     def _write_step(self, step: StepBuffers) -> None:
         step.wait()
         tensors = step.tensors
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        nbytes = _nbytes(tensors)
         start = time.perf_counter()
         atomic_write(
             self.dir / f"step_{step.step:04d}.safetensors", lambda tmp: save_file(tensors, tmp), nbytes
@@ -280,7 +320,7 @@ class SafetensorsSink:
         self._drain()
         self._raise_if_failed()
         tensors = {k: v.contiguous() for k, v in context.items() if isinstance(v, Tensor)}
-        atomic_write(self.dir / "context.safetensors", lambda tmp: save_file(tensors, tmp))
+        atomic_write(self.dir / "context.safetensors", lambda tmp: save_file(tensors, tmp), _nbytes(tensors))
         self.index["metadata"] = metadata
         self.index["context"] = {k: v for k, v in context.items() if not isinstance(v, Tensor)}
         self.index["complete"] = True
@@ -292,7 +332,9 @@ class SafetensorsSink:
         self._drain()
         if context:
             tensors = {k: v.contiguous() for k, v in context.items() if isinstance(v, Tensor)}
-            atomic_write(self.dir / "context.safetensors", lambda tmp: save_file(tensors, tmp))
+            atomic_write(
+                self.dir / "context.safetensors", lambda tmp: save_file(tensors, tmp), _nbytes(tensors)
+            )
             self.index["context"] = {k: v for k, v in context.items() if not isinstance(v, Tensor)}
         self._write_index()
         return list(self.index["steps_done"])
@@ -301,7 +343,7 @@ class SafetensorsSink:
 # -------------------------------------------------------------------------------------------- loading
 def _load_pt(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        capture = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "pickle" in str(e).lower():
             raise UserError(
@@ -313,6 +355,13 @@ def _load_pt(path: Path) -> dict:
             f"Could not read the capture {str(path)!r} ({type(e).__name__}: {e}). It is corrupt or "
             "truncated (was the run interrupted while writing?)."
         ) from e
+    if not isinstance(capture, dict) or not capture.keys() >= CAPTURE_KEYS:
+        found = sorted(map(str, capture)) if isinstance(capture, dict) else type(capture).__name__
+        raise UserError(
+            f"{str(path)!r} is a torch file but not a capture: expected a dict with keys "
+            f"{sorted(CAPTURE_KEYS)}, found {found}."
+        )
+    return capture
 
 
 class _Shards:
@@ -336,28 +385,33 @@ def _load_dir(directory: Path) -> dict:
     index_path = directory / "index.json"
     try:
         index = json.loads(index_path.read_text())
-        meta = index["metadata"]
+        version = index.get("schema_version")
+        done, complete = sorted(index["steps_done"]), bool(index["complete"])
+        ctx: dict[str, Any] = dict(index.get("context", {}))
+        meta = dict(index["metadata"], complete=complete, steps_done=done)
+        # Touch every key used below now, so a damaged index is one clear error, not a KeyError later.
+        meta["captured_blocks"]["double"], meta["captured_blocks"]["single"], list(meta["captured_steps"])
     except FileNotFoundError as e:
         raise UserError(f"{str(directory)!r} is not a capture directory: it has no index.json.") from e
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"The capture index {str(index_path)!r} is corrupt ({e}).") from e
-    if index.get("schema_version") != SCHEMA_VERSION:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # ValueError: bad JSON or UTF-8
+        raise UserError(f"The capture index {str(index_path)!r} is corrupt ({type(e).__name__}: {e}).") from e
+    if version != SCHEMA_VERSION:
         raise UserError(
-            f"{str(index_path)!r} has schema version {index.get('schema_version')}; this tool reads "
-            f"version {SCHEMA_VERSION}."
+            f"{str(index_path)!r} has schema version {version}; this tool reads version {SCHEMA_VERSION}."
         )
     shards = _Shards(directory)
-    done = sorted(index["steps_done"])
-    meta = dict(meta, complete=index["complete"], steps_done=done)
-    if not index["complete"]:
+    if not complete:
         # An interrupted run: expose only the captured steps that reached the disk.
         meta["captured_steps"] = [k for k in meta["captured_steps"] if k in done]
     double, single = nest_blocks(meta, lambda k, key: shards.get(f"step_{k:04d}.safetensors", key), lazy=True)
-    ctx: dict[str, Any] = dict(index.get("context", {}))
-    if (directory / "context.safetensors").exists():
-        with safe_open(str(directory / "context.safetensors"), framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                ctx[key] = f.get_tensor(key)
+    context_path = directory / "context.safetensors"
+    if context_path.exists():
+        try:
+            with safe_open(str(context_path), framework="pt", device="cpu") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    ctx[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"Could not read {str(context_path)!r}: {e}. The file is corrupt.") from e
     ctx["img_state"] = LazyList(
         len(done), lambda i: shards.get(f"step_{done[i]:04d}.safetensors", "img_state")
     )
