@@ -148,6 +148,10 @@ class RunOptions:
         if self.compile_decoder is not None and not isinstance(self.compile_decoder, bool):
             raise UsageError(f"--compile_decoder is a switch; got {self.compile_decoder!r}.")
         self.plan()  # parses --blocks/--steps/--streams/--capture_dtype
+        if self.analyze:
+            from flux.analysis import check_extra
+
+            check_extra()  # before a long run, not after it
         return self
 
     @staticmethod
