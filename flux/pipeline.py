@@ -331,8 +331,9 @@ def sample(
 ) -> Tensor:
     """Run the sampler on prepared inputs, capturing through `session` if given; returns the final latent.
 
-    The hooks exist only inside this call. On any exception (Ctrl-C included) the session's sink is
-    aborted (finished safetensors steps stay readable) before the exception propagates.
+    The hooks exist only inside this call and are removed even when it raises (Ctrl-C included). What
+    happens to a half-finished capture is the caller's choice: `generate` calls `session.sink.abort`, which
+    keeps the finished safetensors steps readable and marks the index incomplete.
     """
     args = {k: inp[k] for k in ("img", "img_ids", "txt", "txt_ids", "vec")}
     desc = progress if isinstance(progress, str) else "sampling"
