@@ -108,6 +108,9 @@ def main(
         force=force,
         should_decode_intermediates=should_decode_intermediates,
         decode_target=decode_target,
+        decode_batch_size=decode_batch_size,
+        compile_decoder=compile_decoder,
+        analyze=analyze,
         weights_dir=weights_dir,
     ).validate()
     for warning in opts.warnings:

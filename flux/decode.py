@@ -12,9 +12,9 @@ unpacked and run through the VAE decoder in batches sized to the free device mem
 encodes and writes the JPEGs of the previous batch.
 """
 
+import io
 import math
 import os
-import secrets
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +34,7 @@ from flux.errors import UserError
 from flux.layers import LastLayer
 from flux.model import FluxParams
 from flux.sampling import latent_size, unpack
+from flux.store import atomic_write
 
 TARGETS = ("x0", "next")
 STREAMS = ("double", "single")
@@ -165,15 +166,14 @@ def to_image(x: Tensor) -> Image.Image:
 
 
 def save_jpeg(img: Image.Image, path: str | Path) -> None:
-    """JPEG at quality 95 without chroma subsampling, written atomically (temp file, then os.replace)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        img.save(tmp, format="JPEG", quality=95, subsampling=0)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """JPEG at quality 95 without chroma subsampling, written atomically (temp file, then os.replace).
+
+    Encoded in memory first, so a full disk is reported (by atomic_write) with the bytes it needed.
+    """
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95, subsampling=0)
+    data = buf.getvalue()
+    atomic_write(Path(path), lambda tmp: tmp.write_bytes(data), needed=len(data))
 
 
 def decoder_bytes_per_image(params: AutoEncoderParams, height: int, width: int) -> int:

@@ -1,0 +1,661 @@
+"""Reliability and safety (issue 7) on flux-tiny, CPU: atomic files, interrupts, a full disk, concurrent runs,
+untrusted files, bad values and determinism.
+
+Faults are injected in-process: a write stores half its bytes, then fails with ENOSPC the way each writer
+really reports a full disk. Interrupts and races use real `capture_sample.py` subprocesses; they are all
+started when this module begins, so their ~20 s of importing overlaps, and their tests come first so the
+long-running ones are stopped early.
+"""
+
+import ast
+import errno
+import inspect
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import capture_sample  # noqa: E402
+import flux.store  # noqa: E402
+from flux import load_capture  # noqa: E402
+from flux.configs import TINY_PARAMS, get_spec  # noqa: E402
+from flux.errors import UserError  # noqa: E402
+from flux.pipeline import STREAMING_BUFFERED_STEPS, RunOptions, generate, load_models  # noqa: E402
+from flux.store import claim_stem  # noqa: E402
+from flux.tiny import ensure_tiny_repo  # noqa: E402
+
+TINY = ["--model", "flux-tiny", "--prompt", "a red cube", "--width", "64", "--height", "48"]
+N_BLOCKS = 2 + 3  # flux-tiny: 2 double-stream and 3 single-stream blocks
+STARTUP_S = 240  # a subprocess imports torch and transformers first: ~20 s alone, much more on a busy machine
+STOP_S = 60  # from the signal to the exit, including writing what was queued and interpreter shutdown
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def cli(*args: str) -> int:
+    return capture_sample.run([*args, "--progress", "False"])
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Temporary files and capture-name claims: none may outlive a run, however it ended."""
+    return [p for p in folder.rglob("*") if ".tmp-" in p.name or p.name.endswith(".claim")]
+
+
+def flatten(obj, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """(path, leaf) for every tensor and plain value of a capture, reading lazy lists item by item."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from flatten(value, f"{prefix}/{key}")
+    elif isinstance(obj, Sequence) and not isinstance(obj, str):
+        for i, value in enumerate(obj):
+            yield from flatten(value, f"{prefix}/{i}")
+    else:
+        yield prefix, obj
+
+
+def assert_readable(folder: Path) -> None:
+    """Everything a reader can see under `folder` is complete: JPEGs decode to the last pixel, JSON parses,
+    captures load and every tensor in them can be read."""
+    for p in folder.rglob("*"):
+        if p.name.startswith("."):
+            continue
+        if p.suffix == ".jpg":
+            with Image.open(p) as img:
+                img.load()
+        elif p.suffix == ".json":
+            json.loads(p.read_text())
+        elif p.suffix == ".pt" or (p / "index.json").is_file():
+            for _ in flatten(load_capture(p)):
+                pass
+
+
+def snapshot(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def only(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.glob(pattern))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def error_line(err: str) -> str:
+    """The CLI's last stderr line, which must be its one-paragraph error; no traceback may precede it."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), err
+    return lines[-1]
+
+
+def options(out: Path, **overrides) -> RunOptions:
+    kw = dict(model="flux-tiny", prompt="a red cube", width=64, height=48, seed=1, device="cpu")
+    kw.update(output_dir=str(out), should_decode_intermediates=False)
+    kw.update(overrides)
+    return RunOptions(**kw).validate()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load_models(get_spec("flux-tiny"), "cpu")
+
+
+@pytest.fixture(scope="module")
+def earlier(models, tmp_path_factory) -> Path:
+    """A finished run with the lens (seed 1, 4 steps, .pt): the earlier outputs faults must not touch."""
+    out = tmp_path_factory.mktemp("earlier")
+    generate(models, options(out, should_decode_intermediates=True), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def st_capture(models, tmp_path_factory) -> Path:
+    """A finished safetensors capture of 2 steps, to damage copies of."""
+    out = tmp_path_factory.mktemp("st")
+    return generate(models, options(out, format="safetensors", num_steps=2), progress=False).capture_path
+
+
+# ------------------------------------------------------------------------------------------ subprocesses
+class Run:
+    """`capture_sample.py ARGS` in a subprocess, its stdout and stderr going to files that tests poll."""
+
+    def __init__(self, folder: Path, args: list[str], out: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.out, self.stdout, self.stderr = out, folder / "stdout.txt", folder / "stderr.txt"
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        with self.stdout.open("w") as so, self.stderr.open("w") as se:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "capture_sample.py"), *args, "--output_dir", str(out)],
+                cwd=ROOT, stdout=so, stderr=se, env=env, start_new_session=True,
+                # Python turns SIGINT into KeyboardInterrupt only if it is not ignored when it starts.
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            )  # fmt: skip
+
+    def output(self) -> str:
+        return self.stdout.read_text() + self.stderr.read_text()
+
+    def wait_until(self, ready, what: str):
+        """Poll ready() until it returns something truthy; fail if the run ends or takes too long first."""
+        deadline = time.monotonic() + STARTUP_S
+        while time.monotonic() < deadline:
+            if value := ready():
+                return value
+            if self.proc.poll() is not None:
+                pytest.fail(f"the run ended (rc {self.proc.returncode}) before {what}:\n{self.output()}")
+            time.sleep(0.05)
+        pytest.fail(f"no {what} after {STARTUP_S} s:\n{self.output()}")
+
+    def stop(self, sig: int) -> tuple[int, float]:
+        """Send `sig`; return the exit code and the seconds the run took to exit."""
+        start = time.monotonic()
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=STOP_S)
+        return rc, time.monotonic() - start
+
+    def finish(self) -> int:
+        return self.proc.wait(timeout=STARTUP_S)
+
+
+LONG = [*TINY, "--seed", "1", "--num_steps", "1000", "--should_decode_intermediates", "False"]
+# The lens over 12 steps at 256 x 256: ~60 images at ~1 s each on a CPU, slow enough to interrupt; batches
+# of 2, so the first JPEGs come early. Its test comes first, before the lens can end on its own.
+LENS = [*TINY[:4], "--width", "256", "--height", "256", "--seed", "1", "--num_steps", "12",
+        "--decode_batch_size", "2"]  # fmt: skip
+SUBPROCESS_RUNS = {  # test name -> {run name: args}
+    "test_interrupt_during_sampling[safetensors-SIGINT]": {"run": [*LONG, "--format", "safetensors"]},
+    "test_interrupt_during_sampling[safetensors-SIGTERM]": {"run": [*LONG, "--format", "safetensors"]},
+    "test_interrupt_during_sampling[pt-SIGINT]": {"run": LONG},
+    "test_interrupt_during_the_lens_leaves_only_complete_jpegs": {"run": LENS},
+    "test_two_runs_in_one_folder_at_once_keep_their_own_files": {
+        "a": [*TINY, "--seed", "1", "--num_steps", "2"],
+        "b": [*TINY, "--seed", "2", "--num_steps", "2"],
+    },
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subprocess_runs(request, tmp_path_factory) -> Iterator[dict[str, dict[str, Run]]]:
+    """Start every selected subprocess run at once, before any test; kill what is left at the end."""
+    selected = {item.name for item in request.session.items if item.module is request.module}
+    wanted = [name for name in SUBPROCESS_RUNS if name in selected]
+    runs: dict[str, dict[str, Run]] = {}
+    if wanted:
+        ensure_tiny_repo()  # generate flux-tiny once here rather than in every subprocess at once
+    for name in wanted:
+        folder = tmp_path_factory.mktemp("subprocess")
+        shared = folder / "out"  # the runs of one test share an output folder
+        runs[name] = {key: Run(folder / key, args, shared) for key, args in SUBPROCESS_RUNS[name].items()}
+    yield runs
+    for group in runs.values():
+        for run in group.values():
+            if run.proc.poll() is None:
+                run.proc.kill()
+                run.proc.wait()
+
+
+def _steps_on_disk(out: Path) -> list[int] | None:
+    for index in (out / "intermediates").glob("capture_*/index.json"):
+        return json.loads(index.read_text())["steps_done"]
+    return None
+
+
+def _sampling_progress(run: Run) -> int:
+    done = re.findall(r"sampling flux-tiny:[^\r\n]*?(\d+)/1000", run.stderr.read_text())
+    return max(map(int, done), default=0)
+
+
+def test_interrupt_during_the_lens_leaves_only_complete_jpegs(subprocess_runs, request):
+    run = subprocess_runs[request.node.name]["run"]
+    decoded = run.out / "intermediates" / "decoded"
+
+    def some_jpegs():
+        return [p for p in decoded.glob("*/*.jpg") if not p.name.startswith(".")]
+
+    run.wait_until(some_jpegs, "a lens JPEG")
+    rc, _ = run.stop(signal.SIGINT)
+    output = run.output()
+    assert rc == 130, output
+    jpegs = some_jpegs()
+    assert 1 <= len(jpegs) < 12 * N_BLOCKS and not list(decoded.glob("*/grid_*.jpg"))  # stopped midway
+    for p in jpegs:
+        with Image.open(p) as img:
+            img.load()
+            assert img.size == (256, 256)
+    assert leftovers(run.out) == []
+    # The run's own outputs were complete before the lens began, and the message says where they are.
+    capture = only(run.out / "intermediates", "capture_*.pt")
+    assert "while decoding the lens" in output and str(capture) in output
+    assert json.loads(only(run.out / "intermediates", "metadata_*.json").read_text())["complete"] is True
+    assert_readable(run.out)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "sig", "rc_expected"),
+    [
+        pytest.param("safetensors", signal.SIGINT, 130, id="safetensors-SIGINT"),
+        pytest.param("safetensors", signal.SIGTERM, 143, id="safetensors-SIGTERM"),
+        pytest.param("pt", signal.SIGINT, 130, id="pt-SIGINT"),
+    ],
+)
+def test_interrupt_during_sampling(subprocess_runs, request, fmt, sig, rc_expected):
+    run = subprocess_runs[request.node.name]["run"]
+    inter = run.out / "intermediates"
+    if fmt == "safetensors":
+        run.wait_until(lambda: len(_steps_on_disk(run.out) or []) >= 2, "2 steps on disk")
+        seen = len(_steps_on_disk(run.out))
+    else:
+        run.wait_until(lambda: _sampling_progress(run) >= 2, "2 sampling steps done")
+    rc, seconds = run.stop(sig)
+    output = run.output()
+    assert rc == rc_expected, output
+    assert seconds < STOP_S
+    assert leftovers(run.out) == []
+    assert not list(run.out.glob("img_*.jpg"))  # the image comes after sampling
+
+    if fmt == "pt":
+        assert "none was saved" in output and "Interrupted" in output
+        assert not list(inter.glob("*.pt")) and not list(inter.glob("metadata_*.json"))
+        return
+
+    directory = only(inter, "capture_*_flux-tiny")
+    assert f"saved in {directory}" in output and "incomplete" in output and "Interrupted" in output
+    capture = load_capture(directory)
+    meta = capture["metadata"]
+    done = meta["steps_done"]
+    # Stopped within a step: at most the steps already computed into the writer's buffers were added.
+    assert seen <= len(done) <= seen + STREAMING_BUFFERED_STEPS + 1 and len(done) < 1000
+    assert meta["complete"] is False and done == list(range(len(done))) and meta["captured_steps"] == done
+    assert json.loads(only(inter, "metadata_*.json").read_text())["complete"] is False
+    for entries in capture["single_blocks"].values():
+        assert len(entries) == len(done) and all(x.shape == (1, 32 + 12, 64) for x in entries)
+    for entries in capture["double_blocks"].values():
+        assert all(img.shape == (1, 12, 64) and txt.shape == (1, 32, 64) for img, txt in entries)
+    ctx = capture["denoising_context"]
+    assert len(ctx["img_state"]) == len(ctx["vec"]) == len(done)
+    assert ctx["txt"].shape == (1, 32, TINY_PARAMS.context_in_dim)  # the context is saved on the way out
+    assert ctx["y"].shape == (1, TINY_PARAMS.vec_in_dim)
+
+
+def test_two_runs_in_one_folder_at_once_keep_their_own_files(subprocess_runs, request):
+    runs = subprocess_runs[request.node.name]
+    for run in runs.values():
+        assert run.finish() == 0, run.output()
+    out = runs["a"].out
+    inter = out / "intermediates"
+    assert sorted(p.name for p in out.glob("img_*.jpg")) == ["img_0.jpg", "img_1.jpg"]
+    metas = [json.loads(p.read_text()) for p in sorted(inter.glob("metadata_*.json"))]
+    assert len(metas) == 2 and len(list(inter.glob("capture_*.pt"))) == 2
+    assert {m["seed"] for m in metas} == {1, 2}
+    assert {m["files"]["image"] for m in metas} == {str(out / "img_0.jpg"), str(out / "img_1.jpg")}
+    for m in metas:  # each metadata file names its own capture, which holds that run's seed
+        assert load_capture(m["files"]["capture"])["metadata"]["seed"] == m["seed"]
+    decoded = sorted((inter / "decoded").iterdir())
+    assert len(decoded) == 2
+    for folder in decoded:
+        assert len(list(folder.glob("*_block_*_step_*.jpg"))) == 2 * N_BLOCKS
+        assert len(list(folder.glob("grid_*.jpg"))) == 2
+    assert leftovers(out) == []
+    assert_readable(out)
+
+
+# ------------------------------------------------------------------------------- faults while writing
+class FullDisk(io.FileIO):
+    """A real file that takes `room` bytes and then fails like a full disk: a short write, then ENOSPC."""
+
+    def __init__(self, path, mode: str, room: int):
+        super().__init__(path, mode)
+        self.room = room
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        if len(data) > self.room:
+            super().write(data[: self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return super().write(data)
+
+
+def _enospc() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _half_then_full(real, match: str):
+    """Path.write_text/write_bytes that, for a file whose name contains `match`, writes half and fails."""
+
+    def write(self, data, *args, **kwargs):
+        if match in self.name:
+            real(self, data[: len(data) // 2], *args, **kwargs)
+            raise _enospc()
+        return real(self, data, *args, **kwargs)
+
+    return write
+
+
+def inject_full_disk(kind: str, monkeypatch) -> None:
+    """Make one write of `kind` fail halfway with a full disk, as that writer reports it for real."""
+    if kind == "pt":  # torch.save reports a RuntimeError whose context is the file's OSError
+        monkeypatch.setattr(flux.store, "open", lambda path, mode: FullDisk(path, mode, 4096), raising=False)
+    elif kind in ("shard", "shard-rust"):  # the 2nd step's shard, in the writer thread
+        real_save_file = flux.store.save_file
+
+        def save_file(tensors, path, *args, **kwargs):
+            if ".step_0001.safetensors" in Path(path).name:
+                Path(path).write_bytes(b"\0" * 100)
+                if kind == "shard":
+                    raise _enospc()
+                # What safetensors really raises on a full disk.
+                raise SafetensorError(
+                    "Error while serializing: I/O error: No space left on device (os error 28)"
+                )
+            return real_save_file(tensors, path, *args, **kwargs)
+
+        monkeypatch.setattr(flux.store, "save_file", save_file)
+    elif kind == "json":
+        monkeypatch.setattr(Path, "write_text", _half_then_full(Path.write_text, ".metadata_"))
+    elif kind == "image":
+        monkeypatch.setattr(Path, "write_bytes", _half_then_full(Path.write_bytes, ".img_"))
+    elif kind == "lens-jpeg":
+        monkeypatch.setattr(Path, "write_bytes", _half_then_full(Path.write_bytes, "single_block_1_step_2"))
+    else:
+        raise ValueError(kind)
+
+
+FAULTS = {  # kind: (run options, folder of the failed write, check that nothing of it is visible)
+    "pt": ({}, "intermediates", lambda new: not [p for p in new if p.suffix == ".pt"]),
+    "shard": (
+        {"format": "safetensors"},
+        "intermediates/capture_*",
+        lambda new: not [p for p in new if p.name == "step_0001.safetensors"],
+    ),
+    "json": ({}, "intermediates", lambda new: not [p for p in new if p.suffix == ".json"]),
+    "image": ({}, ".", lambda new: not [p for p in new if p.name.startswith("img_")]),
+    "lens-jpeg": (
+        {"should_decode_intermediates": True},
+        "intermediates/decoded/capture_*",
+        lambda new: not [p for p in new if p.name == "single_block_1_step_2.jpg"],
+    ),
+}
+FAULTS["shard-rust"] = FAULTS["shard"]
+
+
+@pytest.mark.parametrize("kind", list(FAULTS))
+def test_full_disk_during_each_kind_of_write(kind, models, earlier, tmp_path, monkeypatch, capsys):
+    """A full disk: a UserError naming the folder and the bytes needed; no partial file, no temp file; what
+    was there before is untouched; everything left is readable."""
+    overrides, folder_glob, failed_target_absent = FAULTS[kind]
+    out = tmp_path / "out"
+    shutil.copytree(earlier, out)
+    before = snapshot(out)
+    inject_full_disk(kind, monkeypatch)
+    with pytest.raises(UserError, match="is full") as err:
+        generate(models, options(out, **overrides), progress=False)
+    monkeypatch.undo()
+    message = str(err.value)
+    # The folder the failed write was in: for a capture or lens folder, the one this run made.
+    folder = out / folder_glob if folder_glob in (".", "intermediates") else None
+    if folder is None:
+        made = [p for p in out.glob(folder_glob) if p.is_dir() and not any(p in q.parents for q in before)]
+        assert len(made) == 1, made
+        folder = made[0]
+    assert repr(str(folder)) in message and "is needed" in message, message
+    assert snapshot(out).items() >= before.items()  # earlier outputs byte for byte
+    new = [p for p in out.rglob("*") if p not in before]
+    assert failed_target_absent(new), new
+    assert leftovers(out) == []
+    assert_readable(out)
+    printed = capsys.readouterr().out
+    assert "Interrupted" not in printed
+    if kind.startswith("shard"):
+        capture = load_capture(folder)
+        assert capture["metadata"]["complete"] is False and capture["metadata"]["steps_done"] == [0]
+        assert capture["single_blocks"]["block_0"][0].shape == (1, 44, 64)
+        assert f"Stopped by an error (UserError): steps [0] are saved in {folder}" in printed
+
+
+def test_full_disk_in_the_writer_thread_is_one_paragraph_from_the_cli(tmp_path, monkeypatch, capsys):
+    inject_full_disk("shard", monkeypatch)
+    out = tmp_path / "out"
+    args = [*TINY, "--seed", "1", "--num_steps", "6", "--format", "safetensors"]
+    rc = cli(*args, "--should_decode_intermediates", "False", "--output_dir", str(out))
+    captured = capsys.readouterr()
+    assert rc == 1
+    directory = only(out / "intermediates", "capture_*_flux-tiny")
+    line = error_line(captured.err)
+    assert "is full" in line and repr(str(directory)) in line and "is needed" in line
+    assert "Interrupted" not in captured.out + captured.err
+    assert f"Stopped by an error (UserError): steps [0] are saved in {directory}" in captured.out
+    assert json.loads((directory / "index.json").read_text())["complete"] is False
+    assert leftovers(out) == []
+
+
+def test_claims_are_unique_when_runs_race_in_the_same_second(tmp_path, monkeypatch):
+    monkeypatch.setattr(flux.store.time, "strftime", lambda fmt: "20250101_000000")
+    barrier, stems = threading.Barrier(8), []
+
+    def claim():
+        barrier.wait()
+        stems.append(claim_stem(tmp_path, "flux-tiny"))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(stems)) == 8
+    assert stems.count("capture_20250101_000000_flux-tiny") == 1
+
+
+# ------------------------------------------------------------------------------------- untrusted files
+def decode(path: Path, tmp_path: Path, capsys, *extra: str) -> tuple[int, str]:
+    rc = capture_sample.run(["decode", str(path), "--output_dir", str(tmp_path / "decoded"), *extra])
+    return rc, capsys.readouterr().err
+
+
+def test_torch_load_is_only_ever_called_with_weights_only():
+    """Every torch.load in the library and the CLI passes weights_only=True; nothing unpickles directly."""
+    for path in [ROOT / "capture_sample.py", *sorted((ROOT / "flux").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            assert not name.startswith(("pickle.", "dill.", "cloudpickle.")), f"{path.name}: {name}"
+            if name == "torch.load" or name.endswith(".torch.load"):
+                kw = {k.arg: k.value for k in node.keywords}
+                assert "weights_only" in kw and ast.literal_eval(kw["weights_only"]) is True, (
+                    f"{path.name}:{node.lineno}"
+                )
+
+
+def test_decode_reads_pt_with_weights_only(earlier, tmp_path, monkeypatch, capsys):
+    calls, real = [], torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    rc, _ = decode(only(earlier / "intermediates", "capture_*.pt"), tmp_path, capsys)
+    assert rc == 0 and calls and all(kw.get("weights_only") is True for kw in calls)
+
+
+def test_a_pt_that_pickles_code_is_refused_by_the_cli(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "capture_evil.pt"
+    torch.save({"metadata": Evil(), "double_blocks": {}, "single_blocks": {}, "denoising_context": {}}, evil)
+    rc, err = decode(evil, tmp_path, capsys)
+    assert rc == 1 and "Refusing" in error_line(err) and repr(str(evil)) in error_line(err)
+    assert not marker.exists()
+    assert not (tmp_path / "decoded").exists()
+
+
+def _truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _garbage(p: Path) -> None:
+    p.write_bytes(bytes(range(256)) * 8)
+
+
+PT_DAMAGE = {
+    "truncated": (_truncate, "corrupt"),
+    "a tensor, not a capture": (lambda p: torch.save(torch.zeros(3), p), "not a capture"),
+    "a dict of other things": (lambda p: torch.save({"weight": torch.zeros(3)}, p), "not a capture"),
+}
+
+
+@pytest.mark.parametrize("damage", list(PT_DAMAGE))
+def test_damaged_pt_is_a_clear_error_naming_the_file(damage, earlier, tmp_path, capsys):
+    pt = tmp_path / "capture_x.pt"
+    shutil.copy(only(earlier / "intermediates", "capture_*.pt"), pt)
+    spoil, words = PT_DAMAGE[damage]
+    spoil(pt)
+    rc, err = decode(pt, tmp_path, capsys)
+    line = error_line(err)
+    assert rc == 1 and words in line and repr(str(pt)) in line
+    assert not (tmp_path / "decoded").exists()
+
+
+def _drop_steps_done(p: Path) -> None:
+    index = json.loads(p.read_text())
+    del index["steps_done"]
+    p.write_text(json.dumps(index))
+
+
+DIR_DAMAGE = {  # what to spoil, how, and whether the error comes before the output folder is made
+    "garbage shard": ("step_0001.safetensors", _garbage),
+    "truncated shard": ("step_0000.safetensors", _truncate),
+    "missing shard": ("step_0001.safetensors", Path.unlink),
+    "garbage context": ("context.safetensors", _garbage),
+    "truncated index": ("index.json", _truncate),
+    "binary index": ("index.json", _garbage),
+    "index without steps_done": ("index.json", _drop_steps_done),
+}
+
+
+@pytest.mark.parametrize("damage", list(DIR_DAMAGE))
+def test_damaged_safetensors_capture_is_a_clear_error_naming_the_file(damage, st_capture, tmp_path, capsys):
+    directory = tmp_path / st_capture.name
+    shutil.copytree(st_capture, directory)
+    name, spoil = DIR_DAMAGE[damage]
+    spoil(directory / name)
+    rc, err = decode(directory, tmp_path, capsys)
+    line = error_line(err)
+    assert rc == 1 and repr(str(directory / name)) in line, line
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
+# ----------------------------------------------------------------------------------------- bad values
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--guidance", "-1"], "--guidance"),
+        (["--guidance", "nan"], "--guidance"),
+        (["--guidance", "1e999"], "--guidance"),
+        (["--device", "foo"], "--device"),
+        (["--decode_batch_size", "0"], "--decode_batch_size"),
+        (["--decode_batch_size", "2.5"], "--decode_batch_size"),
+        (["--offload", "3"], "--offload"),
+        (["--analyze", "maybe"], "--analyze"),
+        (["--compile_decoder", "2"], "--compile_decoder"),
+        (["--num_steps", "1001"], "--num_steps"),
+        (["--seed", "-1"], "--seed"),
+        (["--width", "0"], "--width"),
+        (["--height", "8192"], "--height"),
+    ],
+)
+def test_more_bad_values_exit_2_naming_the_flag(args, flag, tmp_path, capsys):
+    out = tmp_path / "never"
+    rc = cli("--model", "flux-tiny", "--output_dir", str(out), *args)
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and flag in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("path", "args", "flag"),
+    [
+        (None, ["--decode_target", "x1"], "--decode_target"),
+        (None, ["--decode_batch_size", "0"], "--decode_batch_size"),
+        (None, ["--device", "foo"], "--device"),
+        ("no/such/capture.pt", [], "PATH"),
+    ],
+)
+def test_bad_values_for_decode_exit_2_naming_the_flag(path, args, flag, earlier, tmp_path, capsys):
+    path = path or str(only(earlier / "intermediates", "capture_*.pt"))
+    out = tmp_path / "never"
+    rc = capture_sample.run(["decode", path, "--output_dir", str(out), *args])
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and flag in line
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------- determinism
+def test_same_seed_gives_byte_identical_shards_and_image(models, tmp_path):
+    a = generate(models, options(tmp_path / "a", format="safetensors"), progress=False)
+    b = generate(models, options(tmp_path / "b", format="safetensors"), progress=False)
+    assert a.image_path.read_bytes() == b.image_path.read_bytes()
+    shards = sorted(p.name for p in a.capture_path.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in b.capture_path.glob("*.safetensors"))
+    assert len(shards) == 4 + 1  # a shard per step, and the context
+    for name in shards:
+        assert (a.capture_path / name).read_bytes() == (b.capture_path / name).read_bytes(), name
+
+
+def test_same_seed_gives_equal_tensors_everywhere_in_the_capture(models, earlier, tmp_path):
+    again = generate(models, options(tmp_path), progress=False)  # as `earlier`, without the lens
+    a = dict(flatten(load_capture(only(earlier / "intermediates", "capture_*.pt"))))
+    b = dict(flatten(load_capture(again.capture_path)))
+    assert a.keys() == b.keys()
+    tensors = 0
+    for key, x in a.items():
+        if key.startswith("/metadata"):
+            continue
+        if isinstance(x, torch.Tensor):
+            tensors += 1
+            assert x.dtype == b[key].dtype and torch.equal(x, b[key]), key
+        else:
+            assert x == b[key], key
+    # 4 steps of (img, txt) for 2 double blocks and x for 3 single ones, img_state and vec per step, and
+    # y, txt, txt_ids, img_ids, final_latent.
+    assert tensors == 4 * (2 * 2 + 3) + 4 * 2 + 5
+
+
+def test_metadata_records_everything_needed_to_reproduce_the_run(tmp_path):
+    first = tmp_path / "first"
+    # No --seed: a random one, which the metadata must record. --decode_batch_size: a flag that has no
+    # effect on the image, to check that all flags are recorded, not only those that matter.
+    assert cli(*TINY, "--decode_batch_size", "3", "--should_decode_intermediates", "False",
+               "--output_dir", str(first)) == 0  # fmt: skip
+    meta = json.loads(only(first / "intermediates", "metadata_*.json").read_text())
+    for key in ("model", "prompt", "width", "height", "num_steps", "timesteps", "seed", "guidance", "dtype",
+                "capture_dtype", "device", "versions", "flags", "schema_version", "timestamp"):  # fmt: skip
+        assert key in meta, key
+    assert {"python", "torch", "transformers", "safetensors", "numpy"} <= meta["versions"].keys()
+    assert meta["dtype"] == "float32" and meta["device"] == "cpu" and isinstance(meta["seed"], int)
+    assert set(inspect.signature(capture_sample.main).parameters) - {"progress"} <= meta["flags"].keys()
+    assert meta["flags"]["decode_batch_size"] == 3 and meta["flags"]["seed"] is None
+
+    flags = {k: v for k, v in meta["flags"].items() if v is not None and k != "output_dir"}
+    argv = [arg for k, v in flags.items() for arg in (f"--{k}", str(v))]
+    assert cli(*argv, "--seed", str(meta["seed"]), "--output_dir", str(tmp_path / "again")) == 0
+    assert (tmp_path / "again" / "img_0.jpg").read_bytes() == (first / "img_0.jpg").read_bytes()
