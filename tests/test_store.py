@@ -193,3 +193,34 @@ def test_corrupt_and_malicious_files_are_refused(tmp_path):
         load_capture(tmp_path / "d")
     with pytest.raises(UserError, match="No capture"):
         load_capture(tmp_path / "missing.pt")
+
+
+def test_streaming_keeps_a_few_steps_in_host_memory_however_long_the_run(model, tmp_path):
+    """Host memory of a safetensors capture is bounded by a few steps' buffers, not by the number of steps;
+    a .pt capture holds one full buffer set per captured step until the end."""
+    from flux.pipeline import STREAMING_BUFFERED_STEPS, CaptureSession, sample
+
+    steps = 24
+    g = torch.Generator().manual_seed(1)
+    inp = prepare(
+        get_noise(1, 48, 64, "cpu", torch.float32, 7),
+        torch.randn(1, 5, TINY_PARAMS.context_in_dim, generator=g),
+        torch.randn(1, TINY_PARAMS.vec_in_dim, generator=g),
+    )
+    timesteps = get_schedule(steps, inp["img"].shape[1])
+    plan = CapturePlan.everything(model, steps)
+    meta = {
+        "captured_steps": list(plan.steps),
+        "captured_blocks": {"double": list(plan.double), "single": list(plan.single)},
+    }
+    held = {}
+    for fmt, path in (("safetensors", tmp_path / "st"), ("pt", tmp_path / "c.pt")):
+        session = CaptureSession.open(
+            model, plan, fmt, path, 5, inp["img"].shape[1], torch.float32, meta, steps
+        )
+        sample(model, inp, timesteps, 3.5, session)
+        session.sink.finish({"txt_seq_len": 5}, meta)
+        held[fmt] = session.capture.pool.allocated
+    assert held["safetensors"] == STREAMING_BUFFERED_STEPS == 3
+    assert held["pt"] == steps
+    assert load_capture(tmp_path / "st")["metadata"]["steps_done"] == list(range(steps))
