@@ -21,6 +21,12 @@ STREAMS = ("both", "img", "txt")
 CAPTURE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def _as_text(value) -> str | None:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return None if value is None else str(value)
+
+
 def _parse_ranges(text: str, upper: int, flag: str, what: str) -> list[int]:
     """'0,3', '2-5', '0-49:5', 'all' -> sorted unique indices in [0, upper)."""
     if text.strip().lower() in ("all", "*", ""):
@@ -76,7 +82,11 @@ class CapturePlan:
         depth_single: int,
         num_steps: int,
     ) -> "CapturePlan":
-        """Read the CLI's plan flags, e.g. blocks='double:0-5,single:10', steps='0-49:5'."""
+        """Read the CLI's plan flags, e.g. blocks='double:0-5,single:10', steps='0-49:5'.
+
+        Fire turns `--steps 0,3` into the tuple (0, 3) and `--steps 3` into an int; both are accepted.
+        """
+        blocks, steps = _as_text(blocks), _as_text(steps)
         double: set[int] = set()
         single: set[int] = set()
         if blocks is None or str(blocks).strip().lower() in ("all", "*", ""):

@@ -225,3 +225,28 @@ def test_offload_gives_the_same_image(tiny_run, tmp_path):
     base = ["--model", "flux-tiny", "--prompt", "a red cube", "--seed", "1", *SIZE]
     assert cli(*base, "--offload", "True", "--capture", "False", "--output_dir", str(tmp_path)) == 0
     assert (tmp_path / "img_0.jpg").read_bytes() == (tiny_run / "img_0.jpg").read_bytes()
+
+
+def test_plan_flags_as_fire_parses_them(tmp_path):
+    # Fire turns "--steps 0,3" into a tuple and "--steps 2" into an int.
+    base = [
+        "--model",
+        "flux-tiny",
+        "--prompt",
+        "a",
+        "--seed",
+        "3",
+        *SIZE,
+        "--should_decode_intermediates",
+        "False",
+    ]
+    assert (
+        cli(*base, "--steps", "0,3", "--blocks", "double:1,single:0-2:2", "--output_dir", str(tmp_path)) == 0
+    )
+    capture = load_capture(_only(tmp_path / "intermediates", "capture_*.pt"))
+    assert capture["metadata"]["captured_steps"] == [0, 3]
+    assert list(capture["double_blocks"]) == ["block_1"] and list(capture["single_blocks"]) == [
+        "block_0",
+        "block_2",
+    ]
+    assert len(capture["double_blocks"]["block_1"]) == 2
