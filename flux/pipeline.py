@@ -148,17 +148,41 @@ class RunOptions:
         if self.compile_decoder is not None and not isinstance(self.compile_decoder, bool):
             raise UsageError(f"--compile_decoder is a switch; got {self.compile_decoder!r}.")
         self.plan()  # parses --blocks/--steps/--streams/--capture_dtype
+        if self.capture:
+            self._check_capture_fits()
+        elif self.analyze:
+            raise UsageError("--analyze works on a capture: leave out --capture False.")
+        if self.capture and self.streams == "txt" and self.should_decode_intermediates:
+            raise UsageError(
+                "--streams txt keeps no image tokens, so the lens has nothing to decode: add "
+                "--should_decode_intermediates False, or capture --streams both."
+            )
         if self.analyze:
             from flux.analysis import check_extra
 
             check_extra()  # before a long run, not after it
         return self
 
+    def _check_capture_fits(self) -> None:
+        """Refuse, before anything loads, a capture that the disk (or, for .pt, host memory) cannot hold."""
+        needed = self.estimated_capture_bytes()
+        check_disk_space(_existing_parent(Path(self.output_dir)), needed, self.force)
+        if self.format == "pt":
+            # A .pt capture lives in host buffers until the end; pinned (CUDA) buffers are allocated in
+            # power-of-two sizes, up to twice what they hold.
+            held = needed * (2 if torch.device(self.device).type == "cuda" else 1)
+            available = available_host_memory()
+            if available is not None and held > 0.8 * available and not self.force:
+                raise UserError(
+                    f"A .pt capture is held in host memory until the run ends: this one needs up to "
+                    f"{held / 1e9:.1f} GB and {available / 1e9:.1f} GB is available. Use --format "
+                    "safetensors (streamed to disk, a few steps in memory), capture less (--blocks, --steps, "
+                    "--streams img), or pass --force to try anyway."
+                )
+
     @staticmethod
     def _check_output_dir(out: Path) -> None:
-        probe = out
-        while not probe.exists():
-            probe = probe.parent
+        probe = _existing_parent(out)
         if not probe.is_dir():
             raise UsageError(f"--output_dir {str(out)!r} cannot be created: {str(probe)!r} is a file.")
         if not os_access_writable(probe):
@@ -211,6 +235,24 @@ def os_access_writable(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
+def _existing_parent(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def available_host_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def check_disk_space(folder: Path, needed: int, force: bool) -> None:
     free = shutil.disk_usage(folder).free
     if needed > free and not force:
@@ -257,6 +299,13 @@ class Models:
             _empty_cache(self.device)
 
 
+def _free_pinned_memory() -> None:
+    """Give cached pinned host memory back to the system (torch keeps freed pinned blocks for reuse)."""
+    empty = getattr(torch._C, "_host_emptyCache", None)  # torch >= 2.5
+    if empty is not None and torch.cuda.is_available():
+        empty()
+
+
 def _empty_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -267,6 +316,9 @@ def load_models(
 ) -> Models:
     """Load the flow model, AE and text encoders of `spec` (on the CPU first with --offload)."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        # Make cuda:N current, so events, streams and pinned memory all belong to the run's GPU.
+        torch.cuda.set_device(device)
     dtype = compute_dtype(spec, device)
     home = torch.device("cpu") if offload else device
     t5, clip = load_text_encoders(spec, home, dtype, weights_dir)
@@ -296,9 +348,14 @@ class CaptureSession:
         dtype: torch.dtype,
         metadata: dict,
         num_steps: int,
+        device: torch.device | None = None,
     ) -> "CaptureSession":
-        """Prepare a capture into `path` (a `.pt` file, or a directory created here for safetensors)."""
-        device = next(flow.parameters()).device
+        """Prepare a capture into `path` (a `.pt` file, or a directory created here for safetensors).
+
+        `device` is where sampling will run (default: where `flow` is now; with --offload the model is still
+        on the CPU at this point, so pass the run's device).
+        """
+        device = device if device is not None else next(flow.parameters()).device
         shapes, dtypes = BlockCapture.shapes_for(flow, plan, 1, txt_len, img_len, dtype)
         streaming = fmt == "safetensors"
         limit = STREAMING_BUFFERED_STEPS if streaming else None
@@ -415,7 +472,6 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
     if opts.capture:
         plan = opts.plan()
         inter_dir.mkdir(parents=True, exist_ok=True)
-        check_disk_space(inter_dir, opts.estimated_capture_bytes(), opts.force)
         stem = claim_stem(inter_dir, spec.name)
         path = inter_dir / (stem if opts.format == "safetensors" else f"{stem}.pt")
         metadata.update(
@@ -432,7 +488,7 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
             files={"capture": str(path), "metadata": str(metadata_path_for(stem, inter_dir))},
         )
         session = CaptureSession.open(
-            models.flow, plan, opts.format, path, txt_len, img_len, dtype, metadata, opts.num_steps
+            models.flow, plan, opts.format, path, txt_len, img_len, dtype, metadata, opts.num_steps, device
         )
 
     if models.offload:
@@ -469,6 +525,7 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
             timings["save_capture_s"] = time.perf_counter() - start
             meta_path = metadata_path_for(stem, inter_dir)
             result.metadata_path = write_json(meta_path, {**metadata, "complete": True})
+            _free_pinned_memory()
     except BaseException as e:
         if session is not None and not finished:
             _report_interrupted(session, context, metadata, inter_dir, stem, e)
@@ -483,9 +540,10 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
     if opts.should_decode_intermediates:
         result.decoded_dir = inter_dir / "decoded" / stem
         start = time.perf_counter()
+        final_layer = models.flow.final_layer.to(device)  # with --offload only this small layer comes back
         try:
             report = decode_saved(
-                result.capture_path, models.flow.final_layer, models.ae, result.decoded_dir,
+                result.capture_path, final_layer, models.ae, result.decoded_dir,
                 target=opts.decode_target, device=device, batch_size=opts.decode_batch_size,
                 compile=opts.compile_decoder, progress=progress,
             )  # fmt: skip
@@ -497,6 +555,9 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
                 f"`capture_sample.py decode {result.capture_path}`."
             )
             raise
+        finally:
+            if models.offload:
+                final_layer.cpu()
         timings["lens_compile_s"] = report.compile_seconds
         timings["lens_decode_s"] = report.decode_seconds
         timings["lens_images"] = report.n_images

@@ -241,7 +241,9 @@ class PtSink:
         for step in self.steps:
             step.wait()
         capture = assemble(self.steps, context, metadata)
-        return atomic_write(self.path, lambda tmp: torch_save(capture, tmp), needed=self.estimated_bytes)
+        path = atomic_write(self.path, lambda tmp: torch_save(capture, tmp), needed=self.estimated_bytes)
+        self.steps.clear()  # the host buffers (the whole capture) are free once it is on disk
+        return path
 
     def abort(self, context: dict | None = None) -> list[int]:
         """Nothing was written; a .pt is all or nothing."""

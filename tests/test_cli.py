@@ -250,3 +250,42 @@ def test_plan_flags_as_fire_parses_them(tmp_path):
         "block_2",
     ]
     assert len(capture["double_blocks"]["block_1"]) == 2
+
+
+def test_pt_capture_larger_than_host_memory_is_refused_before_loading(monkeypatch, tmp_path, capsys):
+    import flux.pipeline
+
+    monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: 1000)  # bytes
+    out = tmp_path / "o"
+    assert cli("--model", "flux-tiny", *SIZE, "--output_dir", str(out)) == 1
+    err = capsys.readouterr().err
+    assert "--format safetensors" in err and "host memory" in err
+    assert not out.exists()
+    # Streaming needs only a few steps in memory, so it goes ahead.
+    assert cli("--model", "flux-tiny", *SIZE, "--format", "safetensors", "--should_decode_intermediates",
+               "False", "--output_dir", str(out)) == 0  # fmt: skip
+
+
+def test_capture_larger_than_the_disk_is_refused_before_loading(monkeypatch, tmp_path, capsys):
+    import shutil
+
+    import flux.pipeline
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(flux.pipeline.shutil, "disk_usage", lambda p: real(p)._replace(free=10))
+    out = tmp_path / "o"
+    assert cli("--model", "flux-tiny", *SIZE, "--output_dir", str(out)) == 1
+    assert "--force" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--streams", "txt"], "--should_decode_intermediates"),
+        (["--capture", "False", "--analyze"], "--analyze"),
+    ],
+)
+def test_flag_combinations_that_cannot_work_are_refused_up_front(args, flag, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli("--model", "flux-tiny", *SIZE, *args, "--output_dir", str(out)) == 2
+    assert flag in capsys.readouterr().err and not out.exists()
