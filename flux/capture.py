@@ -134,15 +134,15 @@ class CapturePlan:
         return itemsize * sum(torch.Size(s).numel() for s in shapes)
 
 
-CONTEXT_KEYS = ("img_state", "vec")
+CONTEXT_KEYS = ("img_state", "vec", "pred")  # recorded at every step, captured or not
 
 
 @dataclass
 class StepBuffers:
     """One step's host buffers, keyed like the shard keys, and the event that marks them complete.
 
-    A captured step holds the context (`img_state`, `vec`) and the planned block outputs; any other step
-    holds the context only.
+    A captured step holds the context (`img_state`, `vec`, `pred`) and the planned block outputs; any other
+    step holds the context only.
     """
 
     step: int
@@ -203,7 +203,8 @@ class BlockCapture:
     """Installs the capture hooks on a Flux model for the duration of a `with` block.
 
     Call `begin_step(k, img_state)` before each model call and `end_step()` after it; `end_step` returns the
-    step's StepBuffers (context tensors `img_state` and `vec`, plus the planned block outputs).
+    step's StepBuffers (context tensors `img_state`, `vec` and the model's prediction `pred`, plus the planned
+    block outputs).
     """
 
     model: Flux
@@ -226,7 +227,8 @@ class BlockCapture:
         dtypes = dict.fromkeys(shapes, plan.dtype or model_dtype)
         shapes["img_state"] = (batch, img_len, model.in_channels)
         shapes["vec"] = (batch, hidden)
-        dtypes["img_state"] = dtypes["vec"] = model_dtype
+        shapes["pred"] = (batch, img_len, model.out_channels)
+        dtypes["img_state"] = dtypes["vec"] = dtypes["pred"] = model_dtype
         return shapes, dtypes
 
     def __enter__(self) -> "BlockCapture":
@@ -236,6 +238,7 @@ class BlockCapture:
             for i in self.plan.single:
                 self.handles.append(self.model.single_blocks[i].register_forward_hook(self._single_hook(i)))
             self.handles.append(self.model.final_layer.register_forward_pre_hook(self._vec_hook))
+            self.handles.append(self.model.final_layer.register_forward_hook(self._pred_hook))
         except BaseException:
             self.remove()
             raise
@@ -274,6 +277,9 @@ class BlockCapture:
 
     def _vec_hook(self, _module, args):
         self._copy("vec", args[1])
+
+    def _pred_hook(self, _module, _args, output):
+        self._copy("pred", output)  # the model's own velocity: the reference for every lens comparison
 
     def begin_step(self, step: int, img_state: Tensor) -> None:
         captured = step in self._captured_steps

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flux.capture import BlockCapture, CapturePlan, HostBufferPool
+from flux.capture import CONTEXT_KEYS, BlockCapture, CapturePlan, HostBufferPool
 from flux.errors import UsageError, UserError
 from flux.model import Flux
 from flux.sampling import StepInfo, denoise
@@ -441,11 +441,11 @@ def replay(
             interventions=[iv.spec for iv in interventions],
             replayed_steps=[start, stop],
         )
-        new_ctx = {k: v for k, v in ctx.items() if k not in ("img_state", "vec", "final_latent")}
+        new_ctx = {k: v for k, v in ctx.items() if k not in (*CONTEXT_KEYS, "final_latent")}
         if stop == num_steps - 1:
             new_ctx["final_latent"] = latent.cpu()
         result.capture = assemble(steps, new_ctx, new_meta)
         # Steps before `start` ran as stored: keep their context, so list index = step index again.
-        for key in ("img_state", "vec"):
+        for key in CONTEXT_KEYS:
             result.capture["denoising_context"][key][:0] = [ctx[key][k] for k in range(start)]
     return result

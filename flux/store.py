@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from flux.capture import HostBufferPool, StepBuffers
+from flux.capture import CONTEXT_KEYS, HostBufferPool, StepBuffers
 from flux.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -217,8 +217,8 @@ def assemble(steps: list[StepBuffers], context: dict, metadata: dict) -> dict[st
     by_step = {s.step: s.tensors for s in steps}
     double, single = nest_blocks(metadata, lambda k, key: by_step[k][key], lazy=False)
     ctx = dict(context)
-    ctx["img_state"] = [by_step[k]["img_state"] for k in sorted(by_step)]
-    ctx["vec"] = [by_step[k]["vec"] for k in sorted(by_step)]
+    for key in CONTEXT_KEYS:
+        ctx[key] = [by_step[k][key] for k in sorted(by_step)]
     return {"double_blocks": double, "single_blocks": single, "denoising_context": ctx, "metadata": metadata}
 
 
@@ -414,10 +414,8 @@ def _load_dir(directory: Path) -> dict:
                     ctx[key] = f.get_tensor(key)
         except (SafetensorError, OSError) as e:
             raise UserError(f"Could not read {str(context_path)!r}: {e}. The file is corrupt.") from e
-    ctx["img_state"] = LazyList(
-        len(done), lambda i: shards.get(f"step_{done[i]:04d}.safetensors", "img_state")
-    )
-    ctx["vec"] = LazyList(len(done), lambda i: shards.get(f"step_{done[i]:04d}.safetensors", "vec"))
+    for key in CONTEXT_KEYS:
+        ctx[key] = LazyList(len(done), lambda i, key=key: shards.get(f"step_{done[i]:04d}.safetensors", key))
     return {"double_blocks": double, "single_blocks": single, "denoising_context": ctx, "metadata": meta}
 
 

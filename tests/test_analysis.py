@@ -72,7 +72,7 @@ def _value(df, stream: str, block: int, step: int, metric: str) -> float:
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
 def test_final_block_is_its_own_reference(metrics, fmt):
     df = metrics[fmt]
-    assert df.attrs["reference"] == f"single block {N_SINGLE - 1}"
+    assert df.attrs["reference"] == "pred"  # the model's own prediction, recorded at every step
     for step in range(N_STEPS):
         assert _value(df, "single", N_SINGLE - 1, step, "pred_cosine") == pytest.approx(1, abs=1e-6)
         assert _value(df, "single", N_SINGLE - 1, step, "pred_rel_l2") == pytest.approx(0, abs=1e-6)
@@ -122,6 +122,9 @@ def test_values_match_formulas_worked_out_here(captures, metrics, final_layer):
     x0_last = lens_latent(capture, last, final_layer).double()
     pred_last = (x0_last - ctx["img_state"][step].double()) / -t_curr
     assert torch.allclose(pred_last, euler, rtol=1e-4, atol=1e-4)
+    # The recorded prediction is the model's final-layer output, which the last block's lens reproduces.
+    last_img = capture["single_blocks"][f"block_{N_SINGLE - 1}"][step][:, ctx["txt_seq_len"] :]
+    assert torch.equal(final_layer(last_img, ctx["vec"][step]), ctx["pred"][step])
 
     img, _ = capture["double_blocks"]["block_0"][step]
     img_norms = np.linalg.norm(img[0].double().numpy(), axis=-1)
@@ -132,10 +135,12 @@ def test_values_match_formulas_worked_out_here(captures, metrics, final_layer):
     assert _value(df, "single", 1, step, "txt_norm_mean") == pytest.approx(txt_norms.mean(), rel=1e-5)
 
 
-def test_reference_falls_back_to_the_sampler_update(captures, metrics, final_layer):
-    """Without the last single block, the reference comes from img_state and final_latent: the numbers
-    barely move (float32 rounding of the Euler update)."""
+def test_reference_falls_back_for_captures_without_the_recorded_prediction(captures, metrics, final_layer):
+    """Without ctx["pred"], the last single block's lens prediction is the reference; without that block
+    too, the Euler update of img_state and final_latent: the numbers barely move (float32 rounding)."""
     capture = load_capture(captures["pt"])
+    del capture["denoising_context"]["pred"]
+    assert analysis.block_metrics(capture, final_layer).attrs["reference"] == f"single block {N_SINGLE - 1}"
     last = f"block_{N_SINGLE - 1}"
     capture["single_blocks"] = {k: v for k, v in capture["single_blocks"].items() if k != last}
     capture["metadata"]["captured_blocks"]["single"] = list(range(N_SINGLE - 1))

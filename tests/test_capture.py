@@ -101,9 +101,11 @@ def test_plan_selects_exactly_what_it_names(model):
     assert plan.double == (1,) and plan.single == (0, 2) and plan.steps == (1,)
     _, steps = _run(model, plan)
     assert [s.captured for s in steps] == [False, True, False]
-    assert set(steps[0].tensors) == {"img_state", "vec"}
+    assert set(steps[0].tensors) == {"img_state", "vec", "pred"}
     captured = steps[1].tensors
-    assert set(captured) == {"img_state", "vec", "double_blocks.1.img", "single_blocks.0", "single_blocks.2"}
+    assert set(captured) == {
+        "img_state", "vec", "pred", "double_blocks.1.img", "single_blocks.0", "single_blocks.2"
+    }  # fmt: skip
     assert captured["single_blocks.0"].shape == (1, 12, TINY_PARAMS.hidden_size)  # image tokens only
     assert captured["single_blocks.0"].dtype == torch.float16
     assert captured["img_state"].dtype == torch.float32

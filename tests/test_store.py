@@ -90,7 +90,7 @@ def test_pt_and_safetensors_load_to_identical_tensors(model, tmp_path):
     for name, steps in a["single_blocks"].items():
         for x, z in zip(steps, b["single_blocks"][name]):
             assert torch.equal(x, z)
-    for key in ("img_state", "vec"):
+    for key in ("img_state", "vec", "pred"):
         for x, z in zip(a["denoising_context"][key], b["denoising_context"][key]):
             assert torch.equal(x, z)
     for key in ("y", "txt", "final_latent"):
