@@ -84,6 +84,32 @@ def test_hooks_removed_after_run_and_after_error(model):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
 
 
+def test_hooks_removed_when_sampling_raises_mid_run(model, tmp_path):
+    """An error inside the sampler (here: in the model call of step 1, from a block) leaves no hook behind."""
+    from flux.pipeline import CaptureSession, sample
+
+    plan = CapturePlan.everything(model, 3)
+    inp = _inputs()
+    meta = {"captured_steps": [0, 1, 2], "captured_blocks": {"double": [0, 1], "single": [0, 1, 2]}}
+    session = CaptureSession.open(model, plan, "pt", tmp_path / "c.pt", 5, 12, torch.float32, meta, 3)
+    calls = []
+
+    def fail_on_second_step(module, args, kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom in step 1")
+
+    trap = model.single_blocks[1].register_forward_pre_hook(fail_on_second_step, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="boom in step 1"):
+            sample(model, inp, get_schedule(3, 12), 3.5, session)
+    finally:
+        trap.remove()
+    modules = [*model.double_blocks, *model.single_blocks, model.final_layer]
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
+    assert len(session.sink.steps) == 1  # step 0 finished, step 1 never reached the sink
+
+
 def test_context_records_state_before_each_call_and_vec(model):
     _, steps = _run(model, CapturePlan.everything(model, 3))
     inp = _inputs()
