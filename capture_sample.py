@@ -78,8 +78,9 @@ def main(
             latent one Euler step later).
         decode_batch_size: Images per VAE decoder call in the lens; default: sized to free GPU memory (8 on
             CPU). 1 decodes one at a time.
-        compile_decoder: torch.compile the VAE decoder for the lens; default: on for CUDA (the compiled
-            graph is cached on disk, so only the first run per image size pays ~30 s), off on CPU.
+        compile_decoder: torch.compile the VAE decoder for the lens; default: on CUDA when eager decoding
+            would take over a minute (the compiled graph is cached on disk, so only the first run per image
+            size pays ~30 s), never on CPU.
         analyze: After the capture, write metrics, heatmaps, norm plots and an animation (needs the analysis
             extra); the same as running the `analyze` command on the capture.
         weights_dir: A local directory laid out like the model's hub repo, or "hub" to force the Hugging Face
@@ -153,7 +154,7 @@ def decode(
         decode_target: x0 (default; each block's clean-image estimate) or next (the one-step latent).
         device: Torch device; cuda when available, else cpu.
         decode_batch_size: Images per decoder call; default: sized to free GPU memory (8 on CPU).
-        compile_decoder: torch.compile the decoder; default: on for CUDA, off on CPU.
+        compile_decoder: torch.compile the decoder; default: on CUDA where it pays, never on CPU.
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; default as for capture.
     """
     from flux.pipeline import decode_later

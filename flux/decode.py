@@ -199,6 +199,29 @@ def auto_batch_size(params: AutoEncoderParams, height: int, width: int, device: 
     return max(1, min(MAX_CUDA_BATCH, int(0.7 * free) // decoder_bytes_per_image(params, height, width)))
 
 
+# Eager bf16 decode time per image on an H200 at 256x256, scaling with the pixel count (PERF_ANCHORS.md:
+# 3.13 ms at 256 px, 70 ms at 1024 px); compiling costs ~30 s once per shape, less from inductor's cache.
+EAGER_SECONDS_PER_256PX_IMAGE = 3.2e-3
+COMPILE_PAYS_AFTER_SECONDS = 60.0
+COMPILED_BATCH_BYTES = 16 * 2**30  # the memory a compiled batch may plan for: the same shape on every run
+
+
+def compile_pays(n: int, height: int, width: int) -> bool:
+    """Whether compiling the decoder (~30 s) is likely to pay for `n` images: when eager decoding would
+    take over a minute (e.g. flux-dev's 2,850 images at 1024 px, not flux-schnell's 229 at 256 px)."""
+    eager = n * EAGER_SECONDS_PER_256PX_IMAGE * (height * width) / (256 * 256)
+    return eager > COMPILE_PAYS_AFTER_SECONDS
+
+
+def compiled_batch_size(params: AutoEncoderParams, height: int, width: int, limit: int) -> int:
+    """A batch for the compiled decoder that depends on the image size alone (a power of two under a fixed
+    memory budget, and under `limit`), so capture-time and later decodes reuse one compiled graph."""
+    fits = min(
+        limit, MAX_CUDA_BATCH, max(1, COMPILED_BATCH_BYTES // decoder_bytes_per_image(params, height, width))
+    )
+    return 2 ** int(math.log2(fits))
+
+
 def chunk_sizes(n: int, batch_size: int) -> list[int]:
     """Split n items into the fewest chunks of at most batch_size, as even as possible (largest first)."""
     if n == 0:
@@ -307,9 +330,10 @@ def decode_capture(
     sheets `grid_double.jpg` and `grid_single.jpg` (rows: blocks, columns: steps, then the final image).
 
     device: where the VAE decodes (default: where ae.decoder is; it is moved there otherwise).
-    batch_size: images per decoder call (default: sized to free GPU memory, CPU_BATCH on CPU); 1 decodes
-    one at a time. compile: torch.compile the decoder (default: on CUDA only). final_image: the sampler's
-    image for the sheets; by default final_latent is decoded along with the blocks.
+    batch_size: images per decoder call (default: sized to free GPU memory, CPU_BATCH on CPU; compiled: a
+    power of two set by the image size, so every run reuses one graph); 1 decodes one at a time.
+    compile: torch.compile the decoder (default: on CUDA where it pays, see `compile_pays`). final_image:
+    the sampler's image for the sheets; by default final_latent is decoded along with the blocks.
     """
     _check_target(target)
     meta, ctx = capture["metadata"], capture["denoising_context"]
@@ -321,11 +345,17 @@ def decode_capture(
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     ae.decoder.to(device)
-    compile = device.type == "cuda" if compile is None else compile
     decode_final = final_image is None and ctx.get("final_latent") is not None
     n = len(plan) + decode_final
-    sizes = chunk_sizes(n, batch_size or auto_batch_size(ae.params, height, width, device))
-    batch_size = max(sizes, default=1)  # the one shape a compiled decoder sees
+    if compile is None:
+        compile = device.type == "cuda" and compile_pays(n, height, width)
+    if batch_size is None:
+        batch_size = auto_batch_size(ae.params, height, width, device)
+        if compile:
+            batch_size = compiled_batch_size(ae.params, height, width, batch_size)
+    sizes = chunk_sizes(n, batch_size)
+    if not compile:
+        batch_size = max(sizes, default=1)
     h_lat, w_lat = latent_size(height, width)
     scale = 2 ** (len(ae.params.ch_mult) - 1)
     cell = cell_size(w_lat * scale, h_lat * scale)
