@@ -274,13 +274,13 @@ def load_direction(path: str | None) -> Tensor | None:
     return obj.float()
 
 
-def _setup(path: str, device: str | None, weights_dir: str | None, with_ae: bool = True):
-    """Capture, spec, flow model (and AE) on the device, in the dtype the pipeline uses; no text encoders."""
+def _open(path: str, device: str | None):
+    """The capture, its model spec, and the device and dtype to replay in; checks all, loads no model."""
     from flux.configs import get_spec
-    from flux.loading import load_ae, load_flow_model
-    from flux.pipeline import compute_dtype, default_device
+    from flux.pipeline import check_device, compute_dtype
     from flux.store import load_capture
 
+    device = check_device(device)
     capture = load_capture(path)
     meta = capture["metadata"]
     try:
@@ -289,10 +289,6 @@ def _setup(path: str, device: str | None, weights_dir: str | None, with_ae: bool
         raise UserError(f"{path!r} does not name a known model in its metadata ({e}).") from e
     if "final_latent" not in capture["denoising_context"]:
         raise UserError(f"{path!r} is an interrupted capture (no final latent); replay needs a complete one.")
-    try:
-        device = torch.device(device or default_device())
-    except (RuntimeError, TypeError) as e:
-        raise UsageError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N).") from e
     dtype = compute_dtype(spec, device)
     dtype_name = str(dtype).removeprefix("torch.")
     if device.type != torch.device(meta.get("device", "cpu")).type or meta.get("dtype") != dtype_name:
@@ -301,9 +297,14 @@ def _setup(path: str, device: str | None, weights_dir: str | None, with_ae: bool
             f"{dtype_name}, so an unmodified replay may differ slightly from the stored run.",
             file=sys.stderr,
         )
-    flow = load_flow_model(spec, device, dtype, weights_dir)
-    ae = load_ae(spec, device, weights_dir=weights_dir) if with_ae else None
-    return capture, spec, flow, ae
+    return capture, spec, device, dtype
+
+
+def _load(spec, device: torch.device, dtype: torch.dtype, weights_dir: str | None):
+    """The flow model and AE (never the text encoders), once every flag has been checked."""
+    from flux.loading import load_ae, load_flow_model
+
+    return load_flow_model(spec, device, dtype, weights_dir), load_ae(spec, device, weights_dir=weights_dir)
 
 
 def _provenance(path: str, capture: dict, **extra) -> dict:
@@ -375,13 +376,15 @@ def sweep_command(
         scale = float(scale)
     except (TypeError, ValueError) as e:
         raise UsageError(f"--scale must be a number; got {scale!r}.") from e
-    capture, spec, flow, ae = _setup(path, device, weights_dir)
+    capture, spec, device, dtype = _open(path, device)
     p = spec.params
     num_steps = len(timesteps_of(capture)) - 1
     plan = CapturePlan.parse(blocks, None, "both", None, p.depth, p.depth_single_blocks, num_steps)
     chosen = [("double", i) for i in plan.double] + [("single", i) for i in plan.single]
     step_set = parse_steps(steps, num_steps, "--steps")
     src = load_capture(source) if source is not None else None
+    direction_tensor = load_direction(direction)
+    flow, ae = _load(spec, device, dtype, weights_dir)  # only now that every flag has been checked
     rows, reference, _ = sweep(
         flow,
         ae,
@@ -392,7 +395,7 @@ def sweep_command(
         tokens,
         scale if intervention == "add" else 1.0,
         source=src,
-        direction=load_direction(direction),
+        direction=direction_tensor,
     )
 
     cap_path = Path(path)
@@ -482,9 +485,12 @@ def replay_command(
     for flag, value in (("step", step), ("until", until)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise UsageError(f"--{flag} must be a step index (a whole number); got {value!r}.")
-    capture, spec, flow, ae = _setup(path, device, weights_dir)
+    capture, spec, device, dtype = _open(path, device)
     p, meta = spec.params, capture["metadata"]
     num_steps = len(timesteps_of(capture)) - 1
+    for flag, value in (("step", step), ("until", until)):
+        if value is not None and not 0 <= value < num_steps:
+            raise UsageError(f"--{flag} must be a step of this capture, 0..{num_steps - 1}; got {value}.")
     if save_capture and until is not None and until != num_steps - 1:
         raise UsageError("--save_capture needs the replay to run to the last step: leave --until out.")
     ivs = parse_interventions(
@@ -495,6 +501,7 @@ def replay_command(
         source=load_capture(source) if source is not None else None,
         direction=load_direction(direction),
     )
+    flow, ae = _load(spec, device, dtype, weights_dir)  # only now that every flag has been checked
     record = CapturePlan.everything(flow, num_steps) if save_capture else None
     result = replay(flow, capture, step, until, ivs, record=record)
     height, width = int(meta["height"]), int(meta["width"])

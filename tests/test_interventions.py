@@ -326,3 +326,22 @@ def test_replay_command_records_its_interventions(captures, tmp_path):
     assert torch.equal(saved["double_blocks"]["block_1"][0][0], _stored(cap, "double", 1, 0)[0])
     replay_command(str(path), output_dir=str(tmp_path), device="cpu")
     assert json.loads((tmp_path / "replay_1.json").read_text())["vs_stored_final"]["mse"] == 0.0
+
+
+def test_commands_check_their_flags_before_loading_any_model(captures, monkeypatch):
+    import flux.sweep
+
+    (path, _), _ = captures
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr(flux.sweep, "_load", no_loading)
+    with pytest.raises(UsageError, match="--blocks"):
+        sweep_command(str(path), blocks="double:99")
+    with pytest.raises(UsageError, match="--steps"):
+        sweep_command(str(path), steps="9")
+    with pytest.raises(UsageError, match="--step"):
+        replay_command(str(path), step=7)
+    with pytest.raises(UsageError):
+        replay_command(str(path), intervention="skip:triple:0")
