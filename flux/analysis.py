@@ -40,7 +40,18 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from flux.decode import STREAMS, LensKey, auto_batch_size, decode_latents, lens_latent, lens_plan, to_image
+from flux.decode import (
+    STREAMS,
+    LensKey,
+    auto_batch_size,
+    block_tokens,
+    decode_latents,
+    latent_from,
+    lens_latent,
+    lens_plan,
+    lens_velocity,
+    to_image,
+)
 from flux.errors import UsageError, UserError
 from flux.layers import LastLayer
 
@@ -147,32 +158,6 @@ def describe(capture: dict) -> str:
 # --------------------------------------------------------------------------------------------- metrics
 
 
-def _block_output(capture: dict, key: LensKey) -> tuple[Tensor | None, Tensor | None]:
-    """(img tokens (B, L, D) or None, txt tokens (B, T, D) or None) of one captured block output."""
-    h = capture[f"{key.stream}_blocks"][f"block_{key.block}"][key.position]
-    if key.stream == "double":
-        return h
-    streams = capture["metadata"].get("streams", "both")
-    if streams == "img":
-        return h, None
-    if streams == "txt":
-        return None, h
-    n_txt = int(capture["denoising_context"]["txt_seq_len"])
-    return h[:, n_txt:], h[:, :n_txt]  # text first
-
-
-def _prediction(capture: dict, key: LensKey, img: Tensor, final_layer: LastLayer) -> Tensor:
-    """The lens velocity (B, L, 64) of a block's image tokens, as `flux.decode.lens_latent` forms it."""
-    weight = final_layer.linear.weight
-    vec = capture["denoising_context"]["vec"][key.step].to(weight.device, weight.dtype)
-    return final_layer(img.to(weight.device, weight.dtype), vec)
-
-
-def _x0(img_state: Tensor, pred: Tensor, t_curr: float) -> Tensor:
-    # lens_latent's own expression, so the last block at the last step gives final_latent exactly
-    return img_state + (0.0 - t_curr) * pred.to(img_state.dtype)
-
-
 def _compare(a: Tensor, b: Tensor) -> tuple[float, float]:
     """(cosine similarity, |a - b| / |b|) of two tensors, flattened, in float64."""
     a, b = a.double().flatten(), b.to(a.device).double().flatten()
@@ -241,16 +226,16 @@ def block_metrics(capture: dict, final_layer: LastLayer | None = None, *, norms:
                 ref_pred = _euler_prediction(ctx, step)
             else:
                 ref_key = LensKey("single", ref_block, step, position)
-                ref_pred = _prediction(capture, ref_key, _block_output(capture, ref_key)[0], final_layer)
+                ref_pred = lens_velocity(capture, ref_key, final_layer)
         for key in (k for k in keys if k.position == position):
-            img, txt = _block_output(capture, key)
+            img, txt = block_tokens(capture, key)
             values = {}
             if similarity:
-                pred = _prediction(capture, key, img, final_layer)
+                pred = lens_velocity(capture, key, final_layer, img)
                 if ref_pred is not None:
                     values["pred_cosine"], values["pred_rel_l2"] = _compare(pred, ref_pred)
                 if final_latent is not None:
-                    x0 = _x0(img_state.to(pred.device), pred, t_curr)
+                    x0 = latent_from(img_state, pred, t_curr, 0.0)
                     values["x0_cosine"], values["x0_rel_l2"] = _compare(x0, final_latent)
             if norms:
                 for name, tokens in (("img", img), ("txt", txt)):

@@ -101,30 +101,51 @@ def lens_plan(
     return plan
 
 
-@torch.inference_mode()
-def lens_latent(capture: dict, key: LensKey, final_layer: LastLayer, target: str = "x0") -> Tensor:
-    """The latent tokens (B, L, 64) that block output `key` decodes to, in img_state's dtype and device
-    of the final layer. The final layer runs in its own dtype, on inputs cast to it."""
-    _check_target(target)
-    ctx = capture["denoising_context"]
+def block_tokens(capture: dict, key: LensKey) -> tuple[Tensor | None, Tensor | None]:
+    """(image tokens (B, L, D), text tokens (B, T, D)) of one captured block output; None for a stream
+    the capture left out (single-block entries hold [txt; img], or one stream with --streams)."""
     h = capture[f"{key.stream}_blocks"][f"block_{key.block}"][key.position]
     if key.stream == "double":
-        h = h[0]  # (img, txt)
-    img_state = ctx["img_state"][key.step]
-    n_img, n_txt = img_state.shape[1], int(ctx["txt_seq_len"])
-    if key.stream == "single" and h.shape[1] != n_img:
-        if h.shape[1] != n_txt + n_img:
+        return h
+    ctx = capture["denoising_context"]
+    n_img, n_txt = ctx["img_state"][key.step].shape[1], int(ctx["txt_seq_len"])
+    if h.shape[1] == n_txt + n_img:
+        return h[:, n_txt:], h[:, :n_txt]  # text first
+    if capture["metadata"].get("streams", "both") == "txt" or h.shape[1] != n_img:
+        if h.shape[1] != n_txt:
             raise ValueError(
                 f"single block output has {h.shape[1]} tokens; expected {n_img} or {n_txt + n_img}"
             )
-        h = h[:, n_txt:]  # text first
+        return None, h
+    return h, None
+
+
+@torch.inference_mode()
+def lens_velocity(capture: dict, key: LensKey, final_layer: LastLayer, img: Tensor | None = None) -> Tensor:
+    """The velocity (B, L, 64) the final layer reads from a block's image tokens with that step's vec, on
+    the final layer's device and in its dtype. `img` may pass the tokens if already read."""
+    if img is None:
+        img, _ = block_tokens(capture, key)
     weight = final_layer.linear.weight
-    vec = ctx["vec"][key.step].to(weight.device, weight.dtype)
-    pred = final_layer(h.to(weight.device, weight.dtype), vec)
+    vec = capture["denoising_context"]["vec"][key.step].to(weight.device, weight.dtype)
+    return final_layer(img.to(weight.device, weight.dtype), vec)
+
+
+def latent_from(img_state: Tensor, pred: Tensor, t_curr: float, t_to: float) -> Tensor:
+    """img_state + (t_to - t_curr) * pred, in img_state's dtype: the sampler's own Euler expression, so the
+    last block at the last step (t_to = t_prev = 0) gives the final latent bit for bit."""
+    return img_state.to(pred.device) + (t_to - t_curr) * pred.to(img_state.dtype)
+
+
+@torch.inference_mode()
+def lens_latent(capture: dict, key: LensKey, final_layer: LastLayer, target: str = "x0") -> Tensor:
+    """The latent tokens (B, L, 64) that block output `key` decodes to, in img_state's dtype, on the final
+    layer's device: x0 = img_state - t_curr * pred, next = img_state + (t_prev - t_curr) * pred."""
+    _check_target(target)
+    ctx = capture["denoising_context"]
+    pred = lens_velocity(capture, key, final_layer)
     t_curr, t_prev = (float(t) for t in ctx["timestep_pairs"][key.step])
-    t_to = 0.0 if target == "x0" else t_prev
-    # The sampler's own expression, so the last block at the last step gives its final latent exactly.
-    return img_state.to(weight.device) + (t_to - t_curr) * pred.to(img_state.dtype)
+    return latent_from(ctx["img_state"][key.step], pred, t_curr, 0.0 if target == "x0" else t_prev)
 
 
 def block_latents(

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from flux.capture import CONTEXT_KEYS, BlockCapture, CapturePlan, HostBufferPool
+from flux.decode import LensKey, block_tokens
 from flux.errors import UsageError, UserError
 from flux.model import Flux
 from flux.sampling import StepInfo, denoise
@@ -301,7 +302,7 @@ class Intervener:
             return (img_in if do_img else img), (txt_in if do_txt else txt)
         if iv.kind == "add":
             return img + iv.scale * iv.direction.to(img.device, img.dtype), txt
-        src_img, src_txt = source_tokens(iv, self.step, self.txt_len)
+        src_img, src_txt = source_tokens(iv, self.step)
         if do_img:
             img = _like(src_img, img, iv, "image")
         if do_txt:
@@ -309,19 +310,10 @@ class Intervener:
         return img, txt
 
 
-def source_tokens(iv: Intervention, step: int, txt_len: int) -> tuple[Tensor | None, Tensor | None]:
+def source_tokens(iv: Intervention, step: int) -> tuple[Tensor | None, Tensor | None]:
     """(img, txt) tokens stored in the patch source at iv's block and `step`; None for a stream not kept."""
-    meta = iv.source["metadata"]
-    position = list(meta["captured_steps"]).index(step)
-    stored = iv.source[f"{iv.stream}_blocks"][f"block_{iv.block}"][position]
-    if iv.stream == "double":
-        return stored[0], stored[1]
-    streams = meta.get("streams", "both")
-    if streams == "img":
-        return stored, None
-    if streams == "txt":
-        return None, stored
-    return stored[:, txt_len:], stored[:, :txt_len]
+    position = list(iv.source["metadata"]["captured_steps"]).index(step)
+    return block_tokens(iv.source, LensKey(iv.stream, iv.block, step, position))
 
 
 def _like(src: Tensor | None, out: Tensor, iv: Intervention, what: str) -> Tensor:
