@@ -9,6 +9,7 @@ import math
 import platform
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -552,7 +553,8 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
                 f"\n{_stopped(e)} while decoding the lens. Saved and complete: the image {image_path}, the "
                 f"capture {result.capture_path} and its metadata {result.metadata_path}. "
                 f"{result.decoded_dir} holds only the JPEGs finished so far; decode again with "
-                f"`capture_sample.py decode {result.capture_path}`."
+                f"`capture_sample.py decode {result.capture_path}`.",
+                file=sys.stderr,
             )
             raise
         finally:
@@ -613,13 +615,16 @@ def _report_interrupted(
             f"\n{why}. Could not finish the partial capture in {session.path} ({e}); "
             "the steps its index.json lists are complete."
             if isinstance(session.sink, SafetensorsSink)
-            else f"\n{why}. No .pt capture was saved."
+            else f"\n{why}. No .pt capture was saved.",
+            file=sys.stderr,
         )
         return
     if isinstance(session.sink, SafetensorsSink):
-        print(f"\n{why}: steps {saved} are saved in {session.path} (index marked incomplete).")
+        print(
+            f"\n{why}: steps {saved} are saved in {session.path} (index marked incomplete).", file=sys.stderr
+        )
     else:
-        print(f"\n{why}: a .pt capture is written only at the end, so none was saved.")
+        print(f"\n{why}: a .pt capture is written only at the end, so none was saved.", file=sys.stderr)
 
 
 def decode_saved(

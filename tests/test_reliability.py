@@ -418,7 +418,7 @@ def test_full_disk_during_each_kind_of_write(kind, models, earlier, tmp_path, mo
     assert failed_target_absent(new), new
     assert leftovers(out) == []
     assert_readable(out)
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # reports of what was saved go to stderr with the errors
     assert "Interrupted" not in printed
     if kind.startswith("shard"):
         capture = load_capture(folder)
@@ -438,7 +438,7 @@ def test_full_disk_in_the_writer_thread_is_one_paragraph_from_the_cli(tmp_path, 
     line = error_line(captured.err)
     assert "is full" in line and repr(str(directory)) in line and "is needed" in line
     assert "Interrupted" not in captured.out + captured.err
-    assert f"Stopped by an error (UserError): steps [0] are saved in {directory}" in captured.out
+    assert f"Stopped by an error (UserError): steps [0] are saved in {directory}" in captured.err
     assert json.loads((directory / "index.json").read_text())["complete"] is False
     assert leftovers(out) == []
 
@@ -635,9 +635,9 @@ def test_same_seed_gives_equal_tensors_everywhere_in_the_capture(models, earlier
             assert x.dtype == b[key].dtype and torch.equal(x, b[key]), key
         else:
             assert x == b[key], key
-    # 4 steps of (img, txt) for 2 double blocks and x for 3 single ones, img_state and vec per step, and
-    # y, txt, txt_ids, img_ids, final_latent.
-    assert tensors == 4 * (2 * 2 + 3) + 4 * 2 + 5
+    # 4 steps of (img, txt) for 2 double blocks and x for 3 single ones, img_state, vec and pred per step,
+    # and y, txt, txt_ids, img_ids, final_latent.
+    assert tensors == 4 * (2 * 2 + 3) + 4 * 3 + 5
 
 
 def test_metadata_records_everything_needed_to_reproduce_the_run(tmp_path):
