@@ -497,7 +497,7 @@ def main() -> None:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     cuda = device.type == "cuda"
-    dtype = compute_dtype(spec, device)
+    dtype = compute_dtype(spec)
     num_steps = args.num_steps or spec.default_steps
 
     start = time.perf_counter()

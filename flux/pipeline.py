@@ -47,7 +47,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def compute_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+def compute_dtype(spec: ModelSpec) -> torch.dtype:
     """bf16 for the published models (their checkpoints are bf16); float32 for flux-tiny: exact tests."""
     return torch.float32 if spec.name == "flux-tiny" else torch.bfloat16
 
@@ -214,7 +214,7 @@ class RunOptions:
         """Bytes the planned block outputs take on disk (context tensors are small and left out)."""
         txt_len, img_len = self.token_counts()
         plan = self.plan()
-        itemsize = (plan.dtype or compute_dtype(self.spec, torch.device(self.device))).itemsize
+        itemsize = (plan.dtype or compute_dtype(self.spec)).itemsize
         per_step = plan.bytes_per_step(1, txt_len, img_len, self.spec.params.hidden_size, itemsize)
         return per_step * len(plan.steps)
 
@@ -320,7 +320,7 @@ def load_models(
     if device.type == "cuda" and device.index is not None:
         # Make cuda:N current, so events, streams and pinned memory all belong to the run's GPU.
         torch.cuda.set_device(device)
-    dtype = compute_dtype(spec, device)
+    dtype = compute_dtype(spec)
     home = torch.device("cpu") if offload else device
     t5, clip = load_text_encoders(spec, home, dtype, weights_dir)
     flow = load_flow_model(spec, home, dtype, weights_dir)
@@ -699,7 +699,7 @@ def decode_later(
         )
     meta = load_capture(capture_path)["metadata"]
     spec = get_spec(meta["model"])
-    dtype = compute_dtype(spec, device)
+    dtype = compute_dtype(spec)
     final_layer = load_final_layer(resolve_flow_path(spec, weights_dir), spec.params, device, dtype)
     ae = load_ae(spec, device, weights_dir=weights_dir)
     stem = capture_path.name.removesuffix(".pt")

@@ -289,7 +289,7 @@ def _open(path: str, device: str | None):
         raise UserError(f"{path!r} does not name a known model in its metadata ({e}).") from e
     if "final_latent" not in capture["denoising_context"]:
         raise UserError(f"{path!r} is an interrupted capture (no final latent); replay needs a complete one.")
-    dtype = compute_dtype(spec, device)
+    dtype = compute_dtype(spec)
     dtype_name = str(dtype).removeprefix("torch.")
     if device.type != torch.device(meta.get("device", "cpu")).type or meta.get("dtype") != dtype_name:
         print(
