@@ -277,7 +277,7 @@ def load_direction(path: str | None) -> Tensor | None:
 def _open(path: str, device: str | None):
     """The capture, its model spec, and the device and dtype to replay in; checks all, loads no model."""
     from flux.configs import get_spec
-    from flux.pipeline import check_device, compute_dtype
+    from flux.options import check_device, compute_dtype
     from flux.store import load_capture
 
     device = check_device(device)

@@ -253,9 +253,9 @@ def test_plan_flags_as_fire_parses_them(tmp_path):
 
 
 def test_pt_capture_larger_than_host_memory_is_refused_before_loading(monkeypatch, tmp_path, capsys):
-    import flux.pipeline
+    import flux.options
 
-    monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: 1000)  # bytes
+    monkeypatch.setattr(flux.options, "available_host_memory", lambda: 1000)  # bytes
     out = tmp_path / "o"
     assert cli("--model", "flux-tiny", *SIZE, "--output_dir", str(out)) == 1
     err = capsys.readouterr().err
@@ -269,10 +269,10 @@ def test_pt_capture_larger_than_host_memory_is_refused_before_loading(monkeypatc
 def test_capture_larger_than_the_disk_is_refused_before_loading(monkeypatch, tmp_path, capsys):
     import shutil
 
-    import flux.pipeline
+    import flux.options
 
     real = shutil.disk_usage
-    monkeypatch.setattr(flux.pipeline.shutil, "disk_usage", lambda p: real(p)._replace(free=10))
+    monkeypatch.setattr(flux.options.shutil, "disk_usage", lambda p: real(p)._replace(free=10))
     out = tmp_path / "o"
     assert cli("--model", "flux-tiny", *SIZE, "--output_dir", str(out)) == 1
     assert "--force" in capsys.readouterr().err and not out.exists()

@@ -1,0 +1,238 @@
+"""The options of one run, checked before anything is loaded or written: flags, sizes, memory, disk."""
+
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flux.capture import CapturePlan
+from flux.configs import CONFIGS, ModelSpec, get_spec
+from flux.errors import UsageError, UserError
+from flux.sampling import latent_size
+
+FORMATS = ("pt", "safetensors")
+DECODE_TARGETS = ("x0", "next")
+MAX_SIDE = 4096  # 65k image tokens; beyond this FLUX.1 was never trained and memory explodes
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(spec: ModelSpec) -> torch.dtype:
+    """bf16 for the published models (their checkpoints are bf16); float32 for flux-tiny: exact tests."""
+    return torch.float32 if spec.name == "flux-tiny" else torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------- options
+@dataclass
+class RunOptions:
+    """Every knob of one run; `validate()` checks them all before anything is loaded or written."""
+
+    model: str = "flux-schnell"
+    prompt: str = "a beautiful landscape"
+    width: int = 256
+    height: int = 256
+    seed: int | None = None
+    num_steps: int | None = None
+    guidance: float | None = None
+    offload: bool = False
+    device: str | None = None
+    output_dir: str = "output"
+    capture: bool = True
+    format: str = "pt"
+    blocks: str | None = None
+    steps: str | None = None
+    streams: str = "both"
+    capture_dtype: str | None = None
+    force: bool = False
+    should_decode_intermediates: bool = True
+    decode_target: str = "x0"
+    decode_batch_size: int | None = None
+    compile_decoder: bool | None = None
+    analyze: bool = False
+    weights_dir: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def validate(self) -> "RunOptions":
+        """Normalise and check values; raise UsageError naming the flag. Touches no files."""
+        if self.model not in CONFIGS:
+            raise UsageError(f"--model {self.model!r} is not known. Choose one of: {', '.join(CONFIGS)}.")
+        spec = get_spec(self.model)
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise UsageError(
+                f"--prompt must be non-empty text; got {self.prompt!r}. Quote it, e.g. --prompt 'a red cube'."
+            )
+        for flag in ("width", "height"):
+            value = getattr(self, flag)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UsageError(f"--{flag} must be a whole number of pixels; got {value!r}.")
+            if value <= 0 or value % 16 or value > MAX_SIDE:
+                raise UsageError(
+                    f"--{flag} must be a positive multiple of 16 up to {MAX_SIDE}; got {value}. "
+                    f"Try {max(16, min(MAX_SIDE, 16 * round(value / 16)))}."
+                )
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise UsageError(
+                f"--seed must be a whole number (or left out for a random one); got {self.seed!r}."
+            )
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise UsageError(f"--seed must be between 0 and 2**64 - 1; got {self.seed}.")
+        if self.num_steps is None:
+            self.num_steps = spec.default_steps
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise UsageError(f"--num_steps must be a whole number >= 1; got {self.num_steps!r}.")
+        if self.num_steps > 1000:
+            raise UsageError(f"--num_steps must be at most 1000; got {self.num_steps}.")
+        if self.guidance is not None and not spec.uses_guidance:
+            self.warnings.append(
+                f"warning: {self.model} has no guidance input; --guidance {self.guidance} is ignored."
+            )
+        if self.guidance is None:
+            self.guidance = spec.default_guidance
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)):
+            raise UsageError(f"--guidance must be a number; got {self.guidance!r}.")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise UsageError(f"--guidance must be a finite number >= 0; got {self.guidance}.")
+        self.guidance = float(self.guidance)
+        if self.format not in FORMATS:
+            raise UsageError(f"--format must be one of {', '.join(FORMATS)}; got {self.format!r}.")
+        if self.decode_target not in DECODE_TARGETS:
+            raise UsageError(
+                f"--decode_target must be one of {', '.join(DECODE_TARGETS)}; got {self.decode_target!r}."
+            )
+        self.device = str(check_device(self.device))
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise UsageError(f"--output_dir must be a folder path; got {self.output_dir!r}.")
+        self._check_output_dir(Path(self.output_dir))
+        if self.decode_batch_size is not None and (
+            isinstance(self.decode_batch_size, bool)
+            or not isinstance(self.decode_batch_size, int)
+            or self.decode_batch_size < 1
+        ):
+            raise UsageError(
+                f"--decode_batch_size must be a whole number >= 1; got {self.decode_batch_size!r}."
+            )
+        for flag in ("offload", "capture", "force", "should_decode_intermediates", "analyze"):
+            if not isinstance(getattr(self, flag), bool):
+                raise UsageError(
+                    f"--{flag} is a switch: pass --{flag} or --no{flag}; got {getattr(self, flag)!r}."
+                )
+        if self.compile_decoder is not None and not isinstance(self.compile_decoder, bool):
+            raise UsageError(f"--compile_decoder is a switch; got {self.compile_decoder!r}.")
+        self.plan()  # parses --blocks/--steps/--streams/--capture_dtype
+        if self.capture:
+            self._check_capture_fits()
+        elif self.analyze:
+            raise UsageError("--analyze works on a capture: leave out --capture False.")
+        if self.capture and self.streams == "txt" and self.should_decode_intermediates:
+            raise UsageError(
+                "--streams txt keeps no image tokens, so the lens has nothing to decode: add "
+                "--should_decode_intermediates False, or capture --streams both."
+            )
+        if self.analyze:
+            from flux.analysis import check_extra
+
+            check_extra()  # before a long run, not after it
+        return self
+
+    def _check_capture_fits(self) -> None:
+        """Refuse, before anything loads, a capture that the disk (or, for .pt, host memory) cannot hold."""
+        needed = self.estimated_capture_bytes()
+        check_disk_space(_existing_parent(Path(self.output_dir)), needed, self.force)
+        if self.format == "pt":
+            # A .pt capture lives in host buffers until the end; pinned (CUDA) buffers are allocated in
+            # power-of-two sizes, up to twice what they hold.
+            held = needed * (2 if torch.device(self.device).type == "cuda" else 1)
+            available = available_host_memory()
+            if available is not None and held > 0.8 * available and not self.force:
+                raise UserError(
+                    f"A .pt capture is held in host memory until the run ends: this one needs up to "
+                    f"{held / 1e9:.1f} GB and {available / 1e9:.1f} GB is available. Use --format "
+                    "safetensors (streamed to disk, a few steps in memory), capture less (--blocks, --steps, "
+                    "--streams img), or pass --force to try anyway."
+                )
+
+    @staticmethod
+    def _check_output_dir(out: Path) -> None:
+        probe = _existing_parent(out)
+        if not probe.is_dir():
+            raise UsageError(f"--output_dir {str(out)!r} cannot be created: {str(probe)!r} is a file.")
+        if not os_access_writable(probe):
+            raise UsageError(f"--output_dir {str(out)!r} is not writable (no write permission on {probe}).")
+
+    @property
+    def spec(self) -> ModelSpec:
+        return get_spec(self.model)
+
+    def plan(self) -> CapturePlan:
+        p = self.spec.params
+        return CapturePlan.parse(
+            self.blocks,
+            self.steps,
+            self.streams,
+            self.capture_dtype,
+            p.depth,
+            p.depth_single_blocks,
+            self.num_steps,
+        )
+
+    def token_counts(self) -> tuple[int, int]:
+        """(T text tokens, L image tokens) of this run."""
+        h, w = latent_size(self.height, self.width)
+        return self.spec.t5_max_length, (h // 2) * (w // 2)
+
+    def estimated_capture_bytes(self) -> int:
+        """Bytes the planned block outputs take on disk (context tensors are small and left out)."""
+        txt_len, img_len = self.token_counts()
+        plan = self.plan()
+        itemsize = (plan.dtype or compute_dtype(self.spec)).itemsize
+        per_step = plan.bytes_per_step(1, txt_len, img_len, self.spec.params.hidden_size, itemsize)
+        return per_step * len(plan.steps)
+
+
+def check_device(name: str | None) -> torch.device:
+    """The torch device named by --device (default: cuda when available, else cpu); UsageError if bad."""
+    try:
+        device = torch.device(name if name is not None else default_device())
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"--device {name!r} is not a device (use cpu, cuda or cuda:N).") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but no CUDA GPU is visible. Use --device cpu.")
+    return device
+
+
+def os_access_writable(path: Path) -> bool:
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def available_host_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_disk_space(folder: Path, needed: int, force: bool) -> None:
+    free = shutil.disk_usage(folder).free
+    if needed > free and not force:
+        raise UserError(
+            f"The capture needs about {needed / 1e9:.2f} GB but {str(folder)!r} has {free / 1e9:.2f} GB "
+            "free. "
+            "Capture fewer blocks or steps (--blocks, --steps, --streams img), a smaller size, "
+            "--capture_dtype fp16/bf16, another --output_dir, or pass --force to try anyway."
+        )
