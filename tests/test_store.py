@@ -224,3 +224,57 @@ def test_streaming_keeps_a_few_steps_in_host_memory_however_long_the_run(model, 
     assert held["safetensors"] == STREAMING_BUFFERED_STEPS == 3
     assert held["pt"] == steps
     assert load_capture(tmp_path / "st")["metadata"]["steps_done"] == list(range(steps))
+
+
+_RSS_PROBE = """
+import resource, sys, tempfile
+from pathlib import Path
+import torch
+from flux.capture import CapturePlan
+from flux.configs import TINY_PARAMS
+from flux.model import Flux
+from flux.pipeline import CaptureSession, sample
+from flux.sampling import get_noise, get_schedule, prepare
+
+fmt, steps = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+model = Flux(TINY_PARAMS).eval().requires_grad_(False)
+g = torch.Generator().manual_seed(1)
+txt, y = torch.randn(1, 32, 32, generator=g), torch.randn(1, 32, generator=g)
+inp = prepare(get_noise(1, 512, 512, "cpu", torch.float32, 7), txt, y)
+timesteps = get_schedule(steps, inp["img"].shape[1])
+plan = CapturePlan.everything(model, steps)
+meta = {"captured_steps": list(plan.steps), "captured_blocks": {"double": [0, 1], "single": [0, 1, 2]}}
+sample(model, inp, timesteps, 3.5)  # warm up the allocator and kernels without capture
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with tempfile.TemporaryDirectory() as d:
+    path = Path(d) / ("c.pt" if fmt == "pt" else "c")
+    session = CaptureSession.open(model, plan, fmt, path, 32, inp["img"].shape[1], torch.float32, meta, steps)
+    sample(model, inp, timesteps, 3.5, session)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    session.sink.finish({"txt_seq_len": 32}, meta)
+print((peak - base) * 1024)
+"""
+
+
+def test_peak_host_rss_of_streaming_grows_with_one_step_not_with_the_number_of_steps():
+    """Measured, not counted: peak RSS during sampling, 6 vs 30 steps of a 512 px flux-tiny capture."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def growth(fmt: str, steps: int) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _RSS_PROBE, fmt, str(steps)], cwd=root, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    # One step: 2 double blocks (img + txt) and 3 single ones of 32 + 1024 tokens x 64 fp32, plus context.
+    step = CapturePlan((0, 1), (0, 1, 2), (0,)).bytes_per_step(1, 32, 1024, 64, 4)
+    pt = growth("pt", 30) - growth("pt", 6)
+    streamed = growth("safetensors", 30) - growth("safetensors", 6)
+    assert pt > 0.8 * 24 * step  # a .pt holds every step until the end
+    assert streamed < 4 * step  # a streamed capture holds a few steps, however long the run
