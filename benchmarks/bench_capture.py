@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from flux.autoencoder import AutoEncoder
 from flux.capture import CapturePlan
 from flux.configs import ModelSpec, get_spec
-from flux.decode import auto_batch_size, compiled_batch_size, decode_capture, decode_latents, to_uint8
+from flux.decode import auto_batch_size, decode_capture, decode_latents, stable_batch_size, to_uint8
 from flux.loading import load_ae, load_flow_model
 from flux.model import Flux
 from flux.pipeline import CaptureSession, compute_dtype, sample
@@ -558,8 +558,8 @@ def main() -> None:
             batch_size = None
             if "pt" in args.modes and not args.skip_decode:
                 batch_size = auto_batch_size(ae.params, size, size, device)
-                if compile:
-                    batch_size = compiled_batch_size(ae.params, size, size, batch_size)
+                if device.type == "cuda":  # as decode_capture's default
+                    batch_size = stable_batch_size(ae.params, size, size, batch_size)
             case = Case(
                 flow, ae, spec, txt, y, size, num_steps, out, decode=not args.skip_decode,
                 batch_size=batch_size, compile=compile,

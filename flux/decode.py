@@ -224,7 +224,7 @@ def auto_batch_size(params: AutoEncoderParams, height: int, width: int, device: 
 # 3.13 ms at 256 px, 70 ms at 1024 px); compiling costs ~30 s once per shape, less from inductor's cache.
 EAGER_SECONDS_PER_256PX_IMAGE = 3.2e-3
 COMPILE_PAYS_AFTER_SECONDS = 60.0
-COMPILED_BATCH_BYTES = 16 * 2**30  # the memory a compiled batch may plan for: the same shape on every run
+STABLE_BATCH_BYTES = 16 * 2**30  # the memory a GPU batch plans for, so it is the same shape on every run
 
 
 def compile_pays(n: int, height: int, width: int) -> bool:
@@ -234,11 +234,12 @@ def compile_pays(n: int, height: int, width: int) -> bool:
     return eager > COMPILE_PAYS_AFTER_SECONDS
 
 
-def compiled_batch_size(params: AutoEncoderParams, height: int, width: int, limit: int) -> int:
-    """A batch for the compiled decoder that depends on the image size alone (a power of two under a fixed
-    memory budget, and under `limit`), so capture-time and later decodes reuse one compiled graph."""
+def stable_batch_size(params: AutoEncoderParams, height: int, width: int, limit: int) -> int:
+    """A GPU batch that depends on the image size alone (a power of two under a fixed memory budget, and under
+    `limit`, the batch that fits now): capture-time and later decodes then run the same shapes, so they reuse
+    one compiled graph and pick the same kernels, giving the same files."""
     fits = min(
-        limit, MAX_CUDA_BATCH, max(1, COMPILED_BATCH_BYTES // decoder_bytes_per_image(params, height, width))
+        limit, MAX_CUDA_BATCH, max(1, STABLE_BATCH_BYTES // decoder_bytes_per_image(params, height, width))
     )
     return 2 ** int(math.log2(fits))
 
@@ -351,8 +352,8 @@ def decode_capture(
     sheets `grid_double.jpg` and `grid_single.jpg` (rows: blocks, columns: steps, then the final image).
 
     device: where the VAE decodes (default: where ae.decoder is; it is moved there otherwise).
-    batch_size: images per decoder call (default: sized to free GPU memory, CPU_BATCH on CPU; compiled: a
-    power of two set by the image size, so every run reuses one graph); 1 decodes one at a time.
+    batch_size: images per decoder call (default on CUDA: a power of two set by the image size within what
+    the free memory allows, see `stable_batch_size`; CPU_BATCH on CPU); 1 decodes one at a time.
     compile: torch.compile the decoder (default: on CUDA where it pays, see `compile_pays`). final_image:
     the sampler's image for the sheets; by default final_latent is decoded along with the blocks.
     """
@@ -372,8 +373,10 @@ def decode_capture(
         compile = device.type == "cuda" and compile_pays(n, height, width)
     if batch_size is None:
         batch_size = auto_batch_size(ae.params, height, width, device)
-        if compile:
-            batch_size = compiled_batch_size(ae.params, height, width, batch_size)
+        if (
+            device.type == "cuda"
+        ):  # the same batch at capture time and later: one compiled graph, same kernels
+            batch_size = stable_batch_size(ae.params, height, width, batch_size)
     sizes = chunk_sizes(n, batch_size)
     if not compile:
         batch_size = max(sizes, default=1)

@@ -359,7 +359,7 @@ def test_load_final_layer_errors_clearly(model, tmp_path):
 
 def test_compile_defaults_to_where_it_pays_and_one_shape_per_image_size():
     from flux.configs import FULL_AE_PARAMS
-    from flux.decode import compile_pays, compiled_batch_size
+    from flux.decode import compile_pays, stable_batch_size
 
     # flux-schnell's 229 lens images at 256 px decode eagerly in under a second: compiling (~30 s) never pays;
     # flux-dev's 2,851 at 1024 px take minutes eagerly.
@@ -369,6 +369,6 @@ def test_compile_defaults_to_where_it_pays_and_one_shape_per_image_size():
     for size, expected in ((256, 32), (512, 8), (1024, 2)):
         # 16 GiB over the decoder's estimated 2**29 * (size / 256)**2 bytes per image, whether 40 or 64
         # images fit in the free memory (capture time, with the flow model resident, vs decode later).
-        assert compiled_batch_size(FULL_AE_PARAMS, size, size, limit=40) == expected
-        assert compiled_batch_size(FULL_AE_PARAMS, size, size, limit=64) == expected
-    assert compiled_batch_size(FULL_AE_PARAMS, 1024, 1024, limit=1) == 1
+        assert stable_batch_size(FULL_AE_PARAMS, size, size, limit=40) == expected
+        assert stable_batch_size(FULL_AE_PARAMS, size, size, limit=64) == expected
+    assert stable_batch_size(FULL_AE_PARAMS, 1024, 1024, limit=1) == 1
