@@ -216,6 +216,7 @@ def auto_batch_size(params: AutoEncoderParams, height: int, width: int, device: 
     """Images per VAE decoder call: what fits in 70% of the free GPU memory, or a fixed size on CPU."""
     if device.type != "cuda":
         return CPU_BATCH
+    torch.cuda.empty_cache()  # blocks the caching allocator holds but does not use count as free
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(MAX_CUDA_BATCH, int(0.7 * free) // decoder_bytes_per_image(params, height, width)))
 
