@@ -198,8 +198,34 @@ class HostBufferPool:
         self.free[len(tensors) > len(CONTEXT_KEYS)].put(tensors)
 
 
+class HookSet:
+    """Forward hooks that exist only inside a `with` block: `install` registers them (appending the handles
+    to `self.handles`), and they are removed on exit, on an exception, and if installing fails halfway."""
+
+    handles: list
+
+    def install(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self.install()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
 @dataclass
-class BlockCapture:
+class BlockCapture(HookSet):
     """Installs the capture hooks on a Flux model for the duration of a `with` block.
 
     Call `begin_step(k, img_state)` before each model call and `end_step()` after it; `end_step` returns the
@@ -231,26 +257,13 @@ class BlockCapture:
         dtypes["img_state"] = dtypes["vec"] = dtypes["pred"] = model_dtype
         return shapes, dtypes
 
-    def __enter__(self) -> "BlockCapture":
-        try:
-            for i in self.plan.double:
-                self.handles.append(self.model.double_blocks[i].register_forward_hook(self._double_hook(i)))
-            for i in self.plan.single:
-                self.handles.append(self.model.single_blocks[i].register_forward_hook(self._single_hook(i)))
-            self.handles.append(self.model.final_layer.register_forward_pre_hook(self._vec_hook))
-            self.handles.append(self.model.final_layer.register_forward_hook(self._pred_hook))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+    def install(self) -> None:
+        for i in self.plan.double:
+            self.handles.append(self.model.double_blocks[i].register_forward_hook(self._double_hook(i)))
+        for i in self.plan.single:
+            self.handles.append(self.model.single_blocks[i].register_forward_hook(self._single_hook(i)))
+        self.handles.append(self.model.final_layer.register_forward_pre_hook(self._vec_hook))
+        self.handles.append(self.model.final_layer.register_forward_hook(self._pred_hook))
 
     def _copy(self, key: str, value: Tensor) -> None:
         step = self.current

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flux.capture import CONTEXT_KEYS, BlockCapture, CapturePlan, HostBufferPool
+from flux.capture import CONTEXT_KEYS, BlockCapture, CapturePlan, HookSet, HostBufferPool
 from flux.decode import LensKey, block_tokens
 from flux.errors import UsageError, UserError
 from flux.model import Flux
@@ -239,7 +239,7 @@ def check_patch_source(iv: Intervention, txt_len: int, img_len: int, num_steps: 
 
 
 # ----------------------------------------------------------------------------------------- hooks
-class Intervener:
+class Intervener(HookSet):
     """Installs intervention hooks on a Flux model for the duration of a `with` block.
 
     Set `step` (or pass `on_step` as denoise's before_step) so step ranges apply; `offset` is added to
@@ -257,23 +257,10 @@ class Intervener:
         self.handles: list = []
         self.applied: list[tuple[str, int]] = []  # (spec, step) of every change made, for bookkeeping
 
-    def __enter__(self) -> "Intervener":
-        try:
-            for iv in self.interventions:
-                module = iv.blocks_of(self.model)[iv.block]
-                self.handles.append(module.register_forward_hook(self._hook(iv), with_kwargs=True))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+    def install(self) -> None:
+        for iv in self.interventions:
+            module = iv.blocks_of(self.model)[iv.block]
+            self.handles.append(module.register_forward_hook(self._hook(iv), with_kwargs=True))
 
     def on_step(self, info: StepInfo) -> None:
         self.step = info.index + self.offset
