@@ -76,8 +76,8 @@ def main(
             writing JPEGs and labelled grids under intermediates/decoded/ (default True).
         decode_target: What the lens shows: x0 (default; the clean image each block predicts) or next (the
             latent one Euler step later).
-        decode_batch_size: Images per VAE decoder call in the lens; default: sized to free GPU memory (8 on
-            CPU). 1 decodes one at a time.
+        decode_batch_size: Images per VAE decoder call in the lens; default: set by the image size within
+            the free GPU memory (8 on CPU). 1 decodes one at a time.
         compile_decoder: torch.compile the VAE decoder for the lens; default: on CUDA when eager decoding
             would take over a minute (the compiled graph is cached on disk, so only the first run per image
             size pays ~30 s), never on CPU.
@@ -153,7 +153,7 @@ def decode(
         output_dir: Where to write; default {capture folder}/decoded/{capture stem} (suffixed if taken).
         decode_target: x0 (default; each block's clean-image estimate) or next (the one-step latent).
         device: Torch device; cuda when available, else cpu.
-        decode_batch_size: Images per decoder call; default: sized to free GPU memory (8 on CPU).
+        decode_batch_size: Images per decoder call; default: set by the image size (8 on CPU).
         compile_decoder: torch.compile the decoder; default: on CUDA where it pays, never on CPU.
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; default as for capture.
     """

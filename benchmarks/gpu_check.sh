@@ -13,14 +13,20 @@ OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/gpu.txt"
 
+rc=0
 case "${1:-1}" in
 1)
-    timeout 120 python3 scripts/cuda_checks.py 2>&1 | tee "$OUT/cuda_checks.txt"
+    timeout 120 python3 scripts/cuda_checks.py 2>&1 | tee "$OUT/cuda_checks.txt" || rc=1
     timeout 300 python3 benchmarks/bench_decode.py --model flux-schnell --random_weights --sizes 256 1024 \
-        2>&1 | tee "$OUT/decode.txt"
+        2>&1 | tee "$OUT/decode.txt" || rc=1
     ;;
 2)
     timeout 450 python3 benchmarks/bench_capture.py --model flux-schnell --random_weights --quick \
-        --sizes 1024 512 256 --json "$OUT/capture.json" 2>&1 | tee "$OUT/capture.txt"
+        --sizes 1024 512 256 --json "$OUT/capture.json" 2>&1 | tee "$OUT/capture.txt" || rc=1
+    ;;
+*)
+    echo "usage: bash benchmarks/gpu_check.sh 1|2" >&2
+    exit 2
     ;;
 esac
+exit $rc

@@ -426,5 +426,8 @@ def replay(
         result.capture = assemble(steps, new_ctx, new_meta)
         # Steps before `start` ran as stored: keep their context, so list index = step index again.
         for key in CONTEXT_KEYS:
+            if ctx.get(key) is None:  # a capture made before this key was recorded
+                del result.capture["denoising_context"][key]
+                continue
             result.capture["denoising_context"][key][:0] = [ctx[key][k] for k in range(start)]
     return result

@@ -146,12 +146,17 @@ class RunOptions:
         if self.format == "pt":
             # A .pt capture lives in host buffers until the end; pinned (CUDA) buffers are allocated in
             # power-of-two sizes, up to twice what they hold.
-            held = needed * (2 if torch.device(self.device).type == "cuda" else 1)
+            on_gpu = torch.device(self.device).type == "cuda"
+            held = needed * (2 if on_gpu else 1)
             available = available_host_memory()
-            if available is not None and held > 0.8 * available and not self.force:
+            if available is not None and (not on_gpu or self.offload):
+                available -= model_host_bytes(self.spec)  # the models will live in host memory too
+            # (If the models alone do not fit, loading them fails with its own message; nothing to add here.)
+            if available is not None and 0 < available < held / 0.8 and not self.force:
                 raise UserError(
                     f"A .pt capture is held in host memory until the run ends: this one needs up to "
-                    f"{held / 1e9:.1f} GB and {available / 1e9:.1f} GB is available. Use --format "
+                    f"{held / 1e9:.1f} GB and {max(available, 0) / 1e9:.1f} GB is available beside the "
+                    "models. Use --format "
                     "safetensors (streamed to disk, a few steps in memory), capture less (--blocks, --steps, "
                     "--streams img), or pass --force to try anyway."
                 )
@@ -225,6 +230,22 @@ def available_host_memory() -> int | None:
     except OSError:
         pass
     return None
+
+
+# T5-XXL encoder and CLIP-L text model in bf16, as shipped in FLUX.1-schnell's text_encoder(_2) folders.
+TEXT_ENCODER_BYTES = 9_800_000_000
+
+
+def model_host_bytes(spec: ModelSpec) -> int:
+    """Host memory the models of `spec` take when they live on the CPU (--device cpu, or --offload)."""
+    from flux.autoencoder import AutoEncoder
+    from flux.model import Flux
+
+    with torch.device("meta"):
+        flow, ae = Flux(spec.params), AutoEncoder(spec.ae_params)
+    flow_bytes = sum(p.numel() for p in flow.parameters()) * compute_dtype(spec).itemsize
+    ae_bytes = sum(p.numel() for p in ae.parameters()) * 4  # the AE checkpoint is float32
+    return flow_bytes + ae_bytes + (0 if spec.name == "flux-tiny" else TEXT_ENCODER_BYTES)
 
 
 def check_disk_space(folder: Path, needed: int, force: bool) -> None:

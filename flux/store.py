@@ -414,7 +414,9 @@ def _load_dir(directory: Path) -> dict:
                     ctx[key] = f.get_tensor(key)
         except (SafetensorError, OSError) as e:
             raise UserError(f"Could not read {str(context_path)!r}: {e}. The file is corrupt.") from e
-    for key in CONTEXT_KEYS:
+    # Context keys written by this version; captures made before `pred` was recorded simply lack it.
+    present = [k for k in CONTEXT_KEYS if k in index.get("shapes", {}) or not done]
+    for key in present:
         ctx[key] = LazyList(len(done), lambda i, key=key: shards.get(f"step_{done[i]:04d}.safetensors", key))
     return {"double_blocks": double, "single_blocks": single, "denoising_context": ctx, "metadata": meta}
 

@@ -255,7 +255,9 @@ def test_plan_flags_as_fire_parses_them(tmp_path):
 def test_pt_capture_larger_than_host_memory_is_refused_before_loading(monkeypatch, tmp_path, capsys):
     import flux.options
 
-    monkeypatch.setattr(flux.options, "available_host_memory", lambda: 1000)  # bytes
+    # On the CPU the models live in host memory too: leave 1000 bytes beside them.
+    models = flux.options.model_host_bytes(flux.options.get_spec("flux-tiny"))
+    monkeypatch.setattr(flux.options, "available_host_memory", lambda: models + 1000)
     out = tmp_path / "o"
     assert cli("--model", "flux-tiny", *SIZE, "--output_dir", str(out)) == 1
     err = capsys.readouterr().err
@@ -289,3 +291,18 @@ def test_flag_combinations_that_cannot_work_are_refused_up_front(args, flag, tmp
     out = tmp_path / "o"
     assert cli("--model", "flux-tiny", *SIZE, *args, "--output_dir", str(out)) == 2
     assert flag in capsys.readouterr().err and not out.exists()
+
+
+def test_host_memory_check_counts_the_models_when_they_live_on_the_cpu(monkeypatch, tmp_path):
+    import flux.options
+    from flux.options import RunOptions, model_host_bytes
+
+    spec_bytes = model_host_bytes(flux.options.get_spec("flux-tiny"))
+    opts = RunOptions(model="flux-tiny", width=64, height=48, output_dir=str(tmp_path), device="cpu")
+    needed = opts.validate().estimated_capture_bytes()
+    # Enough memory for the capture alone, but not beside the models: refused on the CPU.
+    monkeypatch.setattr(flux.options, "available_host_memory", lambda: spec_bytes + int(needed * 1.1))
+    with pytest.raises(flux.options.UserError, match="beside the models"):
+        RunOptions(model="flux-tiny", width=64, height=48, output_dir=str(tmp_path), device="cpu").validate()
+    monkeypatch.setattr(flux.options, "available_host_memory", lambda: spec_bytes + 2 * needed)
+    RunOptions(model="flux-tiny", width=64, height=48, output_dir=str(tmp_path), device="cpu").validate()

@@ -291,3 +291,21 @@ def test_host_rss_of_streaming_grows_with_one_step_not_with_the_number_of_steps(
     streamed = growth("safetensors", 30) - growth("safetensors", 6)
     assert pt > 0.8 * 24 * step  # a .pt holds every step until the end
     assert streamed < 4 * step  # a streamed capture holds a few steps, however long the run
+
+
+def test_captures_made_before_pred_was_recorded_still_load_and_analyse(model, tmp_path):
+    """Old safetensors shards without `pred`: the key is absent (not a list that fails when read)."""
+    from safetensors.torch import load_file, save_file
+
+    plan = CapturePlan.everything(model, NUM_STEPS)
+    st, _ = _capture(model, lambda pool, meta: SafetensorsSink(tmp_path, pool, meta), plan)
+    index = json.loads((st / "index.json").read_text())
+    for shard in st.glob("step_*.safetensors"):
+        tensors = load_file(shard)
+        del tensors["pred"]
+        save_file(tensors, shard)
+    del index["shapes"]["pred"], index["dtypes"]["pred"]
+    (st / "index.json").write_text(json.dumps(index))
+    capture = load_capture(st)
+    assert "pred" not in capture["denoising_context"]
+    assert capture["denoising_context"]["img_state"][2].shape == (1, 12, 64)
