@@ -300,6 +300,17 @@ def _open(path: str, device: str | None):
     return capture, spec, device, dtype
 
 
+def _check_before_loading(interventions: Sequence[Intervention], spec, capture: dict) -> None:
+    """Every intervention checked against the capture's sizes (a patch source's shapes, a direction's)
+    on a model built on the meta device, so a mismatch costs no 24 GB load."""
+    with torch.device("meta"):
+        shape_model = Flux(spec.params)
+    ctx = capture["denoising_context"]
+    num_steps = len(timesteps_of(capture)) - 1
+    for iv in interventions:
+        iv.check(shape_model, num_steps, int(ctx["txt_seq_len"]), ctx["img_ids"].shape[1])
+
+
 def _load(spec, device: torch.device, dtype: torch.dtype, weights_dir: str | None):
     """The flow model and AE (never the text encoders), once every flag has been checked."""
     from flux.loading import load_ae, load_flow_model
@@ -384,6 +395,14 @@ def sweep_command(
     step_set = parse_steps(steps, num_steps, "--steps")
     src = load_capture(source) if source is not None else None
     direction_tensor = load_direction(direction)
+    scale_used = scale if intervention == "add" else 1.0
+    planned = [
+        Intervention(
+            intervention, stream, block, step_set, tokens, scale_used, source=src, direction=direction_tensor
+        )
+        for stream, block in chosen
+    ]
+    _check_before_loading(planned, spec, capture)
     flow, ae = _load(spec, device, dtype, weights_dir)  # only now that every flag has been checked
     rows, reference, _ = sweep(
         flow,
@@ -501,6 +520,7 @@ def replay_command(
         source=load_capture(source) if source is not None else None,
         direction=load_direction(direction),
     )
+    _check_before_loading(ivs, spec, capture)
     flow, ae = _load(spec, device, dtype, weights_dir)  # only now that every flag has been checked
     record = CapturePlan.everything(flow, num_steps) if save_capture else None
     result = replay(flow, capture, step, until, ivs, record=record)

@@ -345,3 +345,19 @@ def test_commands_check_their_flags_before_loading_any_model(captures, monkeypat
         replay_command(str(path), step=7)
     with pytest.raises(UsageError):
         replay_command(str(path), intervention="skip:triple:0")
+
+
+def test_a_mismatched_patch_source_is_refused_before_loading(models, captures, tmp_path, monkeypatch):
+    import flux.sweep
+
+    (path, _), _ = captures
+    other_size = _capture(models, tmp_path / "small", width=48)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the patch source was checked")
+
+    monkeypatch.setattr(flux.sweep, "_load", no_loading)
+    with pytest.raises(UserError, match="same width, height"):
+        sweep_command(str(path), intervention="patch", source=str(other_size), blocks="double:0")
+    with pytest.raises(UserError, match="same width, height"):
+        replay_command(str(path), intervention="patch:double:0", source=str(other_size))
