@@ -141,10 +141,12 @@ def decode(
     decode_batch_size: int | None = None,
     compile_decoder: bool | None = None,
     weights_dir: str | None = None,
+    progress: bool = True,
 ):
     """Decode a saved capture with the lens, without sampling again.
 
-    Loads only the flow checkpoint's final_layer tensors and the AE. Writes
+    Loads only the flow checkpoint's final_layer tensors and the AE; when the checkpoint is neither local
+    nor in the Hugging Face cache, those tensors alone are fetched from the hub by range requests. Writes
     {capture folder}/decoded/{capture stem}/{double,single}_block_{i}_step_{k}.jpg and
     grid_{double,single}.jpg.
 
@@ -156,12 +158,13 @@ def decode(
         decode_batch_size: Images per decoder call; default: set by the image size (8 on CPU).
         compile_decoder: torch.compile the decoder; default: on CUDA where it pays, never on CPU.
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; default as for capture.
+        progress: Show a progress bar over decoded images (default True).
     """
     from flux.pipeline import decode_later
 
     decode_later(
         path, output_dir, target=decode_target, device=device, batch_size=decode_batch_size,
-        compile=compile_decoder, weights_dir=weights_dir,
+        compile=compile_decoder, weights_dir=weights_dir, progress=progress,
     )  # fmt: skip
 
 

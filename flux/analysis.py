@@ -575,8 +575,8 @@ def analyze(
     """
     check_extra()
     from flux.configs import get_spec
-    from flux.decode import load_final_layer
-    from flux.loading import load_ae, resolve_flow_path
+    from flux.decode import load_model_final_layer
+    from flux.loading import load_ae
     from flux.store import load_capture
 
     if isinstance(animation_steps, bool) or not isinstance(animation_steps, int) or animation_steps < 0:
@@ -594,7 +594,7 @@ def analyze(
     dtype = getattr(torch, meta.get("dtype", "float32"))
     final_layer = None
     if has_img:
-        final_layer = load_final_layer(resolve_flow_path(spec, weights_dir), spec.params, dev, dtype)
+        final_layer = load_model_final_layer(spec, weights_dir, dev, dtype)
     else:
         log("Only text tokens were captured (--streams txt): writing the norms only.")
 

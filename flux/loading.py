@@ -9,11 +9,14 @@ Models are built on the meta device and the checkpoint tensors are loaded straig
 `strict=True, assign=True`: a wrong or incomplete checkpoint fails loudly instead of leaving random weights.
 """
 
+import json
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -24,6 +27,23 @@ from flux.model import Flux
 
 HUB = "hub"  # a `weights_dir` value that skips the local defaults and goes straight to the hub
 _DIFFUSION_PREFIX = "model.diffusion_model."  # ComfyUI-style single files carry this prefix
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+_MAX_HEADER_BYTES = 100_000_000  # the format's own limit
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection failures of huggingface_hub's HTTP client: requests' are OSErrors already; httpx's (and
+    its successors') derive from their module's TransportError."""
+    from huggingface_hub import get_session
+
+    client_module = sys.modules.get(type(get_session()).__module__.split(".")[0])
+    transport = getattr(client_module, "TransportError", None)
+    return (OSError, transport) if isinstance(transport, type) else (OSError,)
 
 
 def default_weights_dir(spec: ModelSpec) -> Path | None:
@@ -50,18 +70,19 @@ def _local_dir(spec: ModelSpec, weights_dir: str | Path | None) -> Path | None:
     return path
 
 
-def hub_download(repo_id: str, filename: str, *, gated: bool = False, what: str = "weights") -> Path:
-    """hf_hub_download with each failure turned into one paragraph that says what to do."""
-    from huggingface_hub import hf_hub_download
+@contextmanager
+def _hub_errors(repo_id: str, filename: str, *, gated: bool, what: str):
+    """Turn each way a hub request can fail into one paragraph that says what to do."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
+        HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
 
     try:
-        return Path(hf_hub_download(repo_id, filename))
+        yield
     except GatedRepoError as e:
         raise UserError(
             f"{repo_id} is a gated repository and this machine has no access to it. Accept the licence at "
@@ -73,8 +94,7 @@ def hub_download(repo_id: str, filename: str, *, gated: bool = False, what: str 
         hint = " It may be gated: accept its licence and set HF_TOKEN." if gated else ""
         raise UserError(f"The hub repository {repo_id} was not found or is not visible.{hint}") from e
     except LocalEntryNotFoundError as e:  # before EntryNotFoundError: newer hubs subclass it
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+        why = "HF_HUB_OFFLINE is set" if _offline() else "the hub could not be reached"
         raise UserError(
             f"{filename} ({what}) from {repo_id} is not in the Hugging Face cache and {why}. Download "
             f"it once with network access (`huggingface-cli download {repo_id} {filename}`), or set "
@@ -82,6 +102,25 @@ def hub_download(repo_id: str, filename: str, *, gated: bool = False, what: str 
         ) from e
     except EntryNotFoundError as e:
         raise UserError(f"The hub repository {repo_id} has no file {filename!r} ({what}).") from e
+    except HfHubHTTPError as e:
+        raise UserError(f"The hub refused a request for {filename} ({what}) from {repo_id}: {e}") from e
+    except _transport_errors() as e:
+        raise UserError(
+            f"Could not reach the hub for {filename} ({what}) from {repo_id}: {e}. Check the network, or "
+            "set FLUX_MODEL / FLUX_AE to local files, or pass a local weights directory."
+        ) from e
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def hub_download(repo_id: str, filename: str, *, gated: bool = False, what: str = "weights") -> Path:
+    """hf_hub_download with each failure turned into one paragraph that says what to do."""
+    from huggingface_hub import hf_hub_download
+
+    with _hub_errors(repo_id, filename, gated=gated, what=what):
+        return Path(hf_hub_download(repo_id, filename))
 
 
 def _resolve(spec: ModelSpec, filename: str, env_var: str, weights_dir: str | Path | None, what: str) -> Path:
@@ -136,6 +175,120 @@ def read_state_dict(path: Path, device: torch.device | str = "cpu") -> dict[str,
     if sd and all(k.startswith(_DIFFUSION_PREFIX) for k in sd):
         sd = {k.removeprefix(_DIFFUSION_PREFIX): v for k, v in sd.items()}
     return sd
+
+
+def _matching(keys, prefix: str) -> dict[str, str]:
+    """{name without any ComfyUI prefix: key in the file} for the keys under `prefix`."""
+    return {
+        key.removeprefix(_DIFFUSION_PREFIX): key
+        for key in keys
+        if key.removeprefix(_DIFFUSION_PREFIX).startswith(prefix)
+    }
+
+
+def read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a local safetensors file whose names start with `prefix`, read on their own."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"No flow checkpoint at {str(path)!r}: pass the path of the model's .safetensors file."
+        )
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {name: f.get_tensor(key) for name, key in _matching(f.keys(), prefix).items()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(
+            f"Could not read {str(path)!r} as safetensors ({e}). The file is corrupt or truncated: "
+            "delete it and download it again."
+        ) from e
+
+
+def fetch_hub_tensors(
+    repo_id: str, filename: str, prefix: str, *, gated: bool = False, what: str = "weights"
+) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix` of a safetensors file on the hub, fetched with HTTP range requests.
+
+    Reads the 8-byte header length, the JSON header, then each wanted tensor's bytes: for the lens that is
+    the final layer (about 38 MB of a 24 GB checkpoint). Honours HF_TOKEN and HF_ENDPOINT like every other
+    hub call; nothing is written to the cache.
+    """
+    from huggingface_hub import get_session, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+
+    if _offline():
+        raise UserError(
+            f"{filename} ({what}) from {repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set. "
+            f"Download it once with network access (`huggingface-cli download {repo_id} {filename}`), or "
+            "set FLUX_MODEL to a local file, or pass a local weights directory."
+        )
+    url = hf_hub_url(repo_id, filename)
+    headers = build_hf_headers()
+
+    def fetch(start: int, stop: int) -> bytes:
+        response = get_session().get(
+            url, headers={**headers, "range": f"bytes={start}-{stop - 1}"}, timeout=60
+        )
+        hf_raise_for_status(response)
+        data = response.content
+        if response.status_code != 206 or len(data) != stop - start:
+            raise UserError(
+                f"The server for {repo_id}/{filename} did not honour a range request (HTTP "
+                f"{response.status_code}, {len(data)} bytes for {stop - start}). Download the file instead "
+                f"(`huggingface-cli download {repo_id} {filename}`) and set FLUX_MODEL to it."
+            )
+        return data
+
+    with _hub_errors(repo_id, filename, gated=gated, what=what):
+        header_len = int.from_bytes(fetch(0, 8), "little")
+        if not 2 <= header_len <= _MAX_HEADER_BYTES:
+            raise UserError(f"{repo_id}/{filename} is not a safetensors file (header of {header_len} bytes).")
+        try:
+            header = json.loads(fetch(8, 8 + header_len))
+            wanted = _matching((k for k in header if k != "__metadata__"), prefix)
+            spans = {key: tuple(header[key]["data_offsets"]) for key in wanted.values()}
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{repo_id}/{filename} has a malformed safetensors header ({e!r}).") from e
+        total = sum(end - begin for begin, end in spans.values())
+        print(
+            f"Reading {prefix}* ({total / 1e6:.1f} MB) from {repo_id}/{filename} by range requests, "
+            "without downloading the whole file.",
+            file=sys.stderr,
+        )
+        tensors = {}
+        for name, key in wanted.items():
+            info = header[key]
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise UserError(
+                    f"{repo_id}/{filename}: {key} has dtype {info['dtype']}, which FLUX never uses."
+                )
+            begin, end = spans[key]
+            data = bytearray(fetch(8 + header_len + begin, 8 + header_len + end))
+            tensors[name] = torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+        return tensors
+
+
+def read_flow_tensors(
+    spec: ModelSpec, prefix: str, weights_dir: str | Path | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The flow checkpoint's tensors under `prefix` (e.g. "final_layer."), and where they were read from.
+
+    Never reads or downloads the rest of the file: a local file (FLUX_MODEL or a weights directory) or a
+    copy already in the Hugging Face cache is opened lazily; otherwise only those tensors' bytes are fetched
+    from the hub.
+    """
+    if os.environ.get("FLUX_MODEL") or _local_dir(spec, weights_dir) is not None:
+        path = resolve_flow_path(spec, weights_dir)
+        return read_tensors(path, prefix), str(path)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec.repo_id, spec.repo_flow)
+    if isinstance(cached, str):
+        return read_tensors(Path(cached), prefix), cached
+    tensors = fetch_hub_tensors(
+        spec.repo_id, spec.repo_flow, prefix, gated=spec.gated, what="flow transformer"
+    )
+    return tensors, f"{spec.repo_id}/{spec.repo_flow}"
 
 
 def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, what: str) -> None:
