@@ -4,8 +4,10 @@
     uv run python benchmarks/bench_decode.py --model flux-schnell --random_weights --sizes 256 512 1024
 
 Builds a synthetic capture of `--n` block outputs at one step (random tensors: speed does not depend on
-their values) and a final layer and AE with random weights, then times `decode_capture` per mode. On CUDA
-it also times the compiled decoder, with the one-time compile and warm-up reported apart.
+their values) and a final layer and AE with random weights, then times `decode_capture` per mode: the whole
+lens per image (final layer, VAE, pixels back to the host, JPEG writes overlapped). On CUDA it also times
+the compiled decoder, with the one-time compile and warm-up reported apart, and the VAE decoder alone
+(eager and compiled, at the lens's batch size), the figure PERF_ANCHORS.md quotes.
 """
 
 import argparse
@@ -40,6 +42,21 @@ def synthetic_capture(params: FluxParams, height: int, width: int, n: int, n_txt
     }
     meta = {"height": height, "width": width, "captured_steps": [0], "streams": "img"}
     return {"double_blocks": doubles, "single_blocks": singles, "denoising_context": ctx, "metadata": meta}
+
+
+def decoder_seconds_per_image(ae: AutoEncoder, decoder, size: int, batch: int, repeats: int = 5) -> float:
+    """The VAE decoder alone (unpack, decode under the lens's autocast), per image, after one warm-up call."""
+    device = ae.decoder.conv_in.weight.device
+    h, w = latent_size(size, size)
+    x = torch.randn(batch, h * w // 4, 64, device=device)
+    with torch.inference_mode():
+        decode_latents(x, ae, size, size, decoder)
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            decode_latents(x, ae, size, size, decoder)
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / (repeats * batch)
 
 
 def main() -> None:
@@ -82,6 +99,7 @@ def main() -> None:
         h, w = latent_size(size, size)
         with torch.inference_mode():  # untimed first call: allocator, kernel selection
             decode_latents(torch.zeros(1, h * w // 4, 64), ae, size, size)
+        batches, compiled_ok = {}, False
         for label, batch_size, compile in modes:
             with tempfile.TemporaryDirectory() as out_dir:
                 start = time.perf_counter()
@@ -96,10 +114,21 @@ def main() -> None:
                     progress=False,
                 )
                 total = time.perf_counter() - start
+            if compile and not report.compiled:
+                label = "batched (compile failed, eager)"
             print(
                 f"{size:>6} {label:<18} {report.batch_size:>5} {report.seconds_per_image:>9.4f} "
                 f"{total:>8.2f} {report.compile_seconds:>9.2f}"
             )
+            batches[compile] = report.batch_size
+            compiled_ok = compiled_ok or report.compiled
+        if cuda:  # the decoder alone, at the lens's batch size: comparable with PERF_ANCHORS.md
+            eager = decoder_seconds_per_image(ae, ae.decoder, size, batches[False])
+            print(f"{size:>6} {'VAE only, eager':<18} {batches[False]:>5} {eager:>9.4f}")
+            if compiled_ok:
+                compiled = torch.compile(ae.decoder, dynamic=False)  # reuses the graph compiled above
+                per_image = decoder_seconds_per_image(ae, compiled, size, batches[True])
+                print(f"{size:>6} {'VAE only, compiled':<18} {batches[True]:>5} {per_image:>9.4f}")
 
 
 if __name__ == "__main__":

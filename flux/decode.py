@@ -15,6 +15,7 @@ encodes and writes the JPEGs of the previous batch.
 import io
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,13 +26,14 @@ import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
-from safetensors import safe_open
 from torch import Tensor
 from tqdm import tqdm
 
 from flux.autoencoder import AutoEncoder, AutoEncoderParams
+from flux.configs import ModelSpec
 from flux.errors import UserError
 from flux.layers import LastLayer
+from flux.loading import read_flow_tensors, read_tensors
 from flux.model import FluxParams
 from flux.sampling import latent_size, unpack
 from flux.store import atomic_write
@@ -120,6 +122,19 @@ def block_tokens(capture: dict, key: LensKey) -> tuple[Tensor | None, Tensor | N
     return h, None
 
 
+def to_device(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """`t` on `device` (in `dtype`) without making the host wait for the device.
+
+    A plain copy from pageable host memory waits for all work queued on the stream (on CUDA it is
+    synchronous), which would stall the lens between decoder batches; from pinned memory it is queued
+    like a kernel. The dtype is converted on the device: converting first would stage through pageable
+    memory again.
+    """
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    return t.to(device, dtype)
+
+
 @torch.inference_mode()
 def lens_velocity(capture: dict, key: LensKey, final_layer: LastLayer, img: Tensor | None = None) -> Tensor:
     """The velocity (B, L, 64) the final layer reads from a block's image tokens with that step's vec, on
@@ -127,14 +142,14 @@ def lens_velocity(capture: dict, key: LensKey, final_layer: LastLayer, img: Tens
     if img is None:
         img, _ = block_tokens(capture, key)
     weight = final_layer.linear.weight
-    vec = capture["denoising_context"]["vec"][key.step].to(weight.device, weight.dtype)
-    return final_layer(img.to(weight.device, weight.dtype), vec)
+    vec = to_device(capture["denoising_context"]["vec"][key.step], weight.device, weight.dtype)
+    return final_layer(to_device(img, weight.device, weight.dtype), vec)
 
 
 def latent_from(img_state: Tensor, pred: Tensor, t_curr: float, t_to: float) -> Tensor:
     """img_state + (t_to - t_curr) * pred, in img_state's dtype: the sampler's own Euler expression, so the
     last block at the last step (t_to = t_prev = 0) gives the final latent bit for bit."""
-    return img_state.to(pred.device) + (t_to - t_curr) * pred.to(img_state.dtype)
+    return to_device(img_state, pred.device) + (t_to - t_curr) * pred.to(img_state.dtype)
 
 
 @torch.inference_mode()
@@ -323,6 +338,7 @@ class DecodeReport:
     compile_seconds: float  # one-time torch.compile and warm-up of the decoder (0 when there was none)
     seconds_per_image: float
     batch_size: int
+    compiled: bool = False  # whether the decoder ran compiled (False also when compiling failed)
     files: list[Path] = field(default_factory=list)
     grids: list[Path] = field(default_factory=list)
 
@@ -378,20 +394,34 @@ def decode_capture(
             device.type == "cuda"
         ):  # the same batch at capture time and later: one compiled graph, same kernels
             batch_size = stable_batch_size(ae.params, height, width, batch_size)
-    sizes = chunk_sizes(n, batch_size)
-    if not compile:
-        batch_size = max(sizes, default=1)
     h_lat, w_lat = latent_size(height, width)
     scale = 2 ** (len(ae.params.ch_mult) - 1)
     cell = cell_size(w_lat * scale, h_lat * scale)
 
-    decoder = torch.compile(ae.decoder, dynamic=False) if compile else ae.decoder
-    compile_seconds = 0.0
+    sizes = chunk_sizes(n, batch_size)
+
+    def warm_up(batch: int, decoder) -> None:
+        decode_latents(torch.zeros(batch, h_lat * w_lat // 4, 64), ae, height, width, decoder)
+
+    decoder, compile_seconds = ae.decoder, 0.0
     if compile or device.type == "cuda":  # compile (or cuDNN set-up) once, outside the timed decode
         start = time.perf_counter()
-        decode_latents(torch.zeros(batch_size, h_lat * w_lat // 4, 64), ae, height, width, decoder)
+        if compile:
+            try:
+                decoder = torch.compile(ae.decoder, dynamic=False)
+                warm_up(batch_size, decoder)
+            except Exception as e:  # no C compiler or Triton, an inductor bug: any of them, decode eagerly
+                print(
+                    f"Compiling the VAE decoder failed, so it runs uncompiled ({type(e).__name__}: {e}).",
+                    file=sys.stderr,
+                )
+                decoder, compile = ae.decoder, False
+        if not compile:
+            warm_up(max(sizes, default=1), decoder)
         _sync(device)
         compile_seconds = time.perf_counter() - start
+    if not compile:
+        batch_size = max(sizes, default=1)
 
     def latents() -> Iterator[tuple[LensKey | None, Tensor]]:
         yield from block_latents(capture, final_layer, target, blocks, steps)
@@ -407,16 +437,35 @@ def decode_capture(
         ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool,
         tqdm(total=n, disable=not progress, unit="img", desc="decoding blocks") as bar,
     ):
-        for size in sizes:
-            keys, chunk = zip(*(next(items) for _ in range(size)))
-            x = torch.cat(chunk)
-            if compile and size < batch_size:  # one static shape: pad rather than compile again
-                x = torch.cat((x, x[-1:].expand(batch_size - size, -1, -1)))
-            pixels = to_uint8(decode_latents(x, ae, height, width, decoder)[:size]).cpu().numpy()
-            for key, px in zip(keys, pixels):
+
+        def write(keys, pixels: Tensor, ready) -> None:
+            if ready is not None:
+                ready.synchronize()
+            for key, px in zip(keys, pixels.numpy()):
                 path = out_dir / key.filename if key is not None else None
                 thumbs[key] = pool.submit(_write_image, px, path, cell)
-            bar.update(size)
+            bar.update(len(keys))
+
+        # On CUDA each batch's pixels come back by an asynchronous copy, and are written only after the
+        # next batch is queued: the device decodes while the host prepares latents and encodes JPEGs.
+        pending = None
+        for size in sizes:
+            keys, chunk = zip(*(next(items) for _ in range(size)))
+            x = torch.cat([to_device(c, device) for c in chunk])
+            if compile and size < batch_size:  # one static shape: pad rather than compile again
+                x = torch.cat((x, x[-1:].expand(batch_size - size, -1, -1)))
+            pixels, ready = to_uint8(decode_latents(x, ae, height, width, decoder)[:size]), None
+            if device.type == "cuda":
+                host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+                pixels, ready = host.copy_(pixels, non_blocking=True), torch.cuda.Event(blocking=True)
+                ready.record()
+            else:
+                pixels = pixels.cpu()
+            if pending is not None:
+                write(*pending)
+            pending = keys, pixels, ready
+        if pending is not None:
+            write(*pending)
         thumbs = {key: fut.result() for key, fut in thumbs.items()}
     decode_seconds = time.perf_counter() - start
 
@@ -439,6 +488,7 @@ def decode_capture(
         compile_seconds=compile_seconds,
         seconds_per_image=decode_seconds / max(n, 1),
         batch_size=batch_size,
+        compiled=compile,
         files=[out_dir / key.filename for key in plan],
         grids=grids,
     )
@@ -447,38 +497,56 @@ def decode_capture(
 # ----------------------------------------------------------------------------- loading
 
 
+def final_layer_from(
+    tensors: dict[str, torch.Tensor],
+    params: FluxParams,
+    where: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+) -> LastLayer:
+    """A LastLayer of `params` holding `tensors` ({"final_layer.<name>": tensor}, read from `where`).
+
+    Strict: every key of the layer must be there with its shape, and no other `final_layer.*` key may be.
+    """
+    with torch.device("meta"):
+        layer = LastLayer(params.hidden_size, 1, params.out_channels)
+    expected = {f"final_layer.{name}": t.shape for name, t in layer.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        raise UserError(
+            f"{where} does not hold the final layer of this model: missing {missing}, unexpected "
+            f"{unexpected}. Check that the file matches the chosen --model."
+        )
+    for key, shape in expected.items():
+        if tensors[key].shape != shape:
+            raise UserError(
+                f"{where}: {key} has shape {tuple(tensors[key].shape)}, but this model expects "
+                f"{tuple(shape)}. Check that the file matches the chosen --model."
+            )
+    state = {key.removeprefix("final_layer."): tensors[key].to(device, dtype) for key in expected}
+    layer.load_state_dict(state, strict=True, assign=True)
+    return layer.eval()
+
+
 def load_final_layer(
     flow_path: str | Path,
     params: FluxParams,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
 ) -> LastLayer:
-    """Only the `final_layer.*` tensors of a flow checkpoint, read with safe_open (never the whole file).
+    """Only the `final_layer.*` tensors of a local flow checkpoint, read with safe_open (never the whole
+    file)."""
+    tensors = read_tensors(Path(flow_path), "final_layer.")
+    return final_layer_from(tensors, params, str(flow_path), device, dtype)
 
-    Strict: every key of a LastLayer built from `params` must be there with its shape, and no other
-    `final_layer.*` key may be.
-    """
-    with torch.device("meta"):
-        layer = LastLayer(params.hidden_size, 1, params.out_channels)
-    expected = {f"final_layer.{name}": t.shape for name, t in layer.state_dict().items()}
-    if not Path(flow_path).is_file():
-        raise UserError(f"No flow checkpoint at {flow_path}: pass the path of the model's .safetensors file.")
-    state = {}
-    with safe_open(str(flow_path), framework="pt", device="cpu") as f:
-        found = {key for key in f.keys() if key.startswith("final_layer.")}  # noqa: SIM118 (not a dict)
-        missing, unexpected = sorted(expected.keys() - found), sorted(found - expected.keys())
-        if missing or unexpected:
-            raise UserError(
-                f"{flow_path} does not hold the final layer of this model: missing {missing}, "
-                f"unexpected {unexpected}. Check that the file matches the chosen --model."
-            )
-        for key, shape in expected.items():
-            tensor = f.get_tensor(key)
-            if tensor.shape != shape:
-                raise UserError(
-                    f"{flow_path}: {key} has shape {tuple(tensor.shape)}, but this model expects "
-                    f"{tuple(shape)}. Check that the file matches the chosen --model."
-                )
-            state[key.removeprefix("final_layer.")] = tensor.to(device, dtype)
-    layer.load_state_dict(state, strict=True, assign=True)
-    return layer.eval()
+
+def load_model_final_layer(
+    spec: ModelSpec,
+    weights_dir: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+) -> LastLayer:
+    """The final layer of `spec`'s flow checkpoint from wherever its weights are (a local file, the HF cache,
+    or range requests to the hub): the lens over a saved capture never needs the other 24 GB."""
+    tensors, where = read_flow_tensors(spec, "final_layer.", weights_dir)
+    return final_layer_from(tensors, spec.params, where, device, dtype)

@@ -25,7 +25,7 @@ from flux.configs import ModelSpec, get_spec
 from flux.errors import UsageError
 from flux.loading import load_ae, load_flow_model, load_text_encoders
 from flux.model import Flux
-from flux.options import DECODE_TARGETS, RunOptions, check_device, compute_dtype
+from flux.options import DECODE_TARGETS, RunOptions, available_host_memory, check_device, compute_dtype
 from flux.sampling import denoise, get_noise, get_schedule, prepare
 from flux.store import (
     SCHEMA_VERSION,
@@ -38,7 +38,16 @@ from flux.store import (
     write_json,
 )
 
-STREAMING_BUFFERED_STEPS = 3  # host buffer sets in flight for the safetensors writer
+STREAMING_HOST_BYTES = 8 * 2**30  # host buffers the safetensors writer may have in flight, at most
+STREAMING_MAX_SETS = 8
+
+
+def streaming_buffer_sets(step_bytes: int, available: int | None) -> int:
+    """Step buffer sets for the safetensors writer: enough for the sampler to run ahead of a slow disk for
+    a few steps (at most STREAMING_MAX_SETS), within STREAMING_HOST_BYTES and a quarter of the free host
+    memory (`available`, None when unknown), and never fewer than two (one filling while one is written)."""
+    budget = STREAMING_HOST_BYTES if available is None else min(STREAMING_HOST_BYTES, available // 4)
+    return max(2, min(STREAMING_MAX_SETS, budget // max(1, step_bytes)))
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -135,7 +144,8 @@ class CaptureSession:
         device = device if device is not None else next(flow.parameters()).device
         shapes, dtypes = BlockCapture.shapes_for(flow, plan, 1, txt_len, img_len, dtype)
         streaming = fmt == "safetensors"
-        limit = STREAMING_BUFFERED_STEPS if streaming else None
+        step_bytes = sum(math.prod(s) * dtypes[k].itemsize for k, s in shapes.items())
+        limit = streaming_buffer_sets(step_bytes, available_host_memory()) if streaming else None
         pool = HostBufferPool(shapes, dtypes, pin=device.type == "cuda", limit=limit)
         # Pinning host memory is slow: do all of it before the first step, not inside the sampling loop.
         captured = len(plan.steps)
@@ -144,8 +154,7 @@ class CaptureSession:
             path.mkdir()
             sink = SafetensorsSink(path, pool, metadata)
         else:
-            estimate = sum(math.prod(s) * dtypes[k].itemsize for k, s in shapes.items()) * len(plan.steps)
-            sink = PtSink(path, pool, estimate)
+            sink = PtSink(path, pool, step_bytes * len(plan.steps))
         return cls(BlockCapture(flow, plan, pool, txt_len), sink, path)
 
     def before_step(self, info) -> None:
@@ -455,8 +464,7 @@ def decode_later(
     """The lens over a saved capture, loading only the final layer's tensors and the AE (never the full
     flow model). Output goes to `{capture folder}/decoded/{capture stem}` unless `output_dir` is given; an
     existing folder is never written into (a suffix is added)."""
-    from flux.decode import load_final_layer
-    from flux.loading import resolve_flow_path
+    from flux.decode import load_model_final_layer
     from flux.store import load_capture
 
     # Check every value before reading or writing anything (exit code 2, no output folder).
@@ -476,7 +484,7 @@ def decode_later(
     meta = load_capture(capture_path)["metadata"]
     spec = get_spec(meta["model"])
     dtype = compute_dtype(spec)
-    final_layer = load_final_layer(resolve_flow_path(spec, weights_dir), spec.params, device, dtype)
+    final_layer = load_model_final_layer(spec, weights_dir, device, dtype)
     ae = load_ae(spec, device, weights_dir=weights_dir)
     stem = capture_path.name.removesuffix(".pt")
     base = Path(output_dir) if output_dir else capture_path.parent / "decoded" / stem

@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import flux.decode
+import flux.loading
 from flux.autoencoder import AutoEncoder
 from flux.configs import TINY_AE_PARAMS, TINY_PARAMS
 from flux.decode import (
@@ -314,7 +315,7 @@ def test_load_final_layer_reads_only_its_tensors(model, tmp_path, monkeypatch):
     path = tmp_path / "flow.safetensors"
     _write_checkpoint(path, model.final_layer)
     read = []
-    real_safe_open = flux.decode.safe_open
+    real_safe_open = flux.loading.safe_open
 
     class Recording:
         def __init__(self, *args, **kwargs):
@@ -334,7 +335,7 @@ def test_load_final_layer_reads_only_its_tensors(model, tmp_path, monkeypatch):
             read.append(key)
             return self.f.get_tensor(key)
 
-    monkeypatch.setattr(flux.decode, "safe_open", Recording)
+    monkeypatch.setattr(flux.loading, "safe_open", Recording)
     layer = load_final_layer(path, TINY_PARAMS, "cpu", torch.float32)
     assert read and all(key.startswith("final_layer.") for key in read)
     for name, tensor in model.final_layer.state_dict().items():
@@ -372,3 +373,25 @@ def test_compile_defaults_to_where_it_pays_and_one_shape_per_image_size():
         assert stable_batch_size(FULL_AE_PARAMS, size, size, limit=40) == expected
         assert stable_batch_size(FULL_AE_PARAMS, size, size, limit=64) == expected
     assert stable_batch_size(FULL_AE_PARAMS, 1024, 1024, limit=1) == 1
+
+
+def test_a_failing_compile_falls_back_to_the_eager_decoder(model, ae, capture, tmp_path, monkeypatch, capsys):
+    def broken_compile(module, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("no C compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fallback = decode_capture(
+        capture, model.final_layer, ae, tmp_path / "fallback", compile=True, progress=False
+    )
+    assert not fallback.compiled
+    err = capsys.readouterr().err
+    assert "runs uncompiled" in err and "no C compiler found" in err
+    eager = decode_capture(capture, model.final_layer, ae, tmp_path / "eager", compile=False, progress=False)
+    assert fallback.batch_size == eager.batch_size and not eager.compiled
+    names = sorted(p.name for p in (tmp_path / "eager").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "fallback").iterdir())
+    for name in names:
+        assert (tmp_path / "fallback" / name).read_bytes() == (tmp_path / "eager" / name).read_bytes(), name
