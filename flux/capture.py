@@ -2,8 +2,10 @@
 
 The hooks observe only: they never change a block's output. Each captured tensor is copied into a
 preallocated host buffer (pinned on CUDA, so the copy is asynchronous); nothing in a hook waits for the
-device. A CUDA event recorded at the end of each step tells the consumer when that step's buffers are
-complete, so the sampling loop itself never synchronises for the capture.
+device. On CUDA the copies run on a side stream that waits for the block's output, so they overlap the next
+blocks' compute instead of queueing behind it. A CUDA event recorded on that stream at the end of each step
+tells the consumer when that step's buffers are complete, so the sampling loop never synchronises for the
+capture.
 """
 
 import queue
@@ -242,6 +244,7 @@ class BlockCapture(HookSet):
 
     def __post_init__(self) -> None:
         self._captured_steps = frozenset(self.plan.steps)
+        self._stream: torch.cuda.Stream | None = None  # the side stream for device-to-host copies
 
     @staticmethod
     def shapes_for(
@@ -267,8 +270,25 @@ class BlockCapture(HookSet):
 
     def _copy(self, key: str, value: Tensor) -> None:
         step = self.current
-        if step is not None and key in step.tensors:
-            step.tensors[key].copy_(value, non_blocking=True)
+        if step is None or key not in step.tensors:
+            return
+        buffer = step.tensors[key]
+        if value.device.type != "cuda" or not self.pool.pin:
+            buffer.copy_(value)  # synchronous: nothing to overlap
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(value.device)
+        if self._stream.device != value.device:  # a model split over GPUs: copy in order, on its own stream
+            buffer.copy_(value, non_blocking=True)
+            torch.cuda.current_stream(value.device).synchronize()
+            return
+        # The copy waits for everything queued so far (the block that made `value`), then runs beside the
+        # next blocks. record_stream keeps `value`'s memory from being reused until the copy has read it;
+        # nothing writes into a block output in place, so its contents cannot change meanwhile.
+        self._stream.wait_stream(torch.cuda.current_stream(value.device))
+        with torch.cuda.stream(self._stream):
+            buffer.copy_(value, non_blocking=True)
+        value.record_stream(self._stream)
 
     def _double_hook(self, i: int):
         def hook(_module, _args, output):
@@ -301,7 +321,7 @@ class BlockCapture(HookSet):
 
     def end_step(self) -> StepBuffers:
         step, self.current = self.current, None
-        if self.pool.pin:
-            step.ready = torch.cuda.Event()
-            step.ready.record()
+        if self._stream is not None:
+            step.ready = torch.cuda.Event(blocking=True)  # waiting on it sleeps instead of spinning a core
+            step.ready.record(self._stream)
         return step

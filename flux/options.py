@@ -207,6 +207,10 @@ def check_device(name: str | None) -> torch.device:
         raise UsageError(f"--device {name!r} is not a device (use cpu, cuda or cuda:N).") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but no CUDA GPU is visible. Use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0."
+        )
     return device
 
 

@@ -1,61 +1,87 @@
-"""Checks that only a CUDA machine can run: pinned non-blocking capture copies in bf16, and the lens's
-exactness on the GPU. Run on a GPU machine (no weights needed: flux-tiny's are generated, cast to bf16):
+"""Checks that only a CUDA machine can run: capture copies on the side stream into pinned memory (bf16, and
+converted to fp32), and the lens on the GPU (exactness, batched vs one at a time, compiled vs eager).
+Run on a GPU machine (no weights needed: flux-tiny's are generated, or read from FLUX_TINY_DIR, in bf16):
 
-    python3 scripts/cuda_checks.py          # `python3 scripts/cuda_checks.py cpu`: the same in bf16 on CPU
+    python3 scripts/cuda_checks.py          # `python3 scripts/cuda_checks.py cpu`: the same on the CPU
 
 Prints one line per check and exits non-zero if any fails.
 """
 
+import itertools
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import itertools
-
 from flux.capture import CapturePlan
 from flux.configs import CONFIGS
-from flux.decode import LensKey, lens_latent
-from flux.loading import load_flow_model
+from flux.decode import LensKey, decode_capture, lens_latent
+from flux.loading import load_ae, load_flow_model
 from flux.pipeline import CaptureSession, sample
 from flux.sampling import get_noise, get_schedule, prepare
 from flux.store import load_capture
 
+SIZE, STEPS = 512, 6
+
+
+def pixel_difference(a: Path, b: Path) -> tuple[int, float]:
+    """(max, mean) absolute difference in levels between the same-named JPEGs of two lens folders."""
+    names = sorted(p.name for p in a.glob("*_block_*.jpg"))
+    assert names and names == sorted(p.name for p in b.glob("*_block_*.jpg")), "different files"
+    diffs = [
+        np.abs(np.asarray(Image.open(a / n), np.int16) - np.asarray(Image.open(b / n), np.int16))
+        for n in names
+    ]
+    return max(int(d.max()) for d in diffs), float(np.mean([d.mean() for d in diffs]))
+
 
 def main() -> int:
     device = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     dtype, spec = torch.bfloat16, CONFIGS["flux-tiny"]
     flow = load_flow_model(spec, device, dtype)
+    ae = load_ae(spec, device)
     g = torch.Generator().manual_seed(0)
     txt = torch.randn(1, spec.t5_max_length, spec.params.context_in_dim, generator=g).to(device, dtype)
     y = torch.randn(1, spec.params.vec_in_dim, generator=g).to(device, dtype)
-    inp = prepare(get_noise(1, 512, 512, device, dtype, seed=1), txt, y)
-    steps = 6
-    timesteps = get_schedule(steps, inp["img"].shape[1])
+    inp = prepare(get_noise(1, SIZE, SIZE, device, dtype, seed=1), txt, y)
+    timesteps = get_schedule(STEPS, inp["img"].shape[1])
     plain = sample(flow, inp, timesteps, 3.5)
 
-    seen: dict = {}
+    seen: dict = {}  # every single block's output, copied synchronously by a plain hook
     hooks = [
         b.register_forward_hook(lambda m, a, o, i=i: seen.setdefault(i, []).append(o.detach().cpu()))
         for i, b in enumerate(flow.single_blocks)
     ]
     failures = 0
+
+    def report(label: str, name: str, ok: bool, detail: str = "") -> None:
+        nonlocal failures
+        failures += not ok
+        print(f"{'PASS' if ok else 'FAIL'} [{label}, {where}] {name}{f' ({detail})' if detail else ''}")
+
     with tempfile.TemporaryDirectory() as tmp:
-        for fmt in ("pt", "safetensors"):
+        runs = [("pt", "both", None), ("safetensors", "both", None), ("pt", "img", torch.float32)]
+        for fmt, streams, capture_dtype in runs:
+            label = f"{fmt}, {streams}, {capture_dtype or dtype}"
             seen.clear()
-            plan = CapturePlan.everything(flow, steps)
+            plan = CapturePlan.everything(flow, STEPS, capture_dtype)
+            plan = CapturePlan(plan.double, plan.single, plan.steps, streams, capture_dtype)
             meta = {
                 "captured_steps": list(plan.steps),
                 "captured_blocks": {"double": list(plan.double), "single": list(plan.single)},
-                "height": 512,
-                "width": 512,
+                "height": SIZE,
+                "width": SIZE,
+                "streams": streams,
             }
-            path = Path(tmp) / ("c.pt" if fmt == "pt" else "c")
+            path = Path(tmp) / f"capture_{len(list(Path(tmp).iterdir()))}{'.pt' if fmt == 'pt' else ''}"
             session = CaptureSession.open(
-                flow, plan, fmt, path, txt.shape[1], inp["img"].shape[1], dtype, meta, steps, device
+                flow, plan, fmt, path, txt.shape[1], inp["img"].shape[1], dtype, meta, STEPS, device
             )
             latent = sample(flow, inp, timesteps, 3.5, session)
             ctx = {
@@ -65,24 +91,53 @@ def main() -> int:
             }
             session.sink.finish(ctx, meta)
             capture = load_capture(path)
-            checks = {
-                "capture does not change the result": torch.equal(latent, plain),
-                "pinned copies equal the block outputs": all(
-                    torch.equal(capture["single_blocks"][f"block_{i}"][k], seen[i][k])
-                    for i in seen
-                    for k in range(steps)
-                ),
-                "lens x0 of the last block at the last step is the final latent": torch.equal(
-                    lens_latent(
-                        capture, LensKey("single", len(seen) - 1, steps - 1, steps - 1), flow.final_layer
-                    ).cpu(),
-                    latent.cpu(),
-                ),
+            n_txt = 0 if streams == "img" else txt.shape[1]
+            expected = {
+                i: [o[:, txt.shape[1] - n_txt :].to(capture_dtype or dtype) for o in outs]
+                for i, outs in seen.items()
             }
-            for name, ok in checks.items():
-                failures += not ok
-                where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-                print(f"{'PASS' if ok else 'FAIL'} [{fmt}, bf16, {where}] {name}")
+            report(label, "capture does not change the result", torch.equal(latent, plain))
+            report(
+                label,
+                "side-stream copies equal the block outputs",
+                all(
+                    torch.equal(capture["single_blocks"][f"block_{i}"][k], expected[i][k])
+                    for i in expected
+                    for k in range(STEPS)
+                ),
+            )
+            last = LensKey("single", len(seen) - 1, STEPS - 1, STEPS - 1)
+            report(
+                label,
+                "lens x0 of the last block at the last step is the final latent",
+                torch.equal(lens_latent(capture, last, flow.final_layer).cpu(), latent.cpu()),
+            )
+            if fmt != "safetensors":
+                continue
+            # The lens on this device: the final latent stays on the host, block latents do not.
+            lens = {}
+            for mode, batch, compile in (
+                ("one", 1, False),
+                ("batched", None, False),
+                ("compiled", None, True),
+            ):
+                lens[mode] = Path(tmp) / f"lens_{mode}"
+                result = decode_capture(
+                    capture, flow.final_layer, ae, lens[mode], device=device, batch_size=batch,
+                    compile=compile, progress=False,
+                )  # fmt: skip
+                if compile:
+                    report(
+                        label, "the compiled decoder ran", result.compiled, f"{result.compile_seconds:.1f} s"
+                    )
+            for mode in ("batched", "compiled"):
+                worst, mean = pixel_difference(lens["one"], lens[mode])
+                report(
+                    label,
+                    f"lens {mode} vs one at a time within bf16 rounding",
+                    mean < 0.5 and worst <= 32,
+                    f"max {worst} levels, mean {mean:.3f}",
+                )
     for h in hooks:
         h.remove()
     return 1 if failures else 0

@@ -36,7 +36,7 @@ import flux.store  # noqa: E402
 from flux import load_capture  # noqa: E402
 from flux.configs import TINY_PARAMS, get_spec  # noqa: E402
 from flux.errors import UserError  # noqa: E402
-from flux.pipeline import STREAMING_BUFFERED_STEPS, RunOptions, generate, load_models  # noqa: E402
+from flux.pipeline import STREAMING_MAX_SETS, RunOptions, generate, load_models  # noqa: E402
 from flux.store import claim_stem  # noqa: E402
 from flux.tiny import ensure_tiny_repo  # noqa: E402
 
@@ -277,7 +277,7 @@ def test_interrupt_during_sampling(subprocess_runs, request, fmt, sig, rc_expect
     meta = capture["metadata"]
     done = meta["steps_done"]
     # Stopped within a step: at most the steps already computed into the writer's buffers were added.
-    assert seen <= len(done) <= seen + STREAMING_BUFFERED_STEPS + 1 and len(done) < 1000
+    assert seen <= len(done) <= seen + STREAMING_MAX_SETS + 1 and len(done) < 1000
     assert meta["complete"] is False and done == list(range(len(done))) and meta["captured_steps"] == done
     assert json.loads(only(inter, "metadata_*.json").read_text())["complete"] is False
     for entries in capture["single_blocks"].values():
@@ -606,6 +606,16 @@ def test_bad_values_for_decode_exit_2_naming_the_flag(path, args, flag, earlier,
     rc = capture_sample.run(["decode", path, "--output_dir", str(out), *args])
     line = error_line(capsys.readouterr().err)
     assert rc == 2 and flag in line
+    assert not out.exists()
+
+
+def test_a_gpu_number_past_the_last_gpu_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine, as far as --device sees
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = tmp_path / "never"
+    rc = cli("--model", "flux-tiny", "--output_dir", str(out), "--device", "cuda:1")
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and "--device cuda:1" in line and "1 CUDA GPU(s)" in line
     assert not out.exists()
 
 

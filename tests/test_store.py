@@ -198,7 +198,7 @@ def test_corrupt_and_malicious_files_are_refused(tmp_path):
 def test_streaming_keeps_a_few_steps_in_host_memory_however_long_the_run(model, tmp_path):
     """Host memory of a safetensors capture is bounded by a few steps' buffers, not by the number of steps;
     a .pt capture holds one full buffer set per captured step until the end."""
-    from flux.pipeline import STREAMING_BUFFERED_STEPS, CaptureSession, sample
+    from flux.pipeline import STREAMING_MAX_SETS, CaptureSession, sample
 
     steps = 24
     g = torch.Generator().manual_seed(1)
@@ -221,7 +221,7 @@ def test_streaming_keeps_a_few_steps_in_host_memory_however_long_the_run(model, 
         sample(model, inp, timesteps, 3.5, session)
         session.sink.finish({"txt_seq_len": 5}, meta)
         held[fmt] = session.capture.pool.allocated
-    assert held["safetensors"] == STREAMING_BUFFERED_STEPS == 3
+    assert held["safetensors"] == STREAMING_MAX_SETS == 8  # flux-tiny's steps are small: the most sets
     assert held["pt"] == steps
     assert load_capture(tmp_path / "st")["metadata"]["steps_done"] == list(range(steps))
 
@@ -309,3 +309,15 @@ def test_captures_made_before_pred_was_recorded_still_load_and_analyse(model, tm
     capture = load_capture(st)
     assert "pred" not in capture["denoising_context"]
     assert capture["denoising_context"]["img_state"][2].shape == (1, 12, 64)
+
+
+def test_streaming_buffer_sets_fit_the_host_budget():
+    from flux.pipeline import streaming_buffer_sets
+
+    GiB = 2**30
+    step_1024 = 1_520_000_000  # flux-schnell at 1024 px, all blocks in bf16 (~1.5 GB a step)
+    assert streaming_buffer_sets(step_1024, 128 * GiB) == 5  # 8 GiB // 1.52 GB
+    assert streaming_buffer_sets(step_1024, None) == 5
+    assert streaming_buffer_sets(step_1024, 16 * GiB) == 2  # a quarter of 16 GiB holds two
+    assert streaming_buffer_sets(step_1024, 1 * GiB) == 2  # never fewer than two
+    assert streaming_buffer_sets(10_000, 128 * GiB) == 8  # small steps: capped
