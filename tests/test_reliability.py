@@ -610,7 +610,7 @@ def test_bad_values_for_decode_exit_2_naming_the_flag(path, args, flag, earlier,
 
 
 def test_a_gpu_number_past_the_last_gpu_exits_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine, as far as --device sees
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, as far as --device sees
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     out = tmp_path / "never"
     rc = cli("--model", "flux-tiny", "--output_dir", str(out), "--device", "cuda:1")
