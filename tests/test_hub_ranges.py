@@ -93,8 +93,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        hub.sent += len(body)  # counted before sending: the client may be done before this thread resumes
         self.wfile.write(body)
-        hub.sent += len(body)
 
 
 @pytest.fixture
