@@ -458,7 +458,7 @@ def decode_capture(
             if device.type == "cuda":
                 host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
                 pixels, ready = host.copy_(pixels, non_blocking=True), torch.cuda.Event(blocking=True)
-                ready.record()
+                ready.record(torch.cuda.current_stream(device))  # the copy's stream, on any cuda:N
             else:
                 pixels = pixels.cpu()
             if pending is not None:
@@ -523,7 +523,10 @@ def final_layer_from(
                 f"{where}: {key} has shape {tuple(tensors[key].shape)}, but this model expects "
                 f"{tuple(shape)}. Check that the file matches the chosen --model."
             )
-    state = {key.removeprefix("final_layer."): tensors[key].to(device, dtype) for key in expected}
+    # Always a copy: fresh memory has the allocator's alignment whatever the tensors came from (a file's
+    # mmap, a download buffer, the loaded model), and CPU float32 GEMMs round differently by alignment,
+    # so every way of building the lens gives the same bytes.
+    state = {key.removeprefix("final_layer."): tensors[key].to(device, dtype, copy=True) for key in expected}
     layer.load_state_dict(state, strict=True, assign=True)
     return layer.eval()
 

@@ -9,10 +9,11 @@ Models are built on the meta device and the checkpoint tensors are loaded straig
 `strict=True, assign=True`: a wrong or incomplete checkpoint fails loudly instead of leaving random weights.
 """
 
+import contextlib
 import json
+import math
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,13 +38,18 @@ _MAX_HEADER_BYTES = 100_000_000  # the format's own limit
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection failures of huggingface_hub's HTTP client: requests' are OSErrors already; httpx's (and
-    its successors') derive from their module's TransportError."""
+    """Failures to reach the hub of huggingface_hub's HTTP client: requests' RequestException (< 1.0), or
+    the RequestError of httpx and its successors (>= 1.0). Local errors such as a full disk are not among
+    them."""
     from huggingface_hub import get_session
 
+    errors: list[type[BaseException]] = []
     client_module = sys.modules.get(type(get_session()).__module__.split(".")[0])
-    transport = getattr(client_module, "TransportError", None)
-    return (OSError, transport) if isinstance(transport, type) else (OSError,)
+    for name in ("RequestError", "RequestException"):
+        error = getattr(client_module, name, None)
+        if isinstance(error, type) and issubclass(error, BaseException):
+            errors.append(error)
+    return tuple(errors)
 
 
 def default_weights_dir(spec: ModelSpec) -> Path | None:
@@ -70,7 +76,7 @@ def _local_dir(spec: ModelSpec, weights_dir: str | Path | None) -> Path | None:
     return path
 
 
-@contextmanager
+@contextlib.contextmanager
 def _hub_errors(repo_id: str, filename: str, *, gated: bool, what: str):
     """Turn each way a hub request can fail into one paragraph that says what to do."""
     from huggingface_hub.errors import (
@@ -203,6 +209,40 @@ def read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
         ) from e
 
 
+def _ranged_get(url: str, headers: dict, start: int, stop: int) -> bytes:
+    """Bytes [start, stop) of `url`, refusing before the body is read when the server sends anything else
+    (a server that ignores Range would otherwise stream the whole 24 GB file into memory)."""
+    from huggingface_hub import get_session
+    from huggingface_hub.utils import hf_raise_for_status
+
+    session = get_session()
+    headers = {**headers, "range": f"bytes={start}-{stop - 1}"}
+    if callable(getattr(session, "stream", None)):  # httpx-style clients (huggingface_hub >= 1.0)
+        context = session.stream("GET", url, headers=headers, timeout=60)
+    else:  # a requests.Session
+        context = contextlib.closing(session.get(url, headers=headers, timeout=60, stream=True))
+    with context as response:
+        if response.status_code >= 400:
+            _body(response)  # error bodies are small, and the hub's error mapping reads them
+            hf_raise_for_status(response)
+        length = response.headers.get("content-length")
+        if response.status_code != 206 or (length is not None and int(length) != stop - start):
+            raise _RangeRefused(f"HTTP {response.status_code}, {length} bytes for {stop - start}")
+        data = _body(response)
+    if len(data) != stop - start:
+        raise _RangeRefused(f"{len(data)} bytes for {stop - start}")
+    return data
+
+
+def _body(response) -> bytes:
+    """The whole body of a streamed response: httpx-style responses read(), requests ones have .content."""
+    return response.read() if hasattr(response, "read") else response.content
+
+
+class _RangeRefused(Exception):
+    """The server answered a range request with something else (HTTP 200 and the whole file, say)."""
+
+
 def fetch_hub_tensors(
     repo_id: str, filename: str, prefix: str, *, gated: bool = False, what: str = "weights"
 ) -> dict[str, torch.Tensor]:
@@ -212,8 +252,8 @@ def fetch_hub_tensors(
     the final layer (about 38 MB of a 24 GB checkpoint). Honours HF_TOKEN and HF_ENDPOINT like every other
     hub call; nothing is written to the cache.
     """
-    from huggingface_hub import get_session, hf_hub_url
-    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
 
     if _offline():
         raise UserError(
@@ -223,48 +263,50 @@ def fetch_hub_tensors(
         )
     url = hf_hub_url(repo_id, filename)
     headers = build_hf_headers()
+    where = f"{repo_id}/{filename}"
 
     def fetch(start: int, stop: int) -> bytes:
-        response = get_session().get(
-            url, headers={**headers, "range": f"bytes={start}-{stop - 1}"}, timeout=60
-        )
-        hf_raise_for_status(response)
-        data = response.content
-        if response.status_code != 206 or len(data) != stop - start:
+        try:
+            return _ranged_get(url, headers, start, stop)
+        except _RangeRefused as e:
             raise UserError(
-                f"The server for {repo_id}/{filename} did not honour a range request (HTTP "
-                f"{response.status_code}, {len(data)} bytes for {stop - start}). Download the file instead "
-                f"(`huggingface-cli download {repo_id} {filename}`) and set FLUX_MODEL to it."
-            )
-        return data
+                f"The server for {where} did not answer a range request as asked ({e}). Download the file "
+                f"instead (`huggingface-cli download {repo_id} {filename}`) and set FLUX_MODEL to it."
+            ) from None
 
     with _hub_errors(repo_id, filename, gated=gated, what=what):
         header_len = int.from_bytes(fetch(0, 8), "little")
         if not 2 <= header_len <= _MAX_HEADER_BYTES:
-            raise UserError(f"{repo_id}/{filename} is not a safetensors file (header of {header_len} bytes).")
+            raise UserError(f"{where} is not a safetensors file (header of {header_len} bytes).")
         try:
             header = json.loads(fetch(8, 8 + header_len))
-            wanted = _matching((k for k in header if k != "__metadata__"), prefix)
-            spans = {key: tuple(header[key]["data_offsets"]) for key in wanted.values()}
+            wanted = {}
+            for name, key in _matching((k for k in header if k != "__metadata__"), prefix).items():
+                info = header[key]
+                begin, end = (int(x) for x in info["data_offsets"])
+                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise ValueError(f"{key} has dtype {info['dtype']}, which no FLUX checkpoint uses")
+                shape = [int(x) for x in info["shape"]]
+                if not 0 <= begin <= end or end - begin != math.prod(shape) * dtype.itemsize:
+                    raise ValueError(f"{key}: data_offsets {info['data_offsets']} do not fit shape {shape}")
+                wanted[name] = (begin, end, dtype, shape)
         except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{repo_id}/{filename} has a malformed safetensors header ({e!r}).") from e
-        total = sum(end - begin for begin, end in spans.values())
+            raise UserError(f"{where} has a malformed safetensors header ({e!r}).") from e
+        total = sum(end - begin for begin, end, _, _ in wanted.values())
         print(
-            f"Reading {prefix}* ({total / 1e6:.1f} MB) from {repo_id}/{filename} by range requests, "
-            "without downloading the whole file.",
+            f"Reading {prefix}* ({total / 1e6:.1f} MB) from {where} by range requests, without "
+            "downloading the whole file.",
             file=sys.stderr,
         )
         tensors = {}
-        for name, key in wanted.items():
-            info = header[key]
-            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise UserError(
-                    f"{repo_id}/{filename}: {key} has dtype {info['dtype']}, which FLUX never uses."
-                )
-            begin, end = spans[key]
-            data = bytearray(fetch(8 + header_len + begin, 8 + header_len + end))
-            tensors[name] = torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+        for name, (begin, end, dtype, shape) in wanted.items():
+            data = bytearray(fetch(8 + header_len + begin, 8 + header_len + end)) if end > begin else None
+            tensors[name] = (
+                torch.frombuffer(data, dtype=dtype).reshape(shape)
+                if data
+                else torch.empty(shape, dtype=dtype)
+            )
         return tensors
 
 

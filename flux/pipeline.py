@@ -45,9 +45,13 @@ STREAMING_MAX_SETS = 8
 def streaming_buffer_sets(step_bytes: int, available: int | None) -> int:
     """Step buffer sets for the safetensors writer: enough for the sampler to run ahead of a slow disk for
     a few steps (at most STREAMING_MAX_SETS), within STREAMING_HOST_BYTES and a quarter of the free host
-    memory (`available`, None when unknown), and never fewer than two (one filling while one is written)."""
+    memory (`available`, None when unknown), and two at least (one filling while one is written) unless
+    two would take over half the free memory."""
     budget = STREAMING_HOST_BYTES if available is None else min(STREAMING_HOST_BYTES, available // 4)
-    return max(2, min(STREAMING_MAX_SETS, budget // max(1, step_bytes)))
+    fewest = (
+        1 if available is not None and 2 * step_bytes > available // 2 else 2
+    )  # huge steps: one at a time
+    return max(fewest, min(STREAMING_MAX_SETS, budget // max(1, step_bytes)))
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -149,7 +153,9 @@ class CaptureSession:
         pool = HostBufferPool(shapes, dtypes, pin=device.type == "cuda", limit=limit)
         # Pinning host memory is slow: do all of it before the first step, not inside the sampling loop.
         captured = len(plan.steps)
-        pool.preallocate(full=captured if limit is None else limit, context=num_steps - captured)
+        pool.preallocate(
+            full=captured if limit is None else min(limit, captured), context=num_steps - captured
+        )
         if streaming:
             path.mkdir()
             sink = SafetensorsSink(path, pool, metadata)
@@ -228,7 +234,7 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
     `intermediates/capture_{stamp}_{model}` (`.pt` or a safetensors directory), its
     `intermediates/metadata_{stamp}_{model}.json`, and with the lens `intermediates/decoded/{stem}/`.
     """
-    from flux.decode import save_jpeg, to_image
+    from flux.decode import final_layer_from, save_jpeg, to_image
 
     spec, device, dtype = models.spec, models.device, models.dtype
     seed = opts.seed if opts.seed is not None else random.SystemRandom().randrange(2**63)
@@ -326,7 +332,10 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
     if opts.should_decode_intermediates:
         result.decoded_dir = inter_dir / "decoded" / stem
         start = time.perf_counter()
-        final_layer = models.flow.final_layer.to(device)  # with --offload only this small layer comes back
+        # The lens's own copy of the final layer, built as decode-later builds it (so both give the same
+        # files); with --offload the model itself stays on the CPU.
+        state = {f"final_layer.{k}": v for k, v in models.flow.final_layer.state_dict().items()}
+        final_layer = final_layer_from(state, models.spec.params, "the loaded model", device, models.dtype)
         try:
             report = decode_saved(
                 result.capture_path, final_layer, models.ae, result.decoded_dir,
@@ -342,9 +351,6 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
                 file=sys.stderr,
             )
             raise
-        finally:
-            if models.offload:
-                final_layer.cpu()
         timings["lens_compile_s"] = report.compile_seconds
         timings["lens_decode_s"] = report.decode_seconds
         timings["lens_images"] = report.n_images
@@ -475,6 +481,8 @@ def decode_later(
     ):
         raise UsageError(f"--decode_batch_size must be a whole number >= 1; got {batch_size!r}.")
     device = check_device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # as for generation: kernels, streams and events on the chosen GPU
     capture_path = Path(capture_path)
     if not capture_path.exists():
         raise UsageError(

@@ -319,5 +319,6 @@ def test_streaming_buffer_sets_fit_the_host_budget():
     assert streaming_buffer_sets(step_1024, 128 * GiB) == 5  # 8 GiB // 1.52 GB
     assert streaming_buffer_sets(step_1024, None) == 5
     assert streaming_buffer_sets(step_1024, 16 * GiB) == 2  # a quarter of 16 GiB holds two
-    assert streaming_buffer_sets(step_1024, 1 * GiB) == 2  # never fewer than two
+    assert streaming_buffer_sets(step_1024, 6 * GiB) == 2  # two at least, while they fit in half the RAM
+    assert streaming_buffer_sets(step_1024, 4 * GiB) == 1  # they would not: one step at a time
     assert streaming_buffer_sets(10_000, 128 * GiB) == 8  # small steps: capped
