@@ -523,10 +523,7 @@ def final_layer_from(
                 f"{where}: {key} has shape {tuple(tensors[key].shape)}, but this model expects "
                 f"{tuple(shape)}. Check that the file matches the chosen --model."
             )
-    # Always a copy: fresh memory has the allocator's alignment whatever the tensors came from (a file's
-    # mmap, a download buffer, the loaded model), and CPU float32 GEMMs round differently by alignment,
-    # so every way of building the lens gives the same bytes.
-    state = {key.removeprefix("final_layer."): tensors[key].to(device, dtype, copy=True) for key in expected}
+    state = {key.removeprefix("final_layer."): tensors[key].to(device, dtype) for key in expected}
     layer.load_state_dict(state, strict=True, assign=True)
     return layer.eval()
 

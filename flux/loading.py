@@ -301,13 +301,21 @@ def fetch_hub_tensors(
         )
         tensors = {}
         for name, (begin, end, dtype, shape) in wanted.items():
-            data = bytearray(fetch(8 + header_len + begin, 8 + header_len + end)) if end > begin else None
-            tensors[name] = (
-                torch.frombuffer(data, dtype=dtype).reshape(shape)
-                if data
-                else torch.empty(shape, dtype=dtype)
-            )
+            offset = 8 + header_len + begin
+            data = fetch(offset, 8 + header_len + end) if end > begin else b""
+            tensors[name] = _placed_as_in_file(data, offset, dtype, shape)
         return tensors
+
+
+def _placed_as_in_file(data: bytes, offset: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """A tensor from its bytes, at the address alignment (mod 64) it has in a memory-mapped local copy of
+    the file, where it starts at `offset`. CPU float32 GEMMs round differently by alignment, so this makes
+    the lens from fetched tensors give the same bytes as from a local checkpoint."""
+    pad = offset % 64 if offset % 64 % dtype.itemsize == 0 else 0
+    buffer = torch.empty(pad + len(data), dtype=torch.uint8)  # the CPU allocator aligns to 64 bytes
+    if data:
+        buffer[pad:] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return buffer[pad:].view(dtype).reshape(shape)
 
 
 def read_flow_tensors(
