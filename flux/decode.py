@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,6 +364,7 @@ def decode_capture(
     final_image: Image.Image | None = None,
     progress: bool = True,
     workers: int | None = None,
+    between_batches: Callable[[], None] | None = None,
 ) -> DecodeReport:
     """Decode captured block outputs to `{out_dir}/{stream}_block_{i}_step_{k}.jpg` plus labelled contact
     sheets `grid_double.jpg` and `grid_single.jpg` (rows: blocks, columns: steps, then the final image).
@@ -373,6 +374,7 @@ def decode_capture(
     the free memory allows, see `stable_batch_size`; CPU_BATCH on CPU); 1 decodes one at a time.
     compile: torch.compile the decoder (default: on CUDA where it pays, see `compile_pays`). final_image:
     the sampler's image for the sheets; by default final_latent is decoded along with the blocks.
+    between_batches: called before each batch; it may raise to stop the lens (a failed capture write).
     """
     _check_target(target)
     meta, ctx = capture["metadata"], capture["denoising_context"]
@@ -450,6 +452,8 @@ def decode_capture(
         # next batch is queued: the device decodes while the host prepares latents and encodes JPEGs.
         pending = None
         for size in sizes:
+            if between_batches is not None:
+                between_batches()
             keys, chunk = zip(*(next(items) for _ in range(size)))
             x = torch.cat([to_device(c, device) for c in chunk])
             if compile and size < batch_size:  # one static shape: pad rather than compile again

@@ -9,8 +9,10 @@ import itertools
 import math
 import platform
 import random
+import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,6 +291,9 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
     # Until the capture is complete, any exception (Ctrl-C, SIGTERM, a full disk while writing the image or
     # the capture) stops the writer, leaves what reached the disk valid and says what it is; the capture's
     # name is freed whatever happens. Then the exception propagates.
+    lens = session is not None and opts.should_decode_intermediates
+    saving: Future | None = None  # a .pt write running beside the lens
+    capture = None
     finished = False
     try:
         try:
@@ -311,38 +316,62 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
         result = RunResult(image_path, None, None, metadata, image, timings=timings)
         if session is not None:
             context["final_latent"] = latent.cpu()
-            start = time.perf_counter()
-            result.capture_path = session.sink.finish(context, metadata)
-            finished = True
-            timings["save_capture_s"] = time.perf_counter() - start
-            meta_path = metadata_path_for(stem, inter_dir)
-            result.metadata_path = write_json(meta_path, {**metadata, "complete": True})
-            _free_pinned_memory()
+            save_start = time.perf_counter()
+            if lens and isinstance(session.sink, PtSink):
+                # The .pt is written by a thread while the lens decodes the same host buffers: at disk
+                # speed (~0.7 GB/s for torch.save) the write would otherwise add its whole time to the run.
+                capture = session.sink.collect(context, metadata)
+                writer = ThreadPoolExecutor(1, thread_name_prefix="save-capture")
+                saving = writer.submit(session.sink.write, capture)
+                writer.shutdown(wait=False)  # the write goes on; `saved()` below waits for it
+            else:
+                result.capture_path = session.sink.finish(context, metadata)
+                finished = True
+                _record_saved(result, stem, inter_dir, save_start)
     except BaseException as e:
-        if session is not None and not finished:
+        if session is not None and not finished and saving is None:
             _report_interrupted(session, context, metadata, inter_dir, stem, e)
         raise
     finally:
-        if stem is not None:
+        if stem is not None and saving is None:
             release_stem(inter_dir, stem)
     if session is None:
         models.offload_decoder()
         return result
 
-    if opts.should_decode_intermediates:
-        result.decoded_dir = inter_dir / "decoded" / stem
-        start = time.perf_counter()
-        # The lens's own copy of the final layer, built as decode-later builds it (so both give the same
-        # files); with --offload the model itself stays on the CPU.
-        state = {f"final_layer.{k}": v for k, v in models.flow.final_layer.state_dict().items()}
-        final_layer = final_layer_from(state, models.spec.params, "the loaded model", device, models.dtype)
+    def saved() -> None:
+        """Wait for the overlapped write and record it; if it failed, the lens of a capture that does not
+        exist is removed and the write's error is the one raised."""
         try:
+            result.capture_path = saving.result()
+        except BaseException:
+            if result.decoded_dir is not None:
+                shutil.rmtree(result.decoded_dir, ignore_errors=True)
+            raise
+        finally:
+            release_stem(inter_dir, stem)
+        _record_saved(result, stem, inter_dir, save_start)
+
+    def stop_if_the_write_failed() -> None:
+        if saving is not None and saving.done() and saving.exception() is not None:
+            saved()  # raises the write's error
+
+    if lens:
+        result.decoded_dir = inter_dir / "decoded" / stem
+        try:
+            # The lens's own copy of the final layer, built as decode-later builds it (so both give the
+            # same files); with --offload the model itself stays on the CPU.
+            state = {f"final_layer.{k}": v for k, v in models.flow.final_layer.state_dict().items()}
+            final_layer = final_layer_from(state, spec.params, "the loaded model", device, dtype)
             report = decode_saved(
-                result.capture_path, final_layer, models.ae, result.decoded_dir,
-                target=opts.decode_target, device=device, batch_size=opts.decode_batch_size,
-                compile=opts.compile_decoder, progress=progress,
+                capture if saving is not None else result.capture_path, final_layer, models.ae,
+                result.decoded_dir, target=opts.decode_target, device=device,
+                batch_size=opts.decode_batch_size, compile=opts.compile_decoder, progress=progress,
+                between_batches=stop_if_the_write_failed,
             )  # fmt: skip
-        except BaseException as e:  # the run's outputs are complete; only the lens is partial
+        except BaseException as e:  # the run's other outputs are complete (once the write is); the lens not
+            if saving is not None and result.capture_path is None:
+                saved()  # waits; a failed write's error replaces the lens's
             print(
                 f"\n{_stopped(e)} while decoding the lens. Saved and complete: the image {image_path}, the "
                 f"capture {result.capture_path} and its metadata {result.metadata_path}. "
@@ -351,11 +380,21 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
                 file=sys.stderr,
             )
             raise
+        if saving is not None:
+            saved()
         timings["lens_compile_s"] = report.compile_seconds
         timings["lens_decode_s"] = report.decode_seconds
         timings["lens_images"] = report.n_images
     models.offload_decoder()
     return result
+
+
+def _record_saved(result: RunResult, stem: str, folder: Path, save_start: float) -> None:
+    """The capture is on disk: note how long writing it took, write its metadata, free the pinned buffers."""
+    result.timings["save_capture_s"] = time.perf_counter() - save_start
+    meta_path = metadata_path_for(stem, folder)
+    result.metadata_path = write_json(meta_path, {**result.metadata, "complete": True})
+    _free_pinned_memory()
 
 
 def run_metadata(
@@ -419,7 +458,7 @@ def _report_interrupted(
 
 
 def decode_saved(
-    capture_path: Path,
+    capture: Path | dict,
     final_layer,
     ae: AutoEncoder,
     out_dir: Path,
@@ -429,8 +468,10 @@ def decode_saved(
     batch_size: int | None = None,
     compile: bool | None = None,
     progress: bool = True,
+    between_batches=None,
 ):
-    """Run the lens over a capture on disk into `out_dir` (created here; it must not exist yet).
+    """Run the lens over a capture (a path on disk, or the capture in memory) into `out_dir` (created here;
+    it must not exist yet).
 
     The contact sheets' final column decodes the stored final latent in the same batches as the blocks, so
     decoding at capture time and decoding later give identical files.
@@ -438,11 +479,12 @@ def decode_saved(
     from flux.decode import decode_capture
     from flux.store import load_capture
 
-    capture = load_capture(capture_path)
+    if not isinstance(capture, dict):
+        capture = load_capture(capture)
     out_dir.mkdir(parents=True)
     report = decode_capture(
         capture, final_layer, ae, out_dir, target=target, device=device, batch_size=batch_size,
-        compile=compile, progress=progress,
+        compile=compile, progress=progress, between_batches=between_batches,
     )  # fmt: skip
     compile_note = f", plus {report.compile_seconds:.1f} s compiling" if report.compile_seconds else ""
     print(

@@ -237,13 +237,20 @@ class PtSink:
     def add_step(self, step: StepBuffers) -> None:
         self.steps.append(step)
 
-    def finish(self, context: dict, metadata: dict) -> Path:
+    def collect(self, context: dict, metadata: dict) -> dict[str, Any]:
+        """The capture in memory (its tensors are the host buffers), once every copy into them has landed."""
         for step in self.steps:
             step.wait()
-        capture = assemble(self.steps, context, metadata)
+        return assemble(self.steps, context, metadata)
+
+    def write(self, capture: dict[str, Any]) -> Path:
+        """Write a collected capture to the `.pt` (atomically); safe to run in a thread beside readers."""
         path = atomic_write(self.path, lambda tmp: torch_save(capture, tmp), needed=self.estimated_bytes)
-        self.steps.clear()  # the host buffers (the whole capture) are free once it is on disk
+        self.steps.clear()  # the sink's hold on the host buffers; they are freed with the last reference
         return path
+
+    def finish(self, context: dict, metadata: dict) -> Path:
+        return self.write(self.collect(context, metadata))
 
     def abort(self, context: dict | None = None) -> list[int]:
         """Nothing was written; a .pt is all or nothing."""

@@ -348,7 +348,7 @@ def _half_then_full(real, match: str):
 
 def inject_full_disk(kind: str, monkeypatch) -> None:
     """Make one write of `kind` fail halfway with a full disk, as that writer reports it for real."""
-    if kind == "pt":  # torch.save reports a RuntimeError whose context is the file's OSError
+    if kind in ("pt", "pt-beside-lens"):  # torch.save: a RuntimeError whose context is the file's OSError
         monkeypatch.setattr(flux.store, "open", lambda path, mode: FullDisk(path, mode, 4096), raising=False)
     elif kind in ("shard", "shard-rust"):  # the 2nd step's shard, in the writer thread
         real_save_file = flux.store.save_file
@@ -391,6 +391,11 @@ FAULTS = {  # kind: (run options, folder of the failed write, check that nothing
     ),
 }
 FAULTS["shard-rust"] = FAULTS["shard"]
+FAULTS["pt-beside-lens"] = (  # the .pt write fails in its thread while the lens decodes: no lens is left
+    {"should_decode_intermediates": True},
+    "intermediates",
+    lambda new: not [p for p in new if p.suffix == ".pt" or (p.suffix == ".jpg" and "decoded" in p.parts)],
+)
 
 
 @pytest.mark.parametrize("kind", list(FAULTS))
