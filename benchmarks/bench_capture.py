@@ -9,8 +9,8 @@ Modes, each timed on the same inputs (random T5/CLIP embeddings: the text encode
     pt           our default path: hooks copying into preallocated (pinned on CUDA) host buffers, one `.pt`
                  written at the end by a thread while the lens decodes every block output from memory
                  (`decode_capture` with its default batch size, computed once per size, and compiled on
-                 CUDA unless --no_compile); its save and decode columns are each alone, its total counts
-                 them once, overlapped
+                 CUDA unless --no_compile); its save and decode columns are each timed beside the
+                 other, and its total counts that phase once
     safetensors  hooks as above, one shard per step streamed to disk from a background thread
     naive        the earlier public tool, rebuilt here as the baseline: a blocking `.cpu()` per block output
                  inside each hook, then one decode at a time of the next-step latent
@@ -232,6 +232,7 @@ class Case:
             self.flow, self.plan, "pt", path, self.txt_len, self.img_len, self.dtype, metadata, self.num_steps
         )
         setup_s = time.perf_counter() - start
+        saving = None
         try:
             latent, sample_s = self._sample(session)
             start = time.perf_counter()
@@ -254,8 +255,8 @@ class Case:
             return {
                 "sample_s": sample_s,
                 "setup_s": setup_s,
-                "save_s": save_s,  # alone, from the end of sampling
-                "decode_s": report.decode_seconds,  # alone, the compile left out
+                "save_s": save_s,  # from the end of sampling, beside the lens
+                "decode_s": report.decode_seconds,  # beside the write, the compile left out
                 # Both together: the write began with the lens (and the compile), so it counts in full.
                 "save_lens_s": max(save_s, lens_s),
                 "compile_s": report.compile_seconds,
@@ -263,6 +264,8 @@ class Case:
                 "decode_batch": report.batch_size,
             }
         finally:
+            if saving is not None:
+                saving.exception()  # let the write end before its file is removed
             del session
             remove(path), remove(decoded)
 

@@ -321,13 +321,12 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
                 # The .pt is written by a thread while the lens decodes the same host buffers: at disk
                 # speed (~0.7 GB/s for torch.save) the write would otherwise add its whole time to the run.
                 capture = session.sink.collect(context, metadata)
-                writer = ThreadPoolExecutor(1, thread_name_prefix="save-capture")
-                saving = writer.submit(session.sink.write, capture)
-                writer.shutdown(wait=False)  # the write goes on; `saved()` below waits for it
+                saving = _write_beside(session.sink, capture, result, stem, inter_dir)
             else:
                 result.capture_path = session.sink.finish(context, metadata)
                 finished = True
-                _record_saved(result, stem, inter_dir, save_start)
+                _record_saved(result, stem, inter_dir, time.perf_counter() - save_start)
+                _free_pinned_memory()
     except BaseException as e:
         if session is not None and not finished and saving is None:
             _report_interrupted(session, context, metadata, inter_dir, stem, e)
@@ -339,22 +338,20 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
         models.offload_decoder()
         return result
 
-    def saved() -> None:
-        """Wait for the overlapped write and record it; if it failed, the lens of a capture that does not
-        exist is removed and the write's error is the one raised."""
-        try:
-            result.capture_path = saving.result()
-        except BaseException:
-            if result.decoded_dir is not None:
-                shutil.rmtree(result.decoded_dir, ignore_errors=True)
-            raise
-        finally:
-            release_stem(inter_dir, stem)
-        _record_saved(result, stem, inter_dir, save_start)
+    def wait_for_the_write() -> None:
+        """Wait for the overlapped write (its thread also writes the metadata and frees the name, so a
+        second Ctrl-C here still leaves a complete capture). If it failed, its error is raised and the
+        lens, which would show a capture that does not exist, is removed."""
+        if not saving.done():
+            print(f"Waiting for the capture to finish writing to {session.path} ...", file=sys.stderr)
+        error = saving.exception()
+        if error is not None:
+            shutil.rmtree(result.decoded_dir, ignore_errors=True)
+            raise error
 
     def stop_if_the_write_failed() -> None:
         if saving is not None and saving.done() and saving.exception() is not None:
-            saved()  # raises the write's error
+            raise saving.exception()  # the lens stops; wait_for_the_write cleans up once its files are done
 
     if lens:
         result.decoded_dir = inter_dir / "decoded" / stem
@@ -370,8 +367,8 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
                 between_batches=stop_if_the_write_failed,
             )  # fmt: skip
         except BaseException as e:  # the run's other outputs are complete (once the write is); the lens not
-            if saving is not None and result.capture_path is None:
-                saved()  # waits; a failed write's error replaces the lens's
+            if saving is not None:
+                wait_for_the_write()  # a failed write's error replaces the lens's
             print(
                 f"\n{_stopped(e)} while decoding the lens. Saved and complete: the image {image_path}, the "
                 f"capture {result.capture_path} and its metadata {result.metadata_path}. "
@@ -381,7 +378,9 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
             )
             raise
         if saving is not None:
-            saved()
+            wait_for_the_write()
+            capture = None  # the last reference to the host buffers, so the pinned memory can go back
+            _free_pinned_memory()
         timings["lens_compile_s"] = report.compile_seconds
         timings["lens_decode_s"] = report.decode_seconds
         timings["lens_images"] = report.n_images
@@ -389,12 +388,29 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
     return result
 
 
-def _record_saved(result: RunResult, stem: str, folder: Path, save_start: float) -> None:
-    """The capture is on disk: note how long writing it took, write its metadata, free the pinned buffers."""
-    result.timings["save_capture_s"] = time.perf_counter() - save_start
+def _record_saved(result: RunResult, stem: str, folder: Path, seconds: float) -> None:
+    """The capture is on disk: note how long writing it took, and write its metadata."""
+    result.timings["save_capture_s"] = seconds
     meta_path = metadata_path_for(stem, folder)
     result.metadata_path = write_json(meta_path, {**result.metadata, "complete": True})
-    _free_pinned_memory()
+
+
+def _write_beside(sink: PtSink, capture: dict, result: RunResult, stem: str, folder: Path) -> Future:
+    """Start writing a collected `.pt` capture in a thread, which then writes its metadata and frees its
+    name: a capture that reached the disk gets its metadata whatever the main thread is doing."""
+    start = time.perf_counter()
+
+    def write() -> None:
+        try:
+            result.capture_path = sink.write(capture)
+            _record_saved(result, stem, folder, time.perf_counter() - start)
+        finally:
+            release_stem(folder, stem)
+
+    writer = ThreadPoolExecutor(1, thread_name_prefix="save-capture")
+    saving = writer.submit(write)
+    writer.shutdown(wait=False)  # the write goes on; the thread ends with it
+    return saving
 
 
 def run_metadata(

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import capture_sample  # noqa: E402
+import flux.decode  # noqa: E402
 import flux.store  # noqa: E402
 from flux import load_capture  # noqa: E402
 from flux.configs import TINY_PARAMS, get_spec  # noqa: E402
@@ -348,8 +349,21 @@ def _half_then_full(real, match: str):
 
 def inject_full_disk(kind: str, monkeypatch) -> None:
     """Make one write of `kind` fail halfway with a full disk, as that writer reports it for real."""
-    if kind in ("pt", "pt-beside-lens"):  # torch.save: a RuntimeError whose context is the file's OSError
+    if kind == "pt":  # torch.save reports a RuntimeError whose context is the file's OSError
         monkeypatch.setattr(flux.store, "open", lambda path, mode: FullDisk(path, mode, 4096), raising=False)
+    elif kind == "pt-beside-lens":  # the same, but only once the lens has written a JPEG: mid-lens
+        lens_started, write_image = threading.Event(), flux.decode._write_image
+
+        def first_jpeg_then_go_on(*args, **kwargs):
+            lens_started.set()
+            return write_image(*args, **kwargs)
+
+        def full_once_the_lens_runs(path, mode):
+            assert lens_started.wait(60), "the lens never started"
+            return FullDisk(path, mode, 4096)
+
+        monkeypatch.setattr(flux.decode, "_write_image", first_jpeg_then_go_on)
+        monkeypatch.setattr(flux.store, "open", full_once_the_lens_runs, raising=False)
     elif kind in ("shard", "shard-rust"):  # the 2nd step's shard, in the writer thread
         real_save_file = flux.store.save_file
 
@@ -430,6 +444,36 @@ def test_full_disk_during_each_kind_of_write(kind, models, earlier, tmp_path, mo
         assert capture["metadata"]["complete"] is False and capture["metadata"]["steps_done"] == [0]
         assert capture["single_blocks"]["block_0"][0].shape == (1, 44, 64)
         assert f"Stopped by an error (UserError): steps [0] are saved in {folder}" in printed
+
+
+def test_an_interrupt_during_the_lens_waits_for_the_pt_written_beside_it(
+    models, tmp_path, monkeypatch, capsys
+):
+    """The .pt is still being written when Ctrl-C stops the lens: the run waits for it, so the capture and
+    its metadata are complete, and says so."""
+    real_save, calls = flux.store.torch_save, []
+
+    def slow_save(obj, path):
+        time.sleep(1.5)  # long enough that the lens is interrupted before the write ends
+        real_save(obj, path)
+        calls.append(path)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flux.store, "torch_save", slow_save)
+    monkeypatch.setattr(flux.decode, "block_latents", interrupt)  # the lens only, not the image
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        generate(models, options(out, should_decode_intermediates=True), progress=False)
+    printed = capsys.readouterr().err
+    assert calls and "Waiting for the capture to finish writing" in printed
+    capture = only(out / "intermediates", "capture_*.pt")
+    assert "Interrupted while decoding the lens. Saved and complete: the image" in printed
+    assert str(capture) in printed
+    assert load_capture(capture)["metadata"]["model"] == "flux-tiny"
+    assert json.loads(only(out / "intermediates", "metadata_*.json").read_text())["complete"] is True
+    assert leftovers(out) == [] and not list((out / "intermediates").glob(".*.claim"))
 
 
 def test_full_disk_in_the_writer_thread_is_one_paragraph_from_the_cli(tmp_path, monkeypatch, capsys):
