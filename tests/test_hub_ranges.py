@@ -116,14 +116,22 @@ def tiny_repo(tmp_path_factory) -> Path:
     return ensure_tiny_repo(tmp_path_factory.mktemp("tiny") / "repo")
 
 
-@pytest.fixture
-def in_process_hub(hub, monkeypatch):
-    """Point this process's huggingface_hub at the fake hub, as HF_ENDPOINT does for a fresh process."""
+def _point_hub_at(monkeypatch, endpoint: str) -> None:
+    """What HF_ENDPOINT does for a fresh process: hub URLs start with `endpoint` (huggingface_hub < 1.0 also
+    keeps a copy of the URL template in file_download)."""
+    import huggingface_hub.file_download as file_download
     from huggingface_hub import constants
 
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
-    )
+    template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    if hasattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE"):
+        monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+
+
+@pytest.fixture
+def in_process_hub(hub, monkeypatch):
+    """This process's huggingface_hub pointed at the fake hub, with no token and online."""
+    _point_hub_at(monkeypatch, hub.url)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_TOKEN_PATH", str(Path(os.devnull)))  # no token saved by `huggingface-cli login`
@@ -242,13 +250,10 @@ def test_missing_file_ignored_ranges_unreachable_and_offline_say_what_to_do(
     with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
         fetch_hub_tensors("org/model", "flow.safetensors", "final_layer.")
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    from huggingface_hub import constants
-
     closed = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)  # bind a port, then free it: nothing listens
     port = closed.server_address[1]
     closed.server_close()
-    template = f"http://127.0.0.1:{port}" + "/{repo_id}/resolve/{revision}/{filename}"
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    _point_hub_at(monkeypatch, f"http://127.0.0.1:{port}")
     with pytest.raises(UserError, match="Could not reach the hub"):
         fetch_hub_tensors("org/model", "flow.safetensors", "final_layer.")
 
