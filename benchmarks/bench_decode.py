@@ -18,7 +18,7 @@ import torch
 
 from flux.autoencoder import AutoEncoder
 from flux.configs import get_spec
-from flux.decode import decode_capture, decode_latents
+from flux.decode import decode_capture, decode_latents, decoder_bytes_per_image
 from flux.layers import LastLayer
 from flux.model import FluxParams
 from flux.sampling import latent_size
@@ -92,6 +92,8 @@ def main() -> None:
     print(f"decode benchmark: {spec.name}, random weights, {dtype}, on {name}, torch {torch.__version__}")
     print(f"{args.n} block outputs + 1 final latent per run; s/img includes the JPEG writes (overlapped)\n")
     header = f"{'size':>6} {'mode':<18} {'batch':>5} {'s/img':>9} {'total s':>8} {'compile s':>9}"
+    if cuda:  # calibrates decoder_bytes_per_image (and so the lens's batch) against what the GPU used
+        header += f" {'peak GB':>8} {'est. GB/img':>11}"
     print(header)
     print("-" * len(header))
     for size in sizes:
@@ -101,6 +103,9 @@ def main() -> None:
             decode_latents(torch.zeros(1, h * w // 4, 64), ae, size, size)
         batches, compiled_ok = {}, False
         for label, batch_size, compile in modes:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
             with tempfile.TemporaryDirectory() as out_dir:
                 start = time.perf_counter()
                 report = decode_capture(
@@ -116,10 +121,15 @@ def main() -> None:
                 total = time.perf_counter() - start
             if compile and not report.compiled:
                 label = "batched (compile failed, eager)"
-            print(
+            row = (
                 f"{size:>6} {label:<18} {report.batch_size:>5} {report.seconds_per_image:>9.4f} "
                 f"{total:>8.2f} {report.compile_seconds:>9.2f}"
             )
+            if cuda:  # the decode's own peak above what was allocated before, and the lens's estimate
+                peak = (torch.cuda.max_memory_allocated(device) - base) / 1e9
+                estimate = decoder_bytes_per_image(ae.params, size, size) / 1e9
+                row += f" {peak:>8.2f} {estimate:>11.2f}"
+            print(row)
             batches[compile] = report.batch_size
             compiled_ok = compiled_ok or report.compiled
         if cuda:  # the decoder alone, at the lens's batch size: comparable with PERF_ANCHORS.md
