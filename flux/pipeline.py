@@ -502,7 +502,8 @@ def decode_saved(
         capture, final_layer, ae, out_dir, target=target, device=device, batch_size=batch_size,
         compile=compile, progress=progress, between_batches=between_batches,
     )  # fmt: skip
-    compile_note = f", plus {report.compile_seconds:.1f} s compiling" if report.compile_seconds else ""
+    what = "compiling" if report.compiled else "warming up"  # on CUDA the eager decoder warms up too
+    compile_note = f", plus {report.compile_seconds:.1f} s {what}" if report.compile_seconds else ""
     print(
         f"Lens: {report.n_images} images in {report.decode_seconds:.2f} s "
         f"({1000 * report.seconds_per_image:.1f} ms each{compile_note}) -> {out_dir}"
