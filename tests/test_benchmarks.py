@@ -1,0 +1,51 @@
+"""The benchmarks run end to end on flux-tiny (CPU), so a GPU session never spends its minutes on a crash.
+
+They assert nothing about speed (that is their output, not a test); these tests check that every mode runs,
+the random-weights path the GPU run uses works, the report's bookkeeping adds up and no file is left behind.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_bench_capture_runs_every_mode_with_random_weights(tmp_path):
+    report, work = tmp_path / "capture.json", tmp_path / "work"
+    args = ["--quick", "--sizes", "64", "--random_weights", "--json", str(report), "--output_dir", str(work)]
+    printed = run("benchmarks/bench_capture.py", *args)
+    data = json.loads(report.read_text())
+    assert data["model"] == "flux-tiny" and data["weights"] == "random weights" and data["steps"] == 4
+    rows = {r["mode"]: r for r in data["results"]}
+    assert set(rows) == {"off", "pt", "safetensors", "naive"} and all(r["size"] == 64 for r in rows.values())
+    pt, st, naive = rows["pt"], rows["safetensors"], rows["naive"]
+    # flux-tiny: 2 double + 3 single blocks at 4 steps; our lens also decodes the final latent.
+    assert pt["images"] == 5 * 4 + 1 and naive["images"] == 5 * 4
+    # The .pt write runs beside the lens: the total counts that phase once, never shorter than the write.
+    assert pt["save_lens_s"] >= pt["save_s"] > 0
+    assert pt["total_s"] == pytest.approx(pt["setup_s"] + pt["sample_s"] + pt["save_lens_s"])
+    assert naive["total_s"] == pytest.approx(naive["sample_s"] + naive["save_s"] + naive["decode_s"])
+    assert st["write_bytes"] > 4 * st["bytes_per_step"] > 0  # every step's shard, plus the context
+    assert "naive/ours" in printed and "64 pt" in printed
+    assert not any(work.iterdir())  # each run's files are deleted once measured
+
+
+def test_bench_decode_runs_batched_and_one_at_a_time():
+    printed = run("benchmarks/bench_decode.py", "--n", "9")
+    assert "9 block outputs + 1 final latent per run" in printed
+    rows = [line.split() for line in printed.splitlines() if line.strip().startswith("64 ")]
+    assert len(rows) == 2, printed  # no CUDA: no compiled or VAE-only rows
+    one, batched = rows
+    assert one[1:6] == ["one", "at", "a", "time", "1"]
+    assert batched[1:3] == ["batched", "5"]  # 10 images under CPU_BATCH (8): two even batches of 5
+    assert all(float(row[-3]) > 0 for row in rows)  # seconds per image
