@@ -101,11 +101,7 @@ def _hub_errors(repo_id: str, filename: str, *, gated: bool, what: str):
         raise UserError(f"The hub repository {repo_id} was not found or is not visible.{hint}") from e
     except LocalEntryNotFoundError as e:  # before EntryNotFoundError: newer hubs subclass it
         why = "HF_HUB_OFFLINE is set" if _offline() else "the hub could not be reached"
-        raise UserError(
-            f"{filename} ({what}) from {repo_id} is not in the Hugging Face cache and {why}. Download "
-            f"it once with network access (`huggingface-cli download {repo_id} {filename}`), or set "
-            "FLUX_MODEL / FLUX_AE to local files, or pass a local weights directory."
-        ) from e
+        raise _not_cached(repo_id, filename, what, why) from e
     except EntryNotFoundError as e:
         raise UserError(f"The hub repository {repo_id} has no file {filename!r} ({what}).") from e
     except HfHubHTTPError as e:
@@ -115,6 +111,14 @@ def _hub_errors(repo_id: str, filename: str, *, gated: bool, what: str):
             f"Could not reach the hub for {filename} ({what}) from {repo_id}: {e}. Check the network, or "
             "set FLUX_MODEL / FLUX_AE to local files, or pass a local weights directory."
         ) from e
+
+
+def _not_cached(repo_id: str, filename: str, what: str, why: str) -> UserError:
+    return UserError(
+        f"{filename} ({what}) from {repo_id} is not in the Hugging Face cache and {why}. Download it once "
+        f"with network access (`huggingface-cli download {repo_id} {filename}`), or set FLUX_MODEL / "
+        "FLUX_AE to local files, or pass a local weights directory."
+    )
 
 
 def _offline() -> bool:
@@ -256,11 +260,7 @@ def fetch_hub_tensors(
     from huggingface_hub.utils import build_hf_headers
 
     if _offline():
-        raise UserError(
-            f"{filename} ({what}) from {repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set. "
-            f"Download it once with network access (`huggingface-cli download {repo_id} {filename}`), or "
-            "set FLUX_MODEL to a local file, or pass a local weights directory."
-        )
+        raise _not_cached(repo_id, filename, what, "HF_HUB_OFFLINE is set")
     url = hf_hub_url(repo_id, filename)
     headers = build_hf_headers()
     where = f"{repo_id}/{filename}"
