@@ -12,6 +12,7 @@ Run with --help for every flag. The library behind this lives in `flux/`.
 import importlib
 import signal
 import sys
+import time
 
 import fire
 import torch
@@ -119,7 +120,13 @@ def main(
     if opts.capture:
         size = opts.estimated_capture_bytes()
         print(f"Estimated capture size: {size / 1e9:.3f} GB ({opts.format})", file=sys.stderr)
-    models = load_models(opts.spec, opts.device, opts.offload, opts.weights_dir)
+    where = str(opts.device)
+    if opts.offload and torch.device(opts.device).type != "cpu":
+        where = f"the CPU, each moved to {opts.device} while it runs"
+    print(f"Loading {opts.spec.name} (flow model, autoencoder, T5, CLIP) on {where}...", file=sys.stderr)
+    started = time.perf_counter()
+    models = load_models(opts.spec, opts.device, opts.offload, opts.weights_dir, progress=progress)
+    print(f"Models loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     result = generate(models, opts, progress=progress)
     print(f"Image:    {result.image_path}")
     if result.capture_path is not None:

@@ -401,6 +401,30 @@ def load_ae(
     return load_checkpoint(lambda: AutoEncoder(spec.ae_params), path, device, dtype, "FLUX autoencoder")
 
 
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool):
+    """Within the block, the hub's download bars and transformers' loading bars show only when `enabled`.
+
+    Both libraries keep a process-wide switch; it is put back as it was on the way out.
+    """
+    if enabled:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    hub_was_on = not are_progress_bars_disabled()
+    transformers_was_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if transformers_was_on:
+            transformers_logging.enable_progress_bar()  # which also turns the hub's bars on
+        (enable_progress_bars if hub_was_on else disable_progress_bars)()
+
+
 def load_text_encoders(
     spec: ModelSpec,
     device: torch.device | str = "cpu",

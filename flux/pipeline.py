@@ -25,7 +25,7 @@ from flux.autoencoder import AutoEncoder
 from flux.capture import BlockCapture, CapturePlan, HostBufferPool
 from flux.configs import ModelSpec, get_spec
 from flux.errors import UsageError
-from flux.loading import load_ae, load_flow_model, load_text_encoders
+from flux.loading import library_progress_bars, load_ae, load_flow_model, load_text_encoders
 from flux.model import Flux
 from flux.options import DECODE_TARGETS, RunOptions, available_host_memory, check_device, compute_dtype
 from flux.sampling import denoise, get_noise, get_schedule, prepare
@@ -104,18 +104,26 @@ def _empty_cache(device: torch.device) -> None:
 
 
 def load_models(
-    spec: ModelSpec, device: str | torch.device, offload: bool = False, weights_dir: str | None = None
+    spec: ModelSpec,
+    device: str | torch.device,
+    offload: bool = False,
+    weights_dir: str | None = None,
+    progress: bool = True,
 ) -> Models:
-    """Load the flow model, AE and text encoders of `spec` (on the CPU first with --offload)."""
+    """Load the flow model, AE and text encoders of `spec` (on the CPU first with --offload).
+
+    `progress=False` also silences the download and loading bars of huggingface_hub and transformers.
+    """
     device = torch.device(device)
     if device.type == "cuda" and device.index is not None:
         # Make cuda:N current, so events, streams and pinned memory all belong to the run's GPU.
         torch.cuda.set_device(device)
     dtype = compute_dtype(spec)
     home = torch.device("cpu") if offload else device
-    t5, clip = load_text_encoders(spec, home, dtype, weights_dir)
-    flow = load_flow_model(spec, home, dtype, weights_dir)
-    ae = load_ae(spec, home, weights_dir=weights_dir)
+    with library_progress_bars(progress):
+        t5, clip = load_text_encoders(spec, home, dtype, weights_dir)
+        flow = load_flow_model(spec, home, dtype, weights_dir)
+        ae = load_ae(spec, home, weights_dir=weights_dir)
     return Models(spec, flow, ae, t5, clip, device, dtype, offload)
 
 

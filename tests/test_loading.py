@@ -156,3 +156,31 @@ def test_hub_path_offline_from_a_prepopulated_cache(tiny_repo, tmp_path):
     assert "T5 (1, 32, 32) CLIP (1, 32)" in out.stdout
     assert "ERROR" in out.stdout and "HF_HUB_OFFLINE is set" in out.stdout and "FLUX.1-dev" in out.stdout
     assert HUB == "hub"
+
+
+def test_progress_false_silences_library_bars_and_puts_the_switches_back(tiny_repo, capfd):
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    from flux.loading import library_progress_bars, load_text_encoders
+
+    def switches():
+        return transformers_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+
+    transformers_logging.enable_progress_bar()
+    enable_progress_bars()
+    capfd.readouterr()
+    with library_progress_bars(False):
+        inside = switches()
+        load_text_encoders(TINY, "cpu", torch.float32, weights_dir=tiny_repo)
+    assert inside == (False, False)
+    assert "it/s" not in capfd.readouterr().err  # no tqdm line from either library
+    assert switches() == (True, True)
+
+    disable_progress_bars()  # a user who turned the hub's bars off keeps them off
+    try:
+        with library_progress_bars(False):
+            pass
+        assert switches() == (True, False)
+    finally:
+        enable_progress_bars()
