@@ -46,6 +46,53 @@ def test_loading_snippet_runs_on_a_real_capture(tmp_path, fmt):
     exec(compile(code, "README.md", "exec"), {"CAPTURE": str(capture)})
 
 
+def test_one_block_snippet_decodes_what_the_sampler_produced(tmp_path, monkeypatch):
+    """The lens snippet, pointed at the last single block at the last step, must give the final image: x0 of
+    the model's last block is the sampler's own final latent."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from flux import get_spec
+    from flux.decode import decode_latents, to_uint8
+    from flux.loading import load_ae
+
+    args = [
+        "--model",
+        "flux-tiny",
+        "--prompt",
+        "a red cube",
+        "--seed",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "48",
+    ]
+    rc = capture_sample.run([*args, "--should_decode_intermediates", "False", "--output_dir", str(tmp_path)])
+    assert rc == 0
+    capture = next((tmp_path / "intermediates").glob("capture_*"))
+    opening = (
+        _python_block("## Opening a capture").replace("block_37", "block_2").replace("block_3", "block_1")
+    )
+    lens = _python_block("## The lens")
+    assert '{"single": [20]}, steps=[2]' in lens  # the edit below must hit
+    lens = lens.replace(
+        '{"single": [20]}, steps=[2]', '{"single": [2]}, steps=[3]'
+    )  # tiny: 3 blocks, 4 steps
+    monkeypatch.chdir(tmp_path)
+    scope = {"CAPTURE": str(capture)}
+    exec(compile(opening + lens, "README.md", "exec"), scope)
+
+    meta, ctx = scope["meta"], scope["ctx"]
+    ae = load_ae(get_spec("flux-tiny"), "cpu")
+    with torch.inference_mode():
+        final = decode_latents(ctx["final_latent"], ae, meta["height"], meta["width"])[0]
+    saved = np.asarray(Image.open(tmp_path / "single_20_step_2.png"))
+    assert saved.shape == (48, 64, 3)
+    assert np.array_equal(saved, to_uint8(final).numpy())
+
+
 def test_every_flag_is_in_the_readme_table():
     for name in inspect.signature(capture_sample.main).parameters:
         assert re.search(rf"^\| (`--\w+`, )*`--{name}`", README, re.M), name
