@@ -45,7 +45,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm(x)
         height, width = h.shape[-2:]
-        q, k, v = (rearrange(f(h), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
+        # Contiguous, or SDPA's fused kernels refuse the strided view and the math fallback materialises
+        # the (HW x HW) score matrix in float32: ~56 GB for one 2048 px image.
+        q, k, v = (rearrange(f(h), "b c h w -> b 1 (h w) c").contiguous() for f in (self.q, self.k, self.v))
         h = nn.functional.scaled_dot_product_attention(q, k, v)
         h = rearrange(h, "b 1 (h w) c -> b c h w", h=height, w=width)
         return x + self.proj_out(h)

@@ -502,6 +502,28 @@ def test_ae_encode_returns_scaled_mean():
     assert_close(z, 0.3611 * (moments[:, :16] - 0.1159))
 
 
+def test_ae_attention_is_single_head_softmax_on_a_fused_kernel():
+    """The VAE's mid attention must reach SDPA's fused kernels (a strided view falls back to the math kernel,
+    whose HW x HW float32 scores need ~56 GB for one 2048 px image) and still be plain softmax attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flux.autoencoder import AttnBlock
+
+    torch.manual_seed(0)
+    block = AttnBlock(32)
+    x = torch.randn(2, 32, 6, 5)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        out = block(x)  # "No available kernel" if q, k, v are not laid out for the fused kernels
+
+        def tokens(conv: nn.Conv2d) -> Tensor:  # (B, HW, C), position-major
+            return conv(block.norm(x)).flatten(2).transpose(1, 2)
+
+        q, k, v = tokens(block.q), tokens(block.k), tokens(block.v)
+        mixed = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(32), dim=-1) @ v
+        expected = x + block.proj_out(mixed.transpose(1, 2).reshape(x.shape))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_ae_decode_unscales_before_the_decoder():
     ae = AutoEncoder(CONFIGS["flux-tiny"].ae_params)
     image = torch.randn(1, 3, 16, 24)
