@@ -131,9 +131,18 @@ class CapturePlan:
             out[f"single_blocks.{i}"] = (batch, tokens, hidden)
         return out
 
-    def bytes_per_step(self, batch: int, txt_len: int, img_len: int, hidden: int, itemsize: int) -> int:
+    def bytes_per_step(
+        self, batch: int, txt_len: int, img_len: int, hidden: int, itemsize: int, pinned: bool = False
+    ) -> int:
+        """Bytes of one captured step's block outputs: as stored, or (`pinned`) in pinned host buffers."""
         shapes = self.keys_and_shapes(batch, txt_len, img_len, hidden).values()
-        return itemsize * sum(torch.Size(s).numel() for s in shapes)
+        return sum(host_nbytes(itemsize * torch.Size(s).numel(), pinned) for s in shapes)
+
+
+def host_nbytes(nbytes: int, pinned: bool) -> int:
+    """Host memory a buffer of `nbytes` takes: torch's pinned (CUDA host) allocator rounds blocks up to a
+    power of two, so a pinned buffer can take up to twice what it holds."""
+    return 1 << (nbytes - 1).bit_length() if pinned and nbytes > 0 else nbytes
 
 
 CONTEXT_KEYS = ("img_state", "vec", "pred")  # recorded at every step, captured or not
@@ -198,6 +207,12 @@ class HostBufferPool:
 
     def release(self, tensors: dict[str, Tensor]) -> None:
         self.free[len(tensors) > len(CONTEXT_KEYS)].put(tensors)
+
+    def drain(self) -> None:
+        """Drop the free sets, so their (pinned) memory can go back once nothing else holds it."""
+        for free in self.free.values():
+            while not free.empty():
+                free.get_nowait()
 
 
 class HookSet:

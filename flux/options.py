@@ -147,7 +147,7 @@ class RunOptions:
             # A .pt capture lives in host buffers until the end; pinned (CUDA) buffers are allocated in
             # power-of-two sizes, up to twice what they hold.
             on_gpu = torch.device(self.device).type == "cuda"
-            held = needed * (2 if on_gpu else 1)
+            held = self.estimated_capture_bytes(pinned=on_gpu)
             available = available_host_memory()
             if available is not None and (not on_gpu or self.offload):
                 available -= model_host_bytes(self.spec)  # the models will live in host memory too
@@ -190,12 +190,13 @@ class RunOptions:
         h, w = latent_size(self.height, self.width)
         return self.spec.t5_max_length, (h // 2) * (w // 2)
 
-    def estimated_capture_bytes(self) -> int:
-        """Bytes the planned block outputs take on disk (context tensors are small and left out)."""
+    def estimated_capture_bytes(self, pinned: bool = False) -> int:
+        """Bytes the planned block outputs take on disk, or (`pinned`) in pinned host buffers; the context
+        tensors are small and left out."""
         txt_len, img_len = self.token_counts()
         plan = self.plan()
         itemsize = (plan.dtype or compute_dtype(self.spec)).itemsize
-        per_step = plan.bytes_per_step(1, txt_len, img_len, self.spec.params.hidden_size, itemsize)
+        per_step = plan.bytes_per_step(1, txt_len, img_len, self.spec.params.hidden_size, itemsize, pinned)
         return per_step * len(plan.steps)
 
 

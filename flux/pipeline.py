@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flux.autoencoder import AutoEncoder
-from flux.capture import BlockCapture, CapturePlan, HostBufferPool
+from flux.capture import BlockCapture, CapturePlan, HostBufferPool, host_nbytes
 from flux.configs import ModelSpec, get_spec
 from flux.errors import UsageError
 from flux.loading import library_progress_bars, load_ae, load_flow_model, load_text_encoders
@@ -48,7 +48,8 @@ def streaming_buffer_sets(step_bytes: int, available: int | None) -> int:
     """Step buffer sets for the safetensors writer: enough for the sampler to run ahead of a slow disk for
     a few steps (at most STREAMING_MAX_SETS), within STREAMING_HOST_BYTES and a quarter of the free host
     memory (`available`, None when unknown), and two at least (one filling while one is written) unless
-    two would take over half the free memory."""
+    two would take over half the free memory. `step_bytes` is what one set takes in host memory (pinned
+    buffers rounded up, see `host_nbytes`)."""
     budget = STREAMING_HOST_BYTES if available is None else min(STREAMING_HOST_BYTES, available // 4)
     fewest = (
         1 if available is not None and 2 * step_bytes > available // 2 else 2
@@ -70,8 +71,7 @@ class Models:
 
     def encode_prompt(self, prompt: str) -> tuple[Tensor, Tensor]:
         """(T5 tokens (1, T, 4096), CLIP pooled (1, 768)) on the device, in the model dtype."""
-        if self.offload:
-            self.t5.to(self.device), self.clip.to(self.device)
+        self.t5.to(self.device), self.clip.to(self.device)  # back from the CPU if offloaded or parked
         txt, y = self.t5([prompt]), self.clip([prompt])
         if self.offload:
             self.t5.cpu(), self.clip.cpu()
@@ -85,10 +85,43 @@ class Models:
         self.ae.decoder.to(self.device)  # with --offload only the decoder visits the GPU, as in the reference
         return decode_latents(tokens, self.ae, height, width).float()
 
+    def make_room_for_vae(self, height: int, width: int) -> list[str]:
+        """Before decoding on the GPU: while one image's decoder estimate exceeds the free GPU memory, park
+        the text encoders (done for this run), then the flow model, on the CPU. Returns what was moved.
+
+        A no-op with --offload (only the decoder is on the GPU then) and below ~2048 px on an 80 GB GPU.
+        """
+        if self.offload or self.device.type != "cuda":
+            return []
+        from flux.decode import decoder_bytes_per_image
+
+        need = decoder_bytes_per_image(self.spec.ae_params, height, width)
+        parked: list[str] = []
+        for names in (("t5", "clip"), ("flow",)):
+            if free_gpu_bytes(self.device) >= need:
+                break
+            for name in names:
+                getattr(self, name).cpu()
+            parked += names
+        if parked:
+            _empty_cache(self.device)
+            print(
+                f"Moved {', '.join(parked)} to the CPU to make room for the VAE at {width}x{height} "
+                f"(estimated {need / 1e9:.0f} GB per image).",
+                file=sys.stderr,
+            )
+        return parked
+
     def offload_decoder(self) -> None:
         if self.offload:
             self.ae.decoder.cpu()
             _empty_cache(self.device)
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """Free memory on a CUDA device, counting what torch's caching allocator holds unused as free."""
+    _empty_cache(device)
+    return torch.cuda.mem_get_info(device)[0]
 
 
 def _free_pinned_memory() -> None:
@@ -158,9 +191,11 @@ class CaptureSession:
         device = device if device is not None else next(flow.parameters()).device
         shapes, dtypes = BlockCapture.shapes_for(flow, plan, 1, txt_len, img_len, dtype)
         streaming = fmt == "safetensors"
-        step_bytes = sum(math.prod(s) * dtypes[k].itemsize for k, s in shapes.items())
-        limit = streaming_buffer_sets(step_bytes, available_host_memory()) if streaming else None
-        pool = HostBufferPool(shapes, dtypes, pin=device.type == "cuda", limit=limit)
+        pin = device.type == "cuda"
+        sizes = [math.prod(s) * dtypes[k].itemsize for k, s in shapes.items()]
+        step_bytes, held_bytes = sum(sizes), sum(host_nbytes(n, pin) for n in sizes)
+        limit = streaming_buffer_sets(held_bytes, available_host_memory()) if streaming else None
+        pool = HostBufferPool(shapes, dtypes, pin=pin, limit=limit)
         # Pinning host memory is slow: do all of it before the first step, not inside the sampling loop.
         captured = len(plan.steps)
         pool.preallocate(
@@ -293,8 +328,7 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
             models.flow, plan, opts.format, path, txt_len, img_len, dtype, metadata, opts.num_steps, device
         )
 
-    if models.offload:
-        models.flow.to(device)
+    models.flow.to(device)  # back from the CPU if offloaded, or parked by an earlier run's VAE work
     start = time.perf_counter()
     # Until the capture is complete, any exception (Ctrl-C, SIGTERM, a full disk while writing the image or
     # the capture) stops the writer, leaves what reached the disk valid and says what it is; the capture's
@@ -314,6 +348,7 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
                 _empty_cache(device)
         timings["sampling_s"] = time.perf_counter() - start
 
+        models.make_room_for_vae(opts.height, opts.width)
         image = models.decode(latent, opts.height, opts.width)
         image_path = publish_new(
             lambda n: out_dir / f"img_{n}.jpg",
@@ -334,6 +369,7 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
                 result.capture_path = session.sink.finish(context, metadata)
                 finished = True
                 _record_saved(result, stem, inter_dir, time.perf_counter() - save_start)
+                session.capture.pool.drain()  # the writer's buffer sets (up to 8 steps, pinned on CUDA)
                 _free_pinned_memory()
     except BaseException as e:
         if session is not None and not finished and saving is None:

@@ -322,3 +322,120 @@ def test_streaming_buffer_sets_fit_the_host_budget():
     assert streaming_buffer_sets(step_1024, 6 * GiB) == 2  # two at least, while they fit in half the RAM
     assert streaming_buffer_sets(step_1024, 4 * GiB) == 1  # they would not: one step at a time
     assert streaming_buffer_sets(10_000, 128 * GiB) == 8  # small steps: capped
+
+
+def test_pinned_buffers_are_counted_at_their_power_of_two_size():
+    from flux.capture import host_nbytes
+
+    assert [host_nbytes(n, True) for n in (0, 1, 3, 4, 5, 1000)] == [0, 1, 4, 4, 8, 1024]
+    assert host_nbytes(1000, False) == 1000
+    # flux-schnell at 1024 px, all blocks in bf16: 4096 image and 256 text tokens of 3072 values.
+    MiB = 2**20
+    img, txt, single = 4096 * 3072 * 2, 256 * 3072 * 2, 4352 * 3072 * 2  # 24, 1.5 and 25.5 MiB
+    plan = CapturePlan(tuple(range(19)), tuple(range(38)), (0,))
+    assert plan.bytes_per_step(1, 256, 4096, 3072, 2) == 19 * (img + txt) + 38 * single
+    assert plan.bytes_per_step(1, 256, 4096, 3072, 2, pinned=True) == 19 * (32 + 2) * MiB + 38 * 32 * MiB
+
+
+def test_the_writer_buffer_sets_are_let_go_once_the_capture_is_written(model, tmp_path):
+    """With --format safetensors nothing reads the host buffers after the last shard, so the pool must not
+    keep them (pinned, up to 8 steps) alive through the lens."""
+    import gc
+    import weakref
+
+    from flux.pipeline import CaptureSession, sample
+
+    g = torch.Generator().manual_seed(1)
+    inp = prepare(
+        get_noise(1, 48, 64, "cpu", torch.float32, 7),
+        torch.randn(1, 5, TINY_PARAMS.context_in_dim, generator=g),
+        torch.randn(1, TINY_PARAMS.vec_in_dim, generator=g),
+    )
+    plan = CapturePlan.everything(model, NUM_STEPS)
+    meta = {"captured_steps": list(plan.steps), "captured_blocks": {"double": [0, 1], "single": [0, 1, 2]}}
+    session = CaptureSession.open(
+        model, plan, "safetensors", tmp_path / "st", 5, inp["img"].shape[1], torch.float32, meta, NUM_STEPS
+    )
+    pool = session.capture.pool
+    sample(model, inp, get_schedule(NUM_STEPS, inp["img"].shape[1]), 3.5, session)
+    session.sink.finish({"txt_seq_len": 5}, meta)
+    buffers = [weakref.ref(t) for q in pool.free.values() for s in list(q.queue) for t in s.values()]
+    assert buffers  # the finished sets went back to the pool
+    pool.drain()
+    gc.collect()
+    assert all(ref() is None for ref in buffers)
+    assert load_capture(tmp_path / "st")["metadata"]["steps_done"] == list(range(NUM_STEPS))
+
+
+def test_a_streamed_capture_holds_no_host_buffers_while_the_lens_runs(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    import flux.pipeline
+    from flux.pipeline import RunOptions, generate, load_models
+
+    made = []
+    new = HostBufferPool._new
+
+    def tracked(self, full):
+        tensors = new(self, full)
+        made.extend(weakref.ref(t) for t in tensors.values())
+        return tensors
+
+    alive_at_the_lens = []
+    decode_saved = flux.pipeline.decode_saved
+
+    def lens(*args, **kwargs):
+        gc.collect()
+        alive_at_the_lens.append(sum(ref() is not None for ref in made))
+        return decode_saved(*args, **kwargs)
+
+    monkeypatch.setattr(HostBufferPool, "_new", tracked)
+    monkeypatch.setattr(flux.pipeline, "decode_saved", lens)
+    opts = RunOptions(
+        model="flux-tiny", width=64, height=48, seed=1, device="cpu", format="safetensors",
+        output_dir=str(tmp_path),
+    ).validate()  # fmt: skip
+    result = generate(load_models(opts.spec, "cpu", progress=False), opts, progress=False)
+    assert made and alive_at_the_lens == [0]
+    assert len(list(result.decoded_dir.glob("*_block_*_step_*.jpg"))) == (2 + 3) * 4
+
+
+@pytest.mark.parametrize(
+    ("free_gb", "parked"),
+    [
+        ([60], []),  # enough beside every model: nothing moves
+        ([20, 40], ["t5", "clip"]),  # the text encoders (done for this run) make enough room
+        ([20, 30, 70], ["t5", "clip", "flow"]),  # then the flow model
+        ([1, 2, 3], ["t5", "clip", "flow"]),  # never enough: everything moves, and the decode tries anyway
+    ],
+)
+def test_room_is_made_for_the_vae_text_encoders_first(free_gb, parked, monkeypatch, capsys):
+    """The policy only (a GPU is not needed to check which models move): free memory is what CUDA would say
+    after each move, against the decoder's estimate for one image."""
+    import flux.pipeline
+    from flux.decode import decoder_bytes_per_image
+    from flux.pipeline import Models
+
+    spec = flux.pipeline.get_spec("flux-schnell")
+    need = decoder_bytes_per_image(spec.ae_params, 2048, 2048)
+    readings = iter(int(gb * 1e9) for gb in free_gb)
+    monkeypatch.setattr(flux.pipeline, "free_gpu_bytes", lambda device: next(readings))
+    monkeypatch.setattr(flux.pipeline, "_empty_cache", lambda device: None)
+    moved = []
+
+    class Part(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def cpu(self):
+            moved.append(self.name)
+            return self
+
+    models = Models(spec, Part("flow"), None, Part("t5"), Part("clip"), torch.device("cuda"), torch.bfloat16)
+    assert 30e9 < need < 40e9  # ~34 GB estimated for one 2048 px image
+    assert models.make_room_for_vae(2048, 2048) == parked == moved
+    assert ("to make room for the VAE" in capsys.readouterr().err) == bool(parked)
+    models.offload = True  # with --offload only the decoder is on the GPU: nothing to do
+    assert models.make_room_for_vae(2048, 2048) == []
