@@ -205,8 +205,9 @@ def run(argv: list[str] | None = None) -> int:
     except torch.cuda.OutOfMemoryError as e:
         print(
             "error: the GPU ran out of memory. Try --offload (models visit the GPU one at a time), a "
-            "smaller --width/--height, a smaller --decode_batch_size, or capturing less (--blocks, --steps, "
-            f"--streams img). ({' '.join(str(e).split())[:200]})",
+            "smaller --width/--height, a smaller --decode_batch_size, capturing less (--blocks, --steps, "
+            "--streams img), or, for the lens of a saved capture, `decode CAPTURE --device cpu`. "
+            f"({' '.join(str(e).split())[:200]})",
             file=sys.stderr,
         )
         return 1

@@ -83,7 +83,22 @@ class Models:
         from flux.decode import decode_latents
 
         self.ae.decoder.to(self.device)  # with --offload only the decoder visits the GPU, as in the reference
-        return decode_latents(tokens, self.ae, height, width).float()
+        try:
+            return decode_latents(tokens, self.ae, height, width).float()
+        except torch.cuda.OutOfMemoryError:
+            pass  # handled below, once the exception (and the activations its frames hold) is gone
+        # Sampling finished, so the image and the capture are worth minutes: decode on the CPU, not fail.
+        print(
+            f"The GPU ran out of memory decoding the {width}x{height} image: decoding it on the CPU instead "
+            "(in float32, slower).",
+            file=sys.stderr,
+        )
+        _empty_cache(self.device)
+        self.ae.decoder.cpu()
+        try:
+            return decode_latents(tokens.cpu(), self.ae, height, width).float()
+        finally:
+            self.ae.decoder.to(self.device)
 
     def make_room_for_vae(self, height: int, width: int) -> list[str]:
         """Before decoding on the GPU: while one image's decoder estimate exceeds the free GPU memory, park

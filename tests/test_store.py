@@ -439,3 +439,32 @@ def test_room_is_made_for_the_vae_text_encoders_first(free_gb, parked, monkeypat
     assert ("to make room for the VAE" in capsys.readouterr().err) == bool(parked)
     models.offload = True  # with --offload only the decoder is on the GPU: nothing to do
     assert models.make_room_for_vae(2048, 2048) == []
+
+
+def test_a_final_decode_that_runs_out_of_gpu_memory_falls_back_to_the_cpu(tmp_path, monkeypatch, capsys):
+    """Sampling is done by then, so the image and the capture must still be written. (The first decode
+    raises the error CUDA would; on this CPU-only machine the fallback decodes exactly like a normal run.)"""
+    import flux.decode
+    from flux.pipeline import RunOptions, generate, load_models
+
+    opts = RunOptions(
+        model="flux-tiny", width=64, height=48, seed=3, device="cpu", should_decode_intermediates=False,
+        output_dir=str(tmp_path / "plain"),
+    ).validate()  # fmt: skip
+    models = load_models(opts.spec, "cpu", progress=False)
+    plain = generate(models, opts, progress=False)
+
+    real, calls = flux.decode.decode_latents, []
+
+    def first_call_runs_out(*args, **kwargs):
+        calls.append(args[0].device)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 56.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flux.decode, "decode_latents", first_call_runs_out)
+    opts.output_dir = str(tmp_path / "fallback")
+    result = generate(models, opts, progress=False)
+    assert len(calls) == 2 and "decoding it on the CPU instead" in capsys.readouterr().err
+    assert result.image_path.read_bytes() == plain.image_path.read_bytes()
+    assert load_capture(result.capture_path)["metadata"]["seed"] == 3
