@@ -9,15 +9,19 @@
 Run with --help for every flag. The library behind this lives in `flux/`.
 """
 
+import difflib
+import functools
 import importlib
+import inspect
 import signal
 import sys
 import time
+import typing
 
 import fire
 import torch
 
-from flux.errors import UserError
+from flux.errors import UsageError, UserError
 
 
 def main(
@@ -51,6 +55,9 @@ def main(
     Writes output_dir/img_{n}.jpg (n = next free index), and with capture
     output_dir/intermediates/capture_{YYYYmmdd_HHMMSS}_{model}.pt (or a directory with --format safetensors)
     plus metadata_{YYYYmmdd_HHMMSS}_{model}.json. Nothing is ever overwritten.
+
+    Work on a saved capture with the subcommands `decode` (the lens), `analyze` (metrics and plots), `replay`
+    (re-run with interventions) and `sweep` (alter each block in turn): `capture_sample.py decode --help`.
 
     Args:
         model: flux-schnell (default; 4 steps), flux-dev, flux-dev-krea (50 steps, gated on the hub), or
@@ -188,6 +195,53 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _flag_names(args: list[str]) -> list[str]:
+    """The flags named in `args` (`--name`, `--name=value`, `--no-name`), up to Fire's own `--` separator."""
+    names = []
+    for token in args:
+        if token == "--":
+            break
+        if token.startswith("--") and len(token) > 2:
+            names.append(token[2:].split("=", 1)[0].replace("-", "_"))
+    return names
+
+
+def check_flags(command, args: list[str], name: str) -> None:
+    """Refuse a flag the command does not have, before it runs: Fire would call the command with the flags it
+    knows and only complain about the rest afterwards, so a typo would cost a whole run."""
+    known = set(inspect.signature(command).parameters)
+    for flag in _flag_names(args):
+        if flag == "help" or flag in known or (flag.startswith("no") and flag[2:] in known):
+            continue
+        close = difflib.get_close_matches(flag, known, n=1)
+        hint = f" Did you mean --{close[0]}?" if close else ""
+        raise UsageError(f"{name} has no flag --{flag}.{hint} `{name} --help` lists them.")
+
+
+def _switches(command) -> set[str]:
+    """Parameters annotated `bool` (or `bool | None`)."""
+    hints = typing.get_type_hints(command)
+    return {
+        p for p, hint in hints.items() if hint is bool or (bool in typing.get_args(hint) and p != "return")
+    }
+
+
+def checked(command, name: str):
+    """`command` for Fire, with every switch checked to be a boolean before the body runs (Fire turns
+    `--flag maybe` into the string 'maybe', which is truthy)."""
+    switches, signature = _switches(command), inspect.signature(command)
+
+    @functools.wraps(command)
+    def call(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        for flag, value in bound.arguments.items():
+            if flag in switches and value is not None and not isinstance(value, bool):
+                raise UsageError(f"{name}: --{flag} is a switch: pass --{flag} or --no{flag}; got {value!r}.")
+        return command(*args, **kwargs)
+
+    return call
+
+
 def run(argv: list[str] | None = None) -> int:
     """Entry point: dispatch subcommands, turn user errors into one paragraph and an exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -195,10 +249,16 @@ def run(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in COMMANDS:
             module, _, func = COMMANDS[argv[0]].partition(":")
-            command = getattr(importlib.import_module(module), func)
-            fire.Fire(command, argv[1:], name=f"capture_sample.py {argv[0]}")
+            command, args = getattr(importlib.import_module(module), func), argv[1:]
+            name = f"capture_sample.py {argv[0]}"
         else:
-            fire.Fire(main, argv, name="capture_sample.py")
+            command, args, name = main, argv, "capture_sample.py"
+            if args and not args[0].startswith("-") and difflib.get_close_matches(args[0], COMMANDS, n=1):
+                close = difflib.get_close_matches(args[0], COMMANDS, n=1)[0]
+                raise UsageError(f"{args[0]!r} is not a command. Did you mean `capture_sample.py {close}`?")
+        args = ["--help" if a == "-h" else a for a in args]  # Fire would read -h as --height
+        check_flags(command, args, name)
+        fire.Fire(checked(command, name), args, name=name)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

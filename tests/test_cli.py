@@ -306,3 +306,53 @@ def test_host_memory_check_counts_the_models_when_they_live_on_the_cpu(monkeypat
         RunOptions(model="flux-tiny", width=64, height=48, output_dir=str(tmp_path), device="cpu").validate()
     monkeypatch.setattr(flux.options, "available_host_memory", lambda: spec_bytes + 2 * needed)
     RunOptions(model="flux-tiny", width=64, height=48, output_dir=str(tmp_path), device="cpu").validate()
+
+
+@pytest.mark.parametrize(
+    ("command", "typo", "hint"),
+    [
+        ([], "--decode_targt", "--decode_target"),
+        (["decode"], "--bogus", None),
+        (["analyze"], "--animations", "--animation"),
+        (["replay"], "--progress", None),  # replay has no progress bar flag
+        (["sweep"], "--intervention-kind", "--intervention"),
+    ],
+)
+def test_an_unknown_flag_is_refused_before_anything_runs(command, typo, hint, tiny_run, tmp_path, capsys):
+    """Fire would run the command with the flags it knows and complain about the rest only afterwards."""
+    out = tmp_path / "o"
+    pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
+    target = [pt] if command else ["--model", "flux-tiny", *SIZE]
+    rc = capture_sample.run([*command, *target, "--output_dir", str(out), typo, "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"no flag {typo.replace('-', '_').replace('__', '--', 1)}" in err, err
+    assert (f"Did you mean {hint}?" in err) if hint else "Did you mean" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--progress", "maybe"], "--progress"),
+        (["decode", "PT", "--compile_decoder", "maybe"], "--compile_decoder"),
+        (["analyze", "PT", "--animation", "maybe"], "--animation"),
+        (["replay", "PT", "--save_capture", "yes"], "--save_capture"),
+    ],
+)
+def test_a_switch_given_a_word_is_refused_in_every_command(argv, flag, tiny_run, tmp_path, capsys):
+    out = tmp_path / "o"
+    pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
+    argv = [pt if a == "PT" else a for a in argv]
+    base = [] if argv[0] in capture_sample.COMMANDS else ["--model", "flux-tiny", *SIZE]
+    rc = capture_sample.run([*base, *argv, "--output_dir", str(out)])
+    assert rc == 2 and f"{flag} is a switch" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_dash_h_is_help_and_a_mistyped_command_is_named(capsys):
+    with pytest.raises(SystemExit) as done:  # Fire ends a help screen with FireExit(0)
+        capture_sample.run(["-h"])
+    assert done.value.code == 0
+    assert "--decode_target" in capsys.readouterr().err  # help, not "--height must be a whole number"
+    assert capture_sample.run(["anlyze", "x.pt"]) == 2
+    assert "Did you mean `capture_sample.py analyze`?" in capsys.readouterr().err
