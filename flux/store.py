@@ -6,6 +6,7 @@ reader never sees half a file. Names are claimed exclusively, so concurrent runs
 
 import errno
 import json
+import math
 import os
 import queue
 import secrets
@@ -82,8 +83,20 @@ def atomic_write(path: Path, write: Callable[[Path], None], needed: int | None =
     return path
 
 
+def _strict(obj: Any) -> Any:
+    """`obj` with every infinite or NaN float as None: JSON has no Infinity (a PSNR of identical images)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj: Any) -> Path:
-    text = json.dumps(obj, indent=2, default=str) + "\n"
+    """Strict JSON (non-finite floats become null), written atomically."""
+    text = json.dumps(_strict(obj), indent=2, default=str, allow_nan=False) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text), needed=len(text.encode()))
 
 

@@ -6,6 +6,7 @@ SSIM on images mapped to [0, 1], and the MSE of the final latent tokens.
 """
 
 import csv
+import importlib.util
 import math
 import sys
 import time
@@ -309,6 +310,12 @@ def _check_before_loading(interventions: Sequence[Intervention], spec, capture: 
     num_steps = len(timesteps_of(capture)) - 1
     for iv in interventions:
         iv.check(shape_model, num_steps, int(ctx["txt_seq_len"]), ctx["img_ids"].shape[1])
+        if iv.source is not None and iv.source["metadata"].get("model") != capture["metadata"].get("model"):
+            # flux-dev and Krea share every shape, so the shape checks alone would let them mix.
+            raise UserError(
+                f"{iv.spec}: the source capture is of {iv.source['metadata'].get('model')}, this one of "
+                f"{capture['metadata'].get('model')}. Patching needs two captures of the same model."
+            )
 
 
 def _load(spec, device: torch.device, dtype: torch.dtype, weights_dir: str | None):
@@ -403,6 +410,13 @@ def sweep_command(
         for stream, block in chosen
     ]
     _check_before_loading(planned, spec, capture)
+    chart = importlib.util.find_spec("matplotlib") is not None
+    if not chart:
+        print(
+            "matplotlib is not installed (the analysis extra: `uv sync --extra analysis`), so this sweep is "
+            "written without sweep.png.",
+            file=sys.stderr,
+        )
     flow, ae = _load(spec, device, dtype, weights_dir)  # only now that every flag has been checked
     rows, reference, _ = sweep(
         flow,
@@ -429,7 +443,8 @@ def sweep_command(
     save_jpeg(reference, out / "unmodified.jpg")
     write_csv(rows, out / "sweep.csv")
     title = f"{intervention} sweep: {capture['metadata'].get('model')} (steps {format_steps(step_set)})"
-    write_chart(rows, out / "sweep.png", title)
+    if chart:
+        write_chart(rows, out / "sweep.png", title)
     save_jpeg(contact_sheet(rows, reference), out / "contact_sheet.jpg")
     write_json(
         out / "sweep.json",

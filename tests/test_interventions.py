@@ -361,3 +361,46 @@ def test_a_mismatched_patch_source_is_refused_before_loading(models, captures, t
         sweep_command(str(path), intervention="patch", source=str(other_size), blocks="double:0")
     with pytest.raises(UserError, match="same width, height"):
         replay_command(str(path), intervention="patch:double:0", source=str(other_size))
+
+
+def test_a_patch_source_of_another_model_is_refused_before_loading(captures, tmp_path, monkeypatch):
+    """flux-dev and Krea have the same shapes, so only the recorded model name tells their captures apart."""
+    import flux.sweep
+
+    (path, capture), _ = captures
+    relabelled = {**capture, "metadata": {**capture["metadata"], "model": "flux-dev-krea"}}
+    torch.save(relabelled, tmp_path / "krea.pt")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the patch source was checked")
+
+    monkeypatch.setattr(flux.sweep, "_load", no_loading)
+    with pytest.raises(UserError, match="source capture is of flux-dev-krea, this one of flux-tiny"):
+        sweep_command(str(path), intervention="patch", source=str(tmp_path / "krea.pt"), blocks="double:0")
+    with pytest.raises(UserError, match="source capture is of flux-dev-krea"):
+        replay_command(str(path), intervention="patch:double:0", source=str(tmp_path / "krea.pt"))
+
+
+def test_a_sweep_without_matplotlib_writes_everything_but_the_chart(captures, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    (path, _), _ = captures
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a)
+    )
+    sweep_command(str(path), "skip", blocks="single:1-2", output_dir=str(tmp_path / "s"), device="cpu")
+    assert "without sweep.png" in capsys.readouterr().err
+    written = {p.name for p in (tmp_path / "s").iterdir()}
+    assert written == {"sweep.csv", "sweep.json", "contact_sheet.jpg", "unmodified.jpg"} | {
+        f"single_block_{i}.jpg" for i in (1, 2)
+    }
+
+
+def test_an_unchanged_image_is_strict_json_with_a_null_psnr(captures, tmp_path):
+    (path, _), _ = captures
+    sweep_command(str(path), "patch", blocks="single:0", tokens="img", source=str(path),
+                  output_dir=str(tmp_path / "same"), device="cpu")  # fmt: skip
+    text = (tmp_path / "same" / "sweep.json").read_text()
+    row = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))["rows"][0]
+    assert row["mse"] == 0 and row["psnr"] is None
