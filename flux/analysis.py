@@ -577,7 +577,7 @@ def analyze(
     from flux.configs import get_spec
     from flux.decode import load_model_final_layer
     from flux.loading import load_ae
-    from flux.store import load_capture
+    from flux.store import load_capture, new_dir
 
     if isinstance(animation_steps, bool) or not isinstance(animation_steps, int) or animation_steps < 0:
         raise UsageError(f"--animation_steps must be a whole number >= 0; got {animation_steps!r}.")
@@ -588,8 +588,7 @@ def analyze(
     meta = capture["metadata"]
     n_double_blocks(meta)  # an unknown model fails here, before anything loads
     spec = get_spec(meta["model"])
-    out = Path(output_dir) if output_dir is not None else default_output_dir(path)
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_dir(Path(output_dir) if output_dir is not None else default_output_dir(path))  # never reused
     has_img = meta.get("streams", "both") != "txt"
     dtype = getattr(torch, meta.get("dtype", "float32"))
     final_layer = None

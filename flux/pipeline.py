@@ -34,6 +34,7 @@ from flux.store import (
     PtSink,
     SafetensorsSink,
     claim_stem,
+    new_dir,
     next_free_index,
     publish_new,
     release_stem,
@@ -545,8 +546,8 @@ def decode_saved(
     progress: bool = True,
     between_batches=None,
 ):
-    """Run the lens over a capture (a path on disk, or the capture in memory) into `out_dir` (created here;
-    it must not exist yet).
+    """Run the lens over a capture (a path on disk, or the capture in memory) into `out_dir`, a new folder
+    (or one just made for it by `new_dir`: never a folder that holds anything).
 
     The contact sheets' final column decodes the stored final latent in the same batches as the blocks, so
     decoding at capture time and decoding later give identical files.
@@ -556,7 +557,9 @@ def decode_saved(
 
     if not isinstance(capture, dict):
         capture = load_capture(capture)
-    out_dir.mkdir(parents=True)
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty; the lens never writes over earlier files")
+    out_dir.mkdir(parents=True, exist_ok=True)
     report = decode_capture(
         capture, final_layer, ae, out_dir, target=target, device=device, batch_size=batch_size,
         compile=compile, progress=progress, between_batches=between_batches,
@@ -613,10 +616,7 @@ def decode_later(
     final_layer = load_model_final_layer(spec, weights_dir, device, dtype)
     ae = load_ae(spec, device, weights_dir=weights_dir)
     stem = capture_path.name.removesuffix(".pt")
-    base = Path(output_dir) if output_dir else capture_path.parent / "decoded" / stem
-    out_dir = base
-    while out_dir.exists():
-        out_dir = base.with_name(f"{base.name}_{random.SystemRandom().randrange(16**4):04x}")
+    out_dir = new_dir(Path(output_dir) if output_dir else capture_path.parent / "decoded" / stem)
     return decode_saved(
         capture_path, final_layer, ae, out_dir, target=target, device=device, batch_size=batch_size,
         compile=compile, progress=progress,

@@ -143,6 +143,19 @@ def next_free_index(folder: Path, prefix: str, suffix: str) -> int:
     return max(used) + 1 if used else 0
 
 
+def new_dir(base: Path) -> Path:
+    """`base`, or `base_1`, `base_2`, ...: the first that does not exist yet, created here (so two runs can
+    never both take it) and never an existing folder."""
+    for n in range(10_000):
+        path = base if n == 0 else base.with_name(f"{base.name}_{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free output folder next to {base}")
+
+
 def claim_stem(folder: Path, model: str, prefix: str = "capture") -> str:
     """A unique `{prefix}_{YYYYmmdd_HHMMSS}_{model}` stem in `folder`, claimed with an exclusive lock file.
 

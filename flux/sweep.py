@@ -231,18 +231,6 @@ def contact_sheet(
 
 
 # -------------------------------------------------------------------------------------- commands
-def _new_dir(base: Path) -> Path:
-    """base, or base_1, base_2, ...: the first that does not exist yet, created (never reused)."""
-    for n in range(10_000):
-        path = base if n == 0 else base.with_name(f"{base.name}_{n}")
-        try:
-            path.mkdir(parents=True)
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"no free output folder next to {base}")
-
-
 def _capture_stem(path: Path) -> str:
     return path.stem if path.suffix == ".pt" else path.name
 
@@ -378,7 +366,7 @@ def sweep_command(
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; as for generation.
     """
     from flux.decode import save_jpeg
-    from flux.store import load_capture, write_json
+    from flux.store import load_capture, new_dir, write_json
 
     if intervention not in KINDS:
         raise UsageError(f"--intervention must be one of {', '.join(KINDS)}; got {intervention!r}.")
@@ -435,7 +423,7 @@ def sweep_command(
     label = (
         intervention + (f"_{tokens}" if tokens else "") + (f"_steps{format_steps(step_set)}" if steps else "")
     )
-    out = _new_dir(
+    out = new_dir(
         Path(output_dir) if output_dir else cap_path.parent / "sweeps" / f"{_capture_stem(cap_path)}_{label}"
     )
     for r in rows:

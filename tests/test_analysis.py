@@ -357,3 +357,12 @@ def test_mp4_when_imageio_ffmpeg_is_there(tmp_path):
     ]
     path = analysis.write_mp4(frames, tmp_path / "a.mp4", frame_ms=100, hold_ms=300)
     assert path.stat().st_size > 0 and [p.name for p in tmp_path.iterdir()] == ["a.mp4"]
+
+
+def test_analysing_again_writes_a_new_folder_and_leaves_the_first_alone(captures, tmp_path):
+    base = tmp_path / "again"
+    analysis.analyze_command(str(captures["pt"]), output_dir=str(base), device="cpu", animation=False)
+    first = {p.name: p.stat().st_mtime_ns for p in base.iterdir()}
+    analysis.analyze_command(str(captures["pt"]), output_dir=str(base), device="cpu", animation=False)
+    assert {p.name: p.stat().st_mtime_ns for p in base.iterdir()} == first
+    assert {p.name for p in (tmp_path / "again_1").iterdir()} == set(first)
