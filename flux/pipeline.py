@@ -605,11 +605,6 @@ def decode_later(
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # as for generation: kernels, streams and events on the chosen GPU
     capture_path = Path(capture_path)
-    if not capture_path.exists():
-        raise UsageError(
-            f"PATH {str(capture_path)!r} does not exist: pass a .pt capture file or a safetensors capture "
-            "directory (output/intermediates/capture_...)."
-        )
     meta = load_capture(capture_path)["metadata"]
     spec = get_spec(meta["model"])
     dtype = compute_dtype(spec)

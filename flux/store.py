@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from flux.capture import CONTEXT_KEYS, HostBufferPool, StepBuffers
-from flux.errors import UserError
+from flux.errors import UsageError, UserError
 
 SCHEMA_VERSION = 1
 CAPTURE_KEYS = frozenset({"double_blocks", "single_blocks", "denoising_context", "metadata"})
@@ -464,5 +464,14 @@ def load_capture(path: str | Path) -> dict:
     if path.is_dir():
         return _load_dir(path)
     if not path.exists():
-        raise UserError(f"No capture at {str(path)!r}.")
+        raise UsageError(
+            f"No capture at {str(path)!r}: pass a .pt capture file or a safetensors capture directory "
+            "(output/intermediates/capture_...)."
+        )
+    if path.suffix == ".json":
+        try:
+            named = json.loads(path.read_text())["files"]["capture"]
+        except (OSError, ValueError, KeyError, TypeError):
+            named = "the capture_... file or folder beside it"
+        raise UsageError(f"{str(path)!r} is a run's metadata, not its capture: pass {named}.")
     return _load_pt(path)

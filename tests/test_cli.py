@@ -356,3 +356,14 @@ def test_dash_h_is_help_and_a_mistyped_command_is_named(capsys):
     assert "--decode_target" in capsys.readouterr().err  # help, not "--height must be a whole number"
     assert capture_sample.run(["anlyze", "x.pt"]) == 2
     assert "Did you mean `capture_sample.py analyze`?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep"])
+def test_every_command_names_a_missing_capture_or_a_metadata_file_alike(command, tiny_run, tmp_path, capsys):
+    assert capture_sample.run([command, str(tmp_path / "nothing.pt")]) == 2
+    assert "No capture at" in capsys.readouterr().err
+    meta = _only(tiny_run / "intermediates", "metadata_*.json")
+    capture = _only(tiny_run / "intermediates", "capture_*.pt")
+    assert capture_sample.run([command, str(meta)]) == 2
+    err = capsys.readouterr().err
+    assert "is a run's metadata, not its capture" in err and str(capture) in err

@@ -646,7 +646,7 @@ def test_more_bad_values_exit_2_naming_the_flag(args, flag, tmp_path, capsys):
         (None, ["--decode_target", "x1"], "--decode_target"),
         (None, ["--decode_batch_size", "0"], "--decode_batch_size"),
         (None, ["--device", "foo"], "--device"),
-        ("no/such/capture.pt", [], "PATH"),
+        ("no/such/capture.pt", [], "No capture at"),
     ],
 )
 def test_bad_values_for_decode_exit_2_naming_the_flag(path, args, flag, earlier, tmp_path, capsys):
