@@ -23,7 +23,7 @@ from torch import nn
 
 from flux.autoencoder import AutoEncoder
 from flux.configs import ModelSpec
-from flux.errors import UserError
+from flux.errors import UsageError, UserError
 from flux.model import Flux
 
 HUB = "hub"  # a `weights_dir` value that skips the local defaults and goes straight to the hub
@@ -61,19 +61,29 @@ def default_weights_dir(spec: ModelSpec) -> Path | None:
     return None
 
 
+def check_weights_dir(spec: ModelSpec, weights_dir: str | Path | None) -> None:
+    """A UsageError for a --weights_dir that cannot work, before anything loads."""
+    if weights_dir is None:
+        return
+    if weights_dir != HUB and not Path(weights_dir).expanduser().is_dir():
+        how = (
+            "made by `flux.tiny.ensure_tiny_repo(FOLDER)`"
+            if spec.name == "flux-tiny"
+            else f"e.g. made by `huggingface-cli download {spec.repo_id} --local-dir FOLDER`"
+        )
+        raise UsageError(
+            f"--weights_dir {str(weights_dir)!r} is not a directory. Pass a folder laid out like the hub "
+            f"repo {spec.repo_id} ({how}), or leave it out to use the default."
+        )
+
+
 def _local_dir(spec: ModelSpec, weights_dir: str | Path | None) -> Path | None:
+    check_weights_dir(spec, weights_dir)
     if weights_dir == HUB:
         return None
     if weights_dir is None:
         return default_weights_dir(spec)
-    path = Path(weights_dir).expanduser()
-    if not path.is_dir():
-        raise UserError(
-            f"The weights directory {str(path)!r} does not exist. Pass a directory laid out like the hub "
-            f"repo {spec.repo_id} (e.g. made by `huggingface-cli download {spec.repo_id} --local-dir DIR`), "
-            "or leave it out to use the Hugging Face cache."
-        )
-    return path
+    return Path(weights_dir).expanduser()
 
 
 @contextlib.contextmanager

@@ -105,6 +105,11 @@ class RunOptions:
                 f"--decode_target must be one of {', '.join(DECODE_TARGETS)}; got {self.decode_target!r}."
             )
         self.device = str(check_device(self.device))
+        if self.weights_dir is not None:
+            from flux.loading import check_weights_dir
+
+            self.weights_dir = str(self.weights_dir)  # Fire reads a folder named 2024 as a number
+            check_weights_dir(spec, self.weights_dir)
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise UsageError(f"--output_dir must be a folder path; got {self.output_dir!r}.")
         self._check_output_dir(Path(self.output_dir))

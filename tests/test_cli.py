@@ -367,3 +367,11 @@ def test_every_command_names_a_missing_capture_or_a_metadata_file_alike(command,
     assert capture_sample.run([command, str(meta)]) == 2
     err = capsys.readouterr().err
     assert "is a run's metadata, not its capture" in err and str(capture) in err
+
+
+def test_a_weights_dir_that_is_not_a_folder_is_refused_up_front(tmp_path, capsys):
+    out = tmp_path / "o"
+    rc = cli("--model", "flux-tiny", *SIZE, "--weights_dir", str(tmp_path / "nope"), "--output_dir", str(out))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--weights_dir" in err and "ensure_tiny_repo" in err
+    assert "Loading" not in err and not out.exists()  # refused before any model loads or folder is made

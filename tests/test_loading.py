@@ -98,7 +98,7 @@ def test_truncated_checkpoint_gives_clear_error(tiny_repo, tmp_path):
 def test_missing_file_in_weights_dir(tmp_path):
     with pytest.raises(UserError, match=r"has no flux1-tiny\.safetensors"):
         resolve_flow_path(TINY, tmp_path)
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="is not a directory"):
         resolve_flow_path(TINY, tmp_path / "nope")
 
 
