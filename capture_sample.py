@@ -218,6 +218,36 @@ def check_flags(command, args: list[str], name: str) -> None:
         raise UsageError(f"{name} has no flag --{flag}.{hint} `{name} --help` lists them.")
 
 
+def _text_flags(command) -> set[str]:
+    """Parameters annotated `str` (or `str | None`)."""
+    hints = typing.get_type_hints(command)
+    return {p for p, hint in hints.items() if hint is str or set(typing.get_args(hint)) == {str, type(None)}}
+
+
+def keep_text(command, args: list[str]) -> list[str]:
+    """Fire reads every value as a Python literal, so `--prompt 1984` would arrive as an int and
+    `--prompt "[cat, dog]"` as a list. Hand Fire the values of text flags as quoted literals instead, so they
+    arrive exactly as typed."""
+    text, out, i = _text_flags(command), [], 0
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            return out + args[i:]
+        name, eq, value = token[2:].partition("=")
+        if token.startswith("--") and name.replace("-", "_") in text:
+            if eq:
+                out.append(f"--{name}={value!r}")
+            elif i + 1 < len(args):
+                out += [token, repr(args[i + 1])]
+                i += 1
+            else:
+                out.append(token)
+        else:
+            out.append(token)
+        i += 1
+    return out
+
+
 def _switches(command) -> set[str]:
     """Parameters annotated `bool` (or `bool | None`)."""
     hints = typing.get_type_hints(command)
@@ -258,7 +288,7 @@ def run(argv: list[str] | None = None) -> int:
                 raise UsageError(f"{args[0]!r} is not a command. Did you mean `capture_sample.py {close}`?")
         args = ["--help" if a == "-h" else a for a in args]  # Fire would read -h as --height
         check_flags(command, args, name)
-        fire.Fire(checked(command, name), args, name=name)
+        fire.Fire(checked(command, name), keep_text(command, args), name=name)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

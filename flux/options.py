@@ -64,7 +64,7 @@ class RunOptions:
         spec = get_spec(self.model)
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise UsageError(
-                f"--prompt must be non-empty text; got {self.prompt!r}. Quote it, e.g. --prompt 'a red cube'."
+                f"--prompt must be non-empty text; got {self.prompt!r}, e.g. --prompt 'a red cube'."
             )
         for flag in ("width", "height"):
             value = getattr(self, flag)

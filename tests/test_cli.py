@@ -147,7 +147,7 @@ def test_safetensors_capture_matches_pt(tiny_run, tmp_path):
         (["--width", "1e9"], "--width"),
         (["--num_steps", "0"], "--num_steps"),
         (["--seed", "abc"], "--seed"),
-        (["--prompt", "123"], "--prompt"),
+        (["--prompt", "  "], "--prompt"),  # a number is a fine prompt; blank is not
         (["--decode_target", "x1"], "--decode_target"),
         (["--blocks", "double:99"], "--blocks"),
         (["--steps", "3-1"], "--steps"),
@@ -375,3 +375,22 @@ def test_a_weights_dir_that_is_not_a_folder_is_refused_up_front(tmp_path, capsys
     err = capsys.readouterr().err
     assert rc == 2 and "--weights_dir" in err and "ensure_tiny_repo" in err
     assert "Loading" not in err and not out.exists()  # refused before any model loads or folder is made
+
+
+@pytest.mark.parametrize(
+    "prompt", ["1984", "True", "None", "[cat, dog]", "1e3", 'a "quoted" prompt, isn\'t it', "café\nnext line"]
+)
+def test_a_prompt_arrives_exactly_as_typed(prompt, monkeypatch, tmp_path):
+    """Fire would turn some of these into an int, a bool, None, a list or a float."""
+    import flux.pipeline
+
+    seen = []
+
+    def stop_after_validation(self):
+        seen.append((self.prompt, self.output_dir))
+        raise capture_sample.UsageError("stop here")
+
+    monkeypatch.setattr(flux.pipeline.RunOptions, "validate", stop_after_validation)
+    assert capture_sample.run(["--prompt", prompt, "--output_dir", "2024"]) == 2
+    assert capture_sample.run([f"--prompt={prompt}", "--model", "flux-tiny"]) == 2
+    assert seen[0] == (prompt, "2024") and seen[1][0] == prompt
