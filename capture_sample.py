@@ -144,7 +144,9 @@ def main(
     if opts.analyze and result.capture_path is not None:
         from flux.analysis import analyze_command
 
-        analyze_command(str(result.capture_path), device=opts.device, weights_dir=opts.weights_dir)
+        analyze_command(
+            str(result.capture_path), device=opts.device, weights_dir=opts.weights_dir, progress=progress
+        )
 
 
 def decode(

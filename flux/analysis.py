@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from flux.decode import (
     STREAMS,
@@ -445,8 +446,9 @@ def render_frames(
     final_image: Image.Image | None = None,
     side: int = FRAME_SIDE,
     batch_size: int | None = None,
+    progress: bool = False,
 ) -> list[Image.Image]:
-    """Labelled frames for `keys`, then one of the final image.
+    """Labelled frames for `keys`, then one of the final image (`progress`: a bar over decoded frames).
 
     A frame is read from `{jpeg_dir}/{stream}_block_{i}_step_{k}.jpg` when the lens already wrote it;
     the others are decoded in batches (lens_latent -> decode_latents), which needs `final_layer` and `ae`.
@@ -471,13 +473,15 @@ def render_frames(
     if todo:
         device = ae.decoder.conv_in.weight.device
         batch_size = batch_size or auto_batch_size(ae.params, height, width, device)
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            latents = [
-                ctx["final_latent"] if k is None else lens_latent(capture, k, final_layer) for k in chunk
-            ]
-            decoded = decode_latents(torch.cat([z.to(device) for z in latents]), ae, height, width)
-            images.update((k, to_image(x)) for k, x in zip(chunk, decoded))
+        with tqdm(total=len(todo), desc="animation frames", unit="img", disable=not progress) as bar:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                latents = [
+                    ctx["final_latent"] if k is None else lens_latent(capture, k, final_layer) for k in chunk
+                ]
+                decoded = decode_latents(torch.cat([z.to(device) for z in latents]), ae, height, width)
+                images.update((k, to_image(x)) for k, x in zip(chunk, decoded))
+                bar.update(len(chunk))
     size = frame_size(width, height, side)
     n_steps = int(meta["num_steps"])
     frames = []
@@ -566,6 +570,7 @@ def analyze(
     weights_dir: str | None = None,
     animation_steps: int = 8,
     frame_ms: int = 120,
+    progress: bool = True,
     log=print,
 ) -> dict[str, Path]:
     """Metrics CSV, heatmaps, norm plot and animation of one capture; returns {what: path written}.
@@ -618,10 +623,16 @@ def analyze(
         ae = None
         if missing or (final_image is None and capture["denoising_context"].get("final_latent") is not None):
             ae = load_ae(spec, dev, None, weights_dir)
-        log(f"Animation: {len(keys)} frames, {len(keys) - len(missing)} from {jpegs}, {len(missing)} decoded")
-        frames = render_frames(
-            capture, keys, final_layer=final_layer, ae=ae, jpeg_dir=jpegs, final_image=final_image
+        reused = len(keys) - len(missing)
+        log(
+            f"Animation: {len(keys)} frames"
+            + (f", {reused} from the lens in {jpegs}" if reused else "")
+            + (f", {len(missing)} to decode" if missing else "")
         )
+        frames = render_frames(
+            capture, keys, final_layer=final_layer, ae=ae, jpeg_dir=jpegs, final_image=final_image,
+            progress=progress,
+        )  # fmt: skip
         written["animation"] = write_gif(frames, out / "animation.gif", frame_ms)
         if mp4_available():
             written["animation_mp4"] = write_mp4(frames, out / "animation.mp4", frame_ms)
@@ -636,6 +647,7 @@ def analyze_command(
     weights_dir: str | None = None,
     animation_steps: int = 8,
     frame_ms: int = 120,
+    progress: bool = True,
 ) -> None:
     """Measure where in the network the image appears, and plot it, for one capture.
 
@@ -658,6 +670,7 @@ def analyze_command(
         animation_steps: How many captured steps the animation sweeps through the blocks, evenly spaced
             with the first and last included (default 8; 0 for all).
         frame_ms: Milliseconds per animation frame (default 120); the final image is held 1.5 s.
+        progress: Show a progress bar over the animation frames that need decoding (default True).
     """
     written = analyze(
         path,
@@ -667,6 +680,7 @@ def analyze_command(
         weights_dir=weights_dir,
         animation_steps=animation_steps,
         frame_ms=frame_ms,
+        progress=progress,
     )
     for what, file in written.items():
         print(f"{what + ':':15} {file}")

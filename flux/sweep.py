@@ -310,6 +310,7 @@ def _load(spec, device: torch.device, dtype: torch.dtype, weights_dir: str | Non
     """The flow model and AE (never the text encoders), once every flag has been checked."""
     from flux.loading import load_ae, load_flow_model
 
+    print(f"Loading {spec.name} (flow model, autoencoder) on {device}...", file=sys.stderr)
     return load_flow_model(spec, device, dtype, weights_dir), load_ae(spec, device, weights_dir=weights_dir)
 
 
@@ -339,6 +340,7 @@ def sweep_command(
     output_dir: str | None = None,
     device: str | None = None,
     weights_dir: str | None = None,
+    progress: bool = True,
 ) -> None:
     """Intervene on each block in turn, replay the captured run, and rank blocks by how much it changes.
 
@@ -364,6 +366,7 @@ def sweep_command(
         output_dir: Folder for the results (default: beside the capture, as above).
         device: Torch device; cuda when available, else cpu. Exact replays need the capture's device.
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; as for generation.
+        progress: Show progress bars (default True).
     """
     from flux.decode import save_jpeg
     from flux.store import load_capture, new_dir, write_json
@@ -417,6 +420,7 @@ def sweep_command(
         scale if intervention == "add" else 1.0,
         source=src,
         direction=direction_tensor,
+        progress=progress,
     )
 
     cap_path = Path(path)
@@ -479,6 +483,7 @@ def replay_command(
     save_capture: bool = False,
     device: str | None = None,
     weights_dir: str | None = None,
+    progress: bool = True,
 ) -> None:
     """Re-run steps of a captured run from the stored latent, optionally with interventions; save the image.
 
@@ -500,6 +505,7 @@ def replay_command(
         save_capture: Also write a capture of the replayed steps (needs the replay to run to the last step).
         device: Torch device; cuda when available, else cpu. Exact replays need the capture's device.
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; as for generation.
+        progress: Show progress bars (default True).
     """
     from flux.decode import decode_latents, save_jpeg, to_image
     from flux.store import atomic_write, load_capture, next_free_index, publish_new, write_json
@@ -526,7 +532,8 @@ def replay_command(
     _check_before_loading(ivs, spec, capture)
     flow, ae = _load(spec, device, dtype, weights_dir)  # only now that every flag has been checked
     record = CapturePlan.everything(flow, num_steps) if save_capture else None
-    result = replay(flow, capture, step, until, ivs, record=record)
+    bar = (lambda steps: tqdm(steps, desc="replay", unit="step")) if progress else None
+    result = replay(flow, capture, step, until, ivs, record=record, progress=bar)
     height, width = int(meta["height"]), int(meta["width"])
     decoded = decode_latents(result.x0, ae, height, width)
     image = to_unit(decoded)

@@ -314,7 +314,7 @@ def test_host_memory_check_counts_the_models_when_they_live_on_the_cpu(monkeypat
         ([], "--decode_targt", "--decode_target"),
         (["decode"], "--bogus", None),
         (["analyze"], "--animations", "--animation"),
-        (["replay"], "--progress", None),  # replay has no progress bar flag
+        (["replay"], "--until_step", "--until"),
         (["sweep"], "--intervention-kind", "--intervention"),
     ],
 )
