@@ -125,7 +125,7 @@ class Intervention:
             except RuntimeError:
                 fits = False
             if not fits:
-                raise UserError(
+                raise UsageError(
                     f"{self.spec}: the direction has shape {tuple(self.direction.shape)}, which does not "
                     f"broadcast to the image tokens (B, {img_len}, {model.hidden_size}). Use a (D,) vector "
                     "or a (1, L, D) tensor of this run's sizes."

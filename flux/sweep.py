@@ -241,7 +241,7 @@ def load_direction(path: str | None) -> Tensor | None:
         return None
     p = Path(path)
     if not p.is_file():
-        raise UserError(
+        raise UsageError(
             f"--direction {path!r} is not a file. Save the direction with torch.save(tensor, path)."
         )
     try:
@@ -252,14 +252,17 @@ def load_direction(path: str | None) -> Tensor | None:
         else:
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"Could not read the direction {path!r}: {e}") from e
+        raise UsageError(
+            f"--direction {path!r} is not a readable tensor file ({type(e).__name__}: {e}). Save the "
+            "direction with torch.save(tensor, path) or safetensors' save_file."
+        ) from e
     if isinstance(obj, dict):
         tensors = [v for v in obj.values() if isinstance(v, Tensor)]
         if len(tensors) != 1:
-            raise UserError(f"--direction {path!r} holds {len(tensors)} tensors; save exactly one.")
+            raise UsageError(f"--direction {path!r} holds {len(tensors)} tensors; save exactly one.")
         obj = tensors[0]
     if not isinstance(obj, Tensor):
-        raise UserError(f"--direction {path!r} holds a {type(obj).__name__}, not a tensor.")
+        raise UsageError(f"--direction {path!r} holds a {type(obj).__name__}, not a tensor.")
     return obj.float()
 
 

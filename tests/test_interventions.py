@@ -404,3 +404,19 @@ def test_an_unchanged_image_is_strict_json_with_a_null_psnr(captures, tmp_path):
     text = (tmp_path / "same" / "sweep.json").read_text()
     row = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))["rows"][0]
     assert row["mse"] == 0 and row["psnr"] is None
+
+
+def test_a_bad_direction_file_is_a_usage_error_naming_the_flag(captures, tmp_path, monkeypatch):
+    import flux.sweep
+
+    (path, _), _ = captures
+    (tmp_path / "garbage.pt").write_bytes(b"hello world")
+    torch.save(torch.randn(7), tmp_path / "short.pt")
+    monkeypatch.setattr(flux.sweep, "_load", lambda *a: pytest.fail("a model was loaded"))
+    for name, message in [
+        ("garbage.pt", "is not a readable tensor file"),
+        ("short.pt", "does not broadcast"),
+        ("absent.pt", "is not a file"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            replay_command(str(path), intervention="add:double:0*2", direction=str(tmp_path / name))
