@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from flux.autoencoder import AutoEncoder, AutoEncoderParams
 from flux.configs import ModelSpec
-from flux.errors import UserError
+from flux.errors import UsageError, UserError
 from flux.layers import LastLayer
 from flux.loading import read_flow_tensors, read_tensors
 from flux.model import FluxParams
@@ -84,6 +84,8 @@ def lens_plan(
             "This capture holds only text tokens (--streams txt), so no block can be decoded to an image. "
             "Capture again with --streams img or --streams both."
         )
+    if blocks is not None and (unknown := sorted(set(blocks) - set(STREAMS))):
+        raise UsageError(f"blocks keys must be 'double' and/or 'single'; got {unknown}.")
     captured_steps = list(meta["captured_steps"])
     wanted_steps = captured_steps if steps is None else list(steps)
     if missing := sorted(set(wanted_steps) - set(captured_steps)):

@@ -33,6 +33,7 @@ import contextlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -92,6 +93,18 @@ class Intervention:
             raise UsageError("add changes image tokens only: leave TOKENS out or write img.")
         if self.kind != "add" and self.scale != 1.0:
             raise UsageError(f"*SCALE only applies to add, not to {self.kind}.")
+        if self.steps is not None:
+            if isinstance(self.steps, int) or not all(
+                isinstance(k, int) and not isinstance(k, bool) for k in self.steps
+            ):
+                raise UsageError(
+                    f"Intervention steps must be step indices, e.g. (0, 1), or None; got {self.steps!r}."
+                )
+            object.__setattr__(self, "steps", tuple(self.steps))
+        if isinstance(self.source, (str, Path)):  # a path is the natural thing to pass in a notebook
+            from flux.store import load_capture
+
+            object.__setattr__(self, "source", load_capture(self.source))
 
     @property
     def spec(self) -> str:
@@ -363,8 +376,15 @@ def replay(
         raise UsageError(f"Replay steps {start}..{stop} are not within this run's steps 0..{num_steps - 1}.")
     if start >= len(ctx["img_state"]):
         raise UserError(f"The capture holds the latent of steps 0..{len(ctx['img_state']) - 1} only.")
-    device, _ = _model_place(model)
+    device, dtype = _model_place(model)
     img = ctx["img_state"][start].to(device)
+    if img.dtype != dtype:
+        raise UserError(
+            f"This capture ran in {str(img.dtype).removeprefix('torch.')} and the model is "
+            f"{str(dtype).removeprefix('torch.')}: load it in the capture's dtype, e.g. "
+            f"load_flow_model(spec, device, getattr(torch, capture['metadata']['dtype'])), so the replay "
+            "reproduces the run."
+        )
     txt_len, img_len = int(ctx["txt_seq_len"]), img.shape[1]
     for iv in interventions:
         iv.check(model, num_steps, txt_len, img_len)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from flux.capture import CapturePlan
+from flux.configs import get_spec
 from flux.errors import UsageError, UserError
 from flux.interventions import Intervener, Intervention, parse_interventions, parse_steps, replay
 from flux.pipeline import RunOptions, generate, load_models
@@ -420,3 +421,29 @@ def test_a_bad_direction_file_is_a_usage_error_naming_the_flag(captures, tmp_pat
     ]:
         with pytest.raises(UsageError, match=message):
             replay_command(str(path), intervention="add:double:0*2", direction=str(tmp_path / name))
+
+
+def test_notebook_mistakes_get_clear_errors(models, captures):
+    """What a notebook is likely to pass: a model in another dtype, a path as source, an int as steps."""
+    import flux
+    from flux.loading import load_flow_model
+
+    (path, capture), _ = captures
+    bf16 = load_flow_model(get_spec("flux-tiny"), "cpu", torch.bfloat16)
+    with pytest.raises(UserError, match="load it in the capture's dtype"):
+        replay(bf16, capture)
+    assert Intervention("patch", "double", 0, source=str(path)).source["metadata"] == capture["metadata"]
+    with pytest.raises(UsageError, match="steps must be step indices"):
+        Intervention("skip", "double", 0, steps=0)
+    assert Intervention("skip", "double", 0, steps=[1, 0]).steps == (1, 0)
+    with pytest.raises(UsageError, match="'double' and/or 'single'"):
+        flux.decode.lens_plan(capture, blocks={"singel": [0]})
+
+
+def test_a_bare_import_flux_reaches_the_submodules():
+    import subprocess
+    import sys
+
+    code = "import flux; print(flux.decode.lens_plan.__name__, flux.interventions.replay.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split() == ["lens_plan", "replay"], out.stderr

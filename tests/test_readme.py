@@ -93,6 +93,31 @@ def test_one_block_snippet_decodes_what_the_sampler_produced(tmp_path, monkeypat
     assert np.array_equal(saved, to_uint8(final).numpy())
 
 
+def test_replay_snippet_reproduces_the_run_and_the_skip_moves_it(tmp_path, capsys):
+    args = [
+        "--model",
+        "flux-tiny",
+        "--prompt",
+        "a red cube",
+        "--seed",
+        "4",
+        "--width",
+        "64",
+        "--height",
+        "48",
+    ]
+    rc = capture_sample.run([*args, "--should_decode_intermediates", "False", "--output_dir", str(tmp_path)])
+    assert rc == 0
+    capture = next((tmp_path / "intermediates").glob("capture_*"))
+    code = re.findall(r"```python\n(.*?)```", README.split("## Interventions", 1)[1], re.S)[0]
+    assert 'Intervention("skip", "double", 3' in code
+    code = code.replace('Intervention("skip", "double", 3', 'Intervention("skip", "double", 1')  # tiny: 2
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), {"CAPTURE": str(capture)})
+    same, moved = capsys.readouterr().out.split("\n")[:2]
+    assert same == "True" and float(moved.removeprefix("tensor(").removesuffix(")")) > 0
+
+
 def test_every_flag_is_in_the_readme_table():
     for name in inspect.signature(capture_sample.main).parameters:
         assert re.search(rf"^\| (`--\w+`, )*`--{name}`", README, re.M), name
