@@ -396,6 +396,11 @@ def _load_pt(path: Path) -> dict:
             f"{str(path)!r} is a torch file but not a capture: expected a dict with keys "
             f"{sorted(CAPTURE_KEYS)}, found {found}."
         )
+    meta = capture["metadata"]
+    if isinstance(meta, dict):  # say what a safetensors capture's metadata says; a .pt is all or nothing
+        meta.setdefault("complete", True)
+        if "num_steps" in meta:
+            meta.setdefault("steps_done", list(range(int(meta["num_steps"]))))
     return capture
 
 

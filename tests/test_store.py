@@ -79,7 +79,7 @@ def test_pt_and_safetensors_load_to_identical_tensors(model, tmp_path):
     (tmp_path / "st").mkdir()
     st, pool = _capture(model, lambda pool, meta: SafetensorsSink(tmp_path / "st", pool, meta), plan)
     a, b = load_capture(pt), load_capture(st)
-    assert b["metadata"]["complete"] is True
+    assert a["metadata"]["complete"] is b["metadata"]["complete"] is True
     assert set(a["double_blocks"]) == set(b["double_blocks"]) and set(a["single_blocks"]) == set(
         b["single_blocks"]
     )
