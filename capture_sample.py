@@ -230,17 +230,24 @@ def keep_text(command, args: list[str]) -> list[str]:
     """Fire reads every value as a Python literal, so `--prompt 1984` would arrive as an int and
     `--prompt "[cat, dog]"` as a list. Hand Fire the values of text flags as quoted literals instead, so they
     arrive exactly as typed."""
-    text, out, i = _text_flags(command), [], 0
+    text, optional = _text_flags(command), _optional(command)
+    out, i = [], 0
+
+    def literal(flag: str, value: str) -> str:
+        # `None` keeps its meaning (the default) where the flag allows it; `--prompt None` is a prompt.
+        return value if value == "None" and flag in optional else repr(value)
+
     while i < len(args):
         token = args[i]
         if token == "--":
             return out + args[i:]
         name, eq, value = token[2:].partition("=")
-        if token.startswith("--") and name.replace("-", "_") in text:
+        flag = name.replace("-", "_")
+        if token.startswith("--") and flag in text:
             if eq:
-                out.append(f"--{name}={value!r}")
-            elif i + 1 < len(args):
-                out += [token, repr(args[i + 1])]
+                out.append(f"--{name}={literal(flag, value)}")
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):  # else the flag has no value
+                out += [token, literal(flag, args[i + 1])]
                 i += 1
             else:
                 out.append(token)
@@ -248,6 +255,11 @@ def keep_text(command, args: list[str]) -> list[str]:
             out.append(token)
         i += 1
     return out
+
+
+def _optional(command) -> set[str]:
+    """Parameters whose annotation allows None."""
+    return {p for p, hint in typing.get_type_hints(command).items() if type(None) in typing.get_args(hint)}
 
 
 def _switches(command) -> set[str]:
@@ -288,7 +300,9 @@ def run(argv: list[str] | None = None) -> int:
             if args and not args[0].startswith("-") and difflib.get_close_matches(args[0], COMMANDS, n=1):
                 close = difflib.get_close_matches(args[0], COMMANDS, n=1)[0]
                 raise UsageError(f"{args[0]!r} is not a command. Did you mean `capture_sample.py {close}`?")
-        args = ["--help" if a == "-h" else a for a in args]  # Fire would read -h as --height
+        # Fire would read -h as --height; as a flag's value (--prompt -h) it stays what it is.
+        args = ["--help" if a == "-h" and (i == 0 or not args[i - 1].startswith("-")) else a
+                for i, a in enumerate(args)]  # fmt: skip
         check_flags(command, args, name)
         fire.Fire(checked(command, name), keep_text(command, args), name=name)
     except UserError as e:

@@ -581,7 +581,7 @@ def analyze(
     check_extra()
     from flux.configs import get_spec
     from flux.decode import load_model_final_layer
-    from flux.loading import load_ae
+    from flux.loading import check_weights_dir, load_ae
     from flux.store import load_capture, new_dir
 
     if isinstance(animation_steps, bool) or not isinstance(animation_steps, int) or animation_steps < 0:
@@ -593,7 +593,7 @@ def analyze(
     meta = capture["metadata"]
     n_double_blocks(meta)  # an unknown model fails here, before anything loads
     spec = get_spec(meta["model"])
-    out = new_dir(Path(output_dir) if output_dir is not None else default_output_dir(path))  # never reused
+    check_weights_dir(spec, weights_dir)
     has_img = meta.get("streams", "both") != "txt"
     dtype = getattr(torch, meta.get("dtype", "float32"))
     final_layer = None
@@ -602,6 +602,7 @@ def analyze(
     else:
         log("Only text tokens were captured (--streams txt): writing the norms only.")
 
+    out = new_dir(Path(output_dir) if output_dir is not None else default_output_dir(path))  # never reused
     df = block_metrics(capture, final_layer)
     written = {"metrics": write_csv(df, out / "metrics.csv")}
     if has_img:

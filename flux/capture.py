@@ -210,9 +210,12 @@ class HostBufferPool:
 
     def drain(self) -> None:
         """Drop the free sets, so their (pinned) memory can go back once nothing else holds it."""
-        for free in self.free.values():
+        for full, free in self.free.items():
             while not free.empty():
                 free.get_nowait()
+                if full:
+                    with self.lock:
+                        self.allocated -= 1  # so a limited pool can grow again if it is used after all
 
 
 class HookSet:

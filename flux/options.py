@@ -207,6 +207,8 @@ class RunOptions:
 
 def check_device(name: str | None) -> torch.device:
     """The torch device named by --device (default: cuda when available, else cpu); UsageError if bad."""
+    if isinstance(name, str) and name.isdigit():
+        name = int(name)  # --device 0 means cuda:0, as torch.device(0) does
     try:
         device = torch.device(name if name is not None else default_device())
     except (RuntimeError, TypeError) as e:

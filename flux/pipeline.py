@@ -96,10 +96,11 @@ class Models:
         )
         _empty_cache(self.device)
         self.ae.decoder.cpu()
-        try:
-            return decode_latents(tokens.cpu(), self.ae, height, width).float()
-        finally:
+        image = decode_latents(tokens.cpu(), self.ae, height, width).float()
+        # Back for the lens; if the GPU is still full the decoder stays on the CPU and the image is kept.
+        with contextlib.suppress(torch.cuda.OutOfMemoryError):
             self.ae.decoder.to(self.device)
+        return image
 
     def make_room_for_vae(self, height: int, width: int) -> list[str]:
         """Before decoding on the GPU: while one image's decoder estimate exceeds the free GPU memory, park

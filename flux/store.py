@@ -474,6 +474,10 @@ def load_capture(path: str | Path) -> dict:
             "(output/intermediates/capture_...)."
         )
     if path.suffix == ".json":
+        if path.name == "index.json":  # a safetensors capture's own index: the capture is its folder
+            raise UsageError(
+                f"{str(path)!r} is the index of a capture: pass its folder, {str(path.parent)!r}."
+            )
         try:
             named = json.loads(path.read_text())["files"]["capture"]
         except (OSError, ValueError, KeyError, TypeError):

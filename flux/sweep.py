@@ -303,7 +303,7 @@ def _check_before_loading(interventions: Sequence[Intervention], spec, capture: 
         iv.check(shape_model, num_steps, int(ctx["txt_seq_len"]), ctx["img_ids"].shape[1])
         if iv.source is not None and iv.source["metadata"].get("model") != capture["metadata"].get("model"):
             # flux-dev and Krea share every shape, so the shape checks alone would let them mix.
-            raise UserError(
+            raise UsageError(
                 f"{iv.spec}: the source capture is of {iv.source['metadata'].get('model')}, this one of "
                 f"{capture['metadata'].get('model')}. Patching needs two captures of the same model."
             )

@@ -366,3 +366,11 @@ def test_analysing_again_writes_a_new_folder_and_leaves_the_first_alone(captures
     analysis.analyze_command(str(captures["pt"]), output_dir=str(base), device="cpu", animation=False)
     assert {p.name: p.stat().st_mtime_ns for p in base.iterdir()} == first
     assert {p.name for p in (tmp_path / "again_1").iterdir()} == set(first)
+
+
+def test_a_bad_weights_dir_leaves_no_analysis_folder(captures, tmp_path):
+    from flux.errors import UsageError
+
+    with pytest.raises(UsageError, match="--weights_dir"):
+        analysis.analyze_command(str(captures["pt"]), output_dir=str(tmp_path / "a"), weights_dir="/nope")
+    assert not (tmp_path / "a").exists()

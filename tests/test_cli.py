@@ -394,3 +394,34 @@ def test_a_prompt_arrives_exactly_as_typed(prompt, monkeypatch, tmp_path):
     assert capture_sample.run(["--prompt", prompt, "--output_dir", "2024"]) == 2
     assert capture_sample.run([f"--prompt={prompt}", "--model", "flux-tiny"]) == 2
     assert seen[0] == (prompt, "2024") and seen[1][0] == prompt
+
+
+def test_a_text_flag_without_a_value_does_not_swallow_the_next_flag(monkeypatch):
+    import flux.pipeline
+
+    seen = []
+
+    def stop_after_validation(self):
+        seen.append((self.prompt, self.seed, self.weights_dir, self.device))
+        raise capture_sample.UsageError("stop here")
+
+    monkeypatch.setattr(flux.pipeline.RunOptions, "validate", stop_after_validation)
+    assert capture_sample.run(["--prompt", "--seed", "3", "--weights_dir", "None", "--device", "None"]) == 2
+    assert seen == [(True, 3, None, None)]  # True: refused by validation as "not text"; None: the default
+
+
+def test_device_zero_means_the_first_gpu(monkeypatch):
+    from flux.options import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(capture_sample.UsageError, match="no CUDA GPU is visible"):
+        check_device("0")  # read as cuda:0, as torch.device(0) is; not "not a device"
+
+
+def test_an_index_json_names_its_capture_folder(tmp_path, capsys):
+    rc = cli("--model", "flux-tiny", *SIZE, "--format", "safetensors", "--should_decode_intermediates",
+             "False", "--output_dir", str(tmp_path))  # fmt: skip
+    assert rc == 0
+    folder = _only(tmp_path / "intermediates", "capture_*")
+    assert capture_sample.run(["decode", str(folder / "index.json")]) == 2
+    assert f"pass its folder, {str(folder)!r}" in capsys.readouterr().err
