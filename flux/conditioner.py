@@ -57,6 +57,14 @@ class TextEmbedder(nn.Module):
         )
         return batch["input_ids"]
 
+    def token_strings(self, prompt: str) -> list[str]:
+        """The tokens `prompt` becomes, up to and including the end-of-text token: the positions of the text
+        stream that are not padding (padding fills the rest, up to max_length)."""
+        ids = self.tokenize([prompt])[0].tolist()
+        pad = self.tokenizer.pad_token_id
+        real = ids.index(pad) if pad is not None and pad in ids else len(ids)
+        return self.tokenizer.convert_ids_to_tokens(ids[:real])
+
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Tensor:
         """T5: (B, max_length, d_model); CLIP: (B, hidden). On the model's device, in `output_dtype`."""

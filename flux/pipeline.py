@@ -483,6 +483,8 @@ def run_metadata(
         "schema_version": SCHEMA_VERSION,
         "model": models.spec.name,
         "prompt": opts.prompt,
+        # Text position i of every block's txt tokens is t5_tokens[i]; the positions after these are padding.
+        "t5_tokens": models.t5.token_strings(opts.prompt),
         "width": opts.width,
         "height": opts.height,
         "num_steps": opts.num_steps,

@@ -425,3 +425,17 @@ def test_an_index_json_names_its_capture_folder(tmp_path, capsys):
     folder = _only(tmp_path / "intermediates", "capture_*")
     assert capture_sample.run(["decode", str(folder / "index.json")]) == 2
     assert f"pass its folder, {str(folder)!r}" in capsys.readouterr().err
+
+
+def test_metadata_names_the_text_tokens_so_the_txt_stream_can_be_read(tiny_run):
+    from transformers import AutoTokenizer
+
+    from flux.tiny import ensure_tiny_repo
+
+    data = json.loads(_only(tiny_run / "intermediates", "metadata_*.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_tiny_repo() / "tokenizer_2"))
+    unpadded = tokenizer("a red cube")["input_ids"]  # no padding: exactly the real tokens, </s> last
+    assert data["t5_tokens"] == tokenizer.convert_ids_to_tokens(unpadded)
+    assert data["t5_tokens"][-1] == "</s>" and len(data["t5_tokens"]) < T
+    meta = load_capture(_only(tiny_run / "intermediates", "capture_*.pt"))["metadata"]
+    assert meta["t5_tokens"] == data["t5_tokens"]
