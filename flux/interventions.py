@@ -64,7 +64,9 @@ _SPEC_HELP = (
 class Intervention:
     """One change to one block's output. steps: the step indices it applies at (None: every step).
 
-    source: a capture (as `flux.load_capture` returns) for `patch`; direction: a tensor for `add`.
+    source: a capture (as `flux.load_capture` returns, or its path) for `patch`; direction: a tensor for
+    `add`; fn: for kind "fn" (Python only), any change: `fn(img, txt, step) -> (img, txt)` gets the block's
+    output tokens, img (B, L, D) and txt (B, T, D), and returns the tokens the next block sees.
     """
 
     kind: str
@@ -75,9 +77,18 @@ class Intervention:
     scale: float = 1.0
     source: dict | None = field(default=None, compare=False, repr=False)
     direction: Tensor | None = field(default=None, compare=False, repr=False)
+    fn: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+        if self.kind == "fn":
+            if not callable(self.fn):
+                raise UsageError(
+                    "An fn intervention needs a function, so it exists in Python only: "
+                    "Intervention('fn', 'single', 10, fn=lambda img, txt, step: (img, txt))."
+                )
+        elif self.kind not in KINDS:
             raise UsageError(f"Unknown intervention {self.kind!r}: use one of {', '.join(KINDS)}.")
         if self.tokens is None:
             object.__setattr__(self, "tokens", "img" if self.kind == "add" else "both")
@@ -302,6 +313,14 @@ class Intervener(HookSet):
             return (img_in if do_img else img), (txt_in if do_txt else txt)
         if iv.kind == "add":
             return img + iv.scale * iv.direction.to(img.device, img.dtype), txt
+        if iv.kind == "fn":
+            new_img, new_txt = iv.fn(img, txt, self.step)
+            if new_img.shape != img.shape or new_txt.shape != txt.shape:
+                raise UserError(
+                    f"{iv.spec}: fn must return (img, txt) of shapes {tuple(img.shape)}, {tuple(txt.shape)}; "
+                    f"it returned {tuple(new_img.shape)}, {tuple(new_txt.shape)}."
+                )
+            return new_img.to(img.dtype), new_txt.to(txt.dtype)
         src_img, src_txt = source_tokens(iv, self.step)
         if do_img:
             img = _like(src_img, img, iv, "image")

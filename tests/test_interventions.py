@@ -447,3 +447,33 @@ def test_a_bare_import_flux_reaches_the_submodules():
     code = "import flux; print(flux.decode.lens_plan.__name__, flux.interventions.replay.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.split() == ["lens_plan", "replay"], out.stderr
+
+
+def test_an_fn_intervention_is_any_change_and_sees_the_step(flow, captures):
+    (_, cap), _ = captures
+    direction = torch.randn(flow.hidden_size, generator=torch.Generator().manual_seed(5))
+    add = replay(
+        flow, cap, interventions=[Intervention("add", "double", 1, (1, 2), scale=2.0, direction=direction)]
+    )
+    seen = []
+
+    def shift(img, txt, step):
+        seen.append(step)
+        return img + 2.0 * direction, txt
+
+    fn = replay(flow, cap, interventions=[Intervention("fn", "double", 1, (1, 2), fn=shift)])
+    assert seen == [1, 2] and torch.equal(fn.latent, add.latent)  # the same change as add, bit for bit
+    same = replay(
+        flow, cap, interventions=[Intervention("fn", "single", 2, fn=lambda img, txt, k: (img, txt))]
+    )
+    assert torch.equal(same.latent, cap["denoising_context"]["final_latent"])
+    with pytest.raises(UsageError, match="KIND is skip, zero, patch or add"):  # no function on a command line
+        parse_interventions("fn:double:0", 2, 3, 4)
+    with pytest.raises(UsageError, match="Python only"):
+        Intervention("fn", "double", 0)
+    with pytest.raises(UserError, match="fn must return"):
+        replay(
+            flow,
+            cap,
+            interventions=[Intervention("fn", "double", 0, fn=lambda img, txt, k: (img[:, :1], txt))],
+        )
