@@ -117,6 +117,15 @@ class Models:
         for names in (("t5", "clip"), ("flow",)):
             if free_gpu_bytes(self.device) >= need:
                 break
+            size = sum(_module_bytes(getattr(self, name)) for name in names)
+            available = available_host_memory()
+            if available is not None and size > 0.8 * available:  # host RAM holds the capture too
+                print(
+                    f"Not moving {', '.join(names)} to the CPU for the VAE: {size / 1e9:.0f} GB would not "
+                    f"fit in the {available / 1e9:.0f} GB of host memory available.",
+                    file=sys.stderr,
+                )
+                break
             for name in names:
                 getattr(self, name).cpu()
             parked += names
@@ -133,6 +142,10 @@ class Models:
         if self.offload:
             self.ae.decoder.cpu()
             _empty_cache(self.device)
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def free_gpu_bytes(device: torch.device) -> int:

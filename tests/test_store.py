@@ -468,3 +468,36 @@ def test_a_final_decode_that_runs_out_of_gpu_memory_falls_back_to_the_cpu(tmp_pa
     assert len(calls) == 2 and "decoding it on the CPU instead" in capsys.readouterr().err
     assert result.image_path.read_bytes() == plain.image_path.read_bytes()
     assert load_capture(result.capture_path)["metadata"]["seed"] == 3
+
+
+def test_no_model_is_parked_in_host_memory_that_cannot_hold_it(monkeypatch, capsys):
+    import flux.pipeline
+    from flux.pipeline import Models
+
+    spec = flux.pipeline.get_spec("flux-schnell")
+    monkeypatch.setattr(flux.pipeline, "free_gpu_bytes", lambda device: 0)  # never enough on the GPU
+    monkeypatch.setattr(flux.pipeline, "_empty_cache", lambda device: None)
+    monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: 10_000)
+    moved = []
+
+    class Part(torch.nn.Module):
+        def __init__(self, name, values):
+            super().__init__()
+            self.name, self.weight = name, torch.nn.Parameter(torch.zeros(values))
+
+        def cpu(self):
+            moved.append(self.name)
+            return self
+
+    # The text encoders (2 x 4,000 bytes) fit in 80% of 10,000 bytes; the flow model (40,000) does not.
+    models = Models(
+        spec,
+        Part("flow", 10_000),
+        None,
+        Part("t5", 1000),
+        Part("clip", 1000),
+        torch.device("cuda"),
+        torch.float32,
+    )
+    assert models.make_room_for_vae(2048, 2048) == moved == ["t5", "clip"]
+    assert "Not moving flow to the CPU" in capsys.readouterr().err
