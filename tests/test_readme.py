@@ -19,25 +19,30 @@ def _python_block(after_heading: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.S)[1]
 
 
-@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
-def test_loading_snippet_runs_on_a_real_capture(tmp_path, fmt):
+def _tiny_capture(folder: Path, seed: int, fmt: str = "pt") -> Path:
+    """A 64x48 flux-tiny capture (no lens) made through the CLI, as a README reader would."""
     args = [
         "--model",
         "flux-tiny",
         "--prompt",
         "a red cube",
         "--seed",
-        "1",
+        str(seed),
         "--width",
         "64",
         "--height",
         "48",
     ]
     rc = capture_sample.run(
-        [*args, "--format", fmt, "--should_decode_intermediates", "False", "--output_dir", str(tmp_path)]
+        [*args, "--format", fmt, "--should_decode_intermediates", "False", "--output_dir", str(folder)]
     )
     assert rc == 0
-    capture = next((tmp_path / "intermediates").glob("capture_*"))
+    return next((folder / "intermediates").glob("capture_*"))
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_loading_snippet_runs_on_a_real_capture(tmp_path, fmt):
+    capture = _tiny_capture(tmp_path, 1, fmt)
     code = _python_block("## Opening a capture")
     if fmt == "safetensors":  # torch.load is for .pt files; the snippet's second line covers directories
         code = code.replace("capture = torch.load(CAPTURE, weights_only=True)", "")
@@ -57,21 +62,7 @@ def test_one_block_snippet_decodes_what_the_sampler_produced(tmp_path, monkeypat
     from flux.decode import decode_latents, to_uint8
     from flux.loading import load_ae
 
-    args = [
-        "--model",
-        "flux-tiny",
-        "--prompt",
-        "a red cube",
-        "--seed",
-        "2",
-        "--width",
-        "64",
-        "--height",
-        "48",
-    ]
-    rc = capture_sample.run([*args, "--should_decode_intermediates", "False", "--output_dir", str(tmp_path)])
-    assert rc == 0
-    capture = next((tmp_path / "intermediates").glob("capture_*"))
+    capture = _tiny_capture(tmp_path, 2)
     opening = (
         _python_block("## Opening a capture").replace("block_37", "block_2").replace("block_3", "block_1")
     )
@@ -94,21 +85,7 @@ def test_one_block_snippet_decodes_what_the_sampler_produced(tmp_path, monkeypat
 
 
 def test_replay_snippet_reproduces_the_run_and_the_skip_moves_it(tmp_path, capsys):
-    args = [
-        "--model",
-        "flux-tiny",
-        "--prompt",
-        "a red cube",
-        "--seed",
-        "4",
-        "--width",
-        "64",
-        "--height",
-        "48",
-    ]
-    rc = capture_sample.run([*args, "--should_decode_intermediates", "False", "--output_dir", str(tmp_path)])
-    assert rc == 0
-    capture = next((tmp_path / "intermediates").glob("capture_*"))
+    capture = _tiny_capture(tmp_path, 4)
     code = re.findall(r"```python\n(.*?)```", README.split("## Interventions", 1)[1], re.S)[0]
     assert 'Intervention("skip", "double", 3' in code
     code = code.replace('Intervention("skip", "double", 3', 'Intervention("skip", "double", 1')  # tiny: 2
