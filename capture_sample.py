@@ -220,17 +220,20 @@ def check_flags(command, args: list[str], name: str) -> None:
         raise UsageError(f"{name} has no flag --{flag}.{hint} `{name} --help` lists them.")
 
 
-def _text_flags(command) -> set[str]:
-    """Parameters annotated `str` (or `str | None`)."""
+def _types(command) -> dict[str, set]:
+    """Each parameter's annotated types: {str} for `str`, {str, NoneType} for `str | None`."""
     hints = typing.get_type_hints(command)
-    return {p for p, hint in hints.items() if hint is str or set(typing.get_args(hint)) == {str, type(None)}}
+    hints.pop("return", None)
+    return {p: set(typing.get_args(hint)) or {hint} for p, hint in hints.items()}
 
 
 def keep_text(command, args: list[str]) -> list[str]:
     """Fire reads every value as a Python literal, so `--prompt 1984` would arrive as an int and
     `--prompt "[cat, dog]"` as a list. Hand Fire the values of text flags as quoted literals instead, so they
     arrive exactly as typed."""
-    text, optional = _text_flags(command), _optional(command)
+    types = _types(command)
+    text = {p for p, t in types.items() if t - {type(None)} == {str}}
+    optional = {p for p, t in types.items() if type(None) in t}
     out, i = [], 0
 
     def literal(flag: str, value: str) -> str:
@@ -257,23 +260,11 @@ def keep_text(command, args: list[str]) -> list[str]:
     return out
 
 
-def _optional(command) -> set[str]:
-    """Parameters whose annotation allows None."""
-    return {p for p, hint in typing.get_type_hints(command).items() if type(None) in typing.get_args(hint)}
-
-
-def _switches(command) -> set[str]:
-    """Parameters annotated `bool` (or `bool | None`)."""
-    hints = typing.get_type_hints(command)
-    return {
-        p for p, hint in hints.items() if hint is bool or (bool in typing.get_args(hint) and p != "return")
-    }
-
-
 def checked(command, name: str):
     """`command` for Fire, with every switch checked to be a boolean before the body runs (Fire turns
     `--flag maybe` into the string 'maybe', which is truthy)."""
-    switches, signature = _switches(command), inspect.signature(command)
+    switches = {p for p, t in _types(command).items() if bool in t}
+    signature = inspect.signature(command)
 
     @functools.wraps(command)
     def call(*args, **kwargs):
@@ -297,9 +288,11 @@ def run(argv: list[str] | None = None) -> int:
             name = f"capture_sample.py {argv[0]}"
         else:
             command, args, name = main, argv, "capture_sample.py"
-            if args and not args[0].startswith("-") and difflib.get_close_matches(args[0], COMMANDS, n=1):
-                close = difflib.get_close_matches(args[0], COMMANDS, n=1)[0]
-                raise UsageError(f"{args[0]!r} is not a command. Did you mean `capture_sample.py {close}`?")
+            close = difflib.get_close_matches(args[0], COMMANDS, n=1) if args else []
+            if close and not args[0].startswith("-"):
+                raise UsageError(
+                    f"{args[0]!r} is not a command. Did you mean `capture_sample.py {close[0]}`?"
+                )
         # Fire would read -h as --height; as a flag's value (--prompt -h) it stays what it is.
         args = ["--help" if a == "-h" and (i == 0 or not args[i - 1].startswith("-")) else a
                 for i, a in enumerate(args)]  # fmt: skip

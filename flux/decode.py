@@ -229,12 +229,17 @@ def decoder_bytes_per_image(params: AutoEncoderParams, height: int, width: int) 
     return 8 * 4 * widest
 
 
+def free_gpu_bytes(device: torch.device) -> int:
+    """Free memory on a CUDA device, counting what torch's caching allocator holds unused as free."""
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
+
+
 def auto_batch_size(params: AutoEncoderParams, height: int, width: int, device: torch.device) -> int:
     """Images per VAE decoder call: what fits in 70% of the free GPU memory, or a fixed size on CPU."""
     if device.type != "cuda":
         return CPU_BATCH
-    torch.cuda.empty_cache()  # blocks the caching allocator holds but does not use count as free
-    free, _ = torch.cuda.mem_get_info(device)
+    free = free_gpu_bytes(device)
     return max(1, min(MAX_CUDA_BATCH, int(0.7 * free) // decoder_bytes_per_image(params, height, width)))
 
 

@@ -110,7 +110,7 @@ class Models:
         """
         if self.offload or self.device.type != "cuda":
             return []
-        from flux.decode import decoder_bytes_per_image
+        from flux.decode import decoder_bytes_per_image, free_gpu_bytes
 
         need = decoder_bytes_per_image(self.spec.ae_params, height, width)
         parked: list[str] = []
@@ -146,12 +146,6 @@ class Models:
 
 def _module_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def free_gpu_bytes(device: torch.device) -> int:
-    """Free memory on a CUDA device, counting what torch's caching allocator holds unused as free."""
-    _empty_cache(device)
-    return torch.cuda.mem_get_info(device)[0]
 
 
 def _free_pinned_memory() -> None:

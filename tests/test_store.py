@@ -413,6 +413,7 @@ def test_a_streamed_capture_holds_no_host_buffers_while_the_lens_runs(tmp_path, 
 def test_room_is_made_for_the_vae_text_encoders_first(free_gb, parked, monkeypatch, capsys):
     """The policy only (a GPU is not needed to check which models move): free memory is what CUDA would say
     after each move, against the decoder's estimate for one image."""
+    import flux.decode
     import flux.pipeline
     from flux.decode import decoder_bytes_per_image
     from flux.pipeline import Models
@@ -420,7 +421,7 @@ def test_room_is_made_for_the_vae_text_encoders_first(free_gb, parked, monkeypat
     spec = flux.pipeline.get_spec("flux-schnell")
     need = decoder_bytes_per_image(spec.ae_params, 2048, 2048)
     readings = iter(int(gb * 1e9) for gb in free_gb)
-    monkeypatch.setattr(flux.pipeline, "free_gpu_bytes", lambda device: next(readings))
+    monkeypatch.setattr(flux.decode, "free_gpu_bytes", lambda device: next(readings))
     monkeypatch.setattr(flux.pipeline, "_empty_cache", lambda device: None)
     moved = []
 
@@ -471,11 +472,12 @@ def test_a_final_decode_that_runs_out_of_gpu_memory_falls_back_to_the_cpu(tmp_pa
 
 
 def test_no_model_is_parked_in_host_memory_that_cannot_hold_it(monkeypatch, capsys):
+    import flux.decode
     import flux.pipeline
     from flux.pipeline import Models
 
     spec = flux.pipeline.get_spec("flux-schnell")
-    monkeypatch.setattr(flux.pipeline, "free_gpu_bytes", lambda device: 0)  # never enough on the GPU
+    monkeypatch.setattr(flux.decode, "free_gpu_bytes", lambda device: 0)  # never enough on the GPU
     monkeypatch.setattr(flux.pipeline, "_empty_cache", lambda device: None)
     monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: 10_000)
     moved = []
