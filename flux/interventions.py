@@ -133,8 +133,11 @@ class Intervention:
             raise RuntimeError("Intervener.step is not set: call begin_step(k) (or pass on_step to denoise).")
         return step in self.steps
 
-    def check(self, model: Flux, num_steps: int, txt_len: int, img_len: int) -> None:
-        """Raise a UserError if this intervention cannot apply to `model` on a run of these sizes."""
+    def check(
+        self, model: Flux, num_steps: int, txt_len: int, img_len: int, model_name: str | None = None
+    ) -> None:
+        """Raise a UserError if this intervention cannot apply to `model` (named `model_name` in the
+        capture's metadata, when known) on a run of these sizes."""
         depth = len(self.blocks_of(model))
         if not 0 <= self.block < depth:
             raise UsageError(f"{self.spec}: {self.stream} blocks go from 0 to {depth - 1}.")
@@ -155,7 +158,7 @@ class Intervention:
                     "or a (1, L, D) tensor of this run's sizes."
                 )
         if self.kind == "patch":
-            check_patch_source(self, txt_len, img_len, num_steps)
+            check_patch_source(self, txt_len, img_len, num_steps, model_name)
 
     def blocks_of(self, model: Flux):
         return model.double_blocks if self.stream == "double" else model.single_blocks
@@ -239,11 +242,20 @@ def parse_interventions(
     return out
 
 
-def check_patch_source(iv: Intervention, txt_len: int, img_len: int, num_steps: int) -> None:
-    """The source capture must hold this block, at these steps, with the tokens patched, at equal sizes."""
+def check_patch_source(
+    iv: Intervention, txt_len: int, img_len: int, num_steps: int, model_name: str | None = None
+) -> None:
+    """The source capture must be of the same model (`model_name`, when known) and hold this block, at these
+    steps, with the tokens patched, at equal sizes."""
     if iv.source is None:
         raise UsageError(f"{iv.spec} needs a source capture (--source CAPTURE).")
     meta, ctx = iv.source["metadata"], iv.source["denoising_context"]
+    if model_name is not None and meta.get("model") != model_name:
+        # flux-dev and Krea share every shape, so the shape checks alone would let them mix.
+        raise UsageError(
+            f"{iv.spec}: the source capture is of {meta.get('model')}, this one of {model_name}. Patching "
+            "needs two captures of the same model."
+        )
     src_txt, src_img = int(ctx["txt_seq_len"]), ctx["img_ids"].shape[1]
     if (src_txt, src_img) != (txt_len, img_len):
         raise UserError(
@@ -406,7 +418,7 @@ def replay(
         )
     txt_len, img_len = int(ctx["txt_seq_len"]), img.shape[1]
     for iv in interventions:
-        iv.check(model, num_steps, txt_len, img_len)
+        iv.check(model, num_steps, txt_len, img_len, meta.get("model"))
 
     recorder = steps = None
     if record is not None:

@@ -121,7 +121,7 @@ def sweep(
     txt_len = int(capture["denoising_context"]["txt_seq_len"])
     img_len = capture["denoising_context"]["img_state"][0].shape[1]
     for iv in ivs:  # fail before the first replay, not after an hour of them
-        iv.check(model, num_steps, txt_len, img_len)
+        iv.check(model, num_steps, txt_len, img_len, capture["metadata"].get("model"))
 
     # Steps before the first intervened one would replay exactly as stored: start both runs there.
     start = min(steps) if steps else 0
@@ -300,13 +300,7 @@ def _check_before_loading(interventions: Sequence[Intervention], spec, capture: 
     ctx = capture["denoising_context"]
     num_steps = len(timesteps_of(capture)) - 1
     for iv in interventions:
-        iv.check(shape_model, num_steps, int(ctx["txt_seq_len"]), ctx["img_ids"].shape[1])
-        if iv.source is not None and iv.source["metadata"].get("model") != capture["metadata"].get("model"):
-            # flux-dev and Krea share every shape, so the shape checks alone would let them mix.
-            raise UsageError(
-                f"{iv.spec}: the source capture is of {iv.source['metadata'].get('model')}, this one of "
-                f"{capture['metadata'].get('model')}. Patching needs two captures of the same model."
-            )
+        iv.check(shape_model, num_steps, int(ctx["txt_seq_len"]), ctx["img_ids"].shape[1], spec.name)
 
 
 def _load(spec, device: torch.device, dtype: torch.dtype, weights_dir: str | None):
