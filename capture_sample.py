@@ -13,6 +13,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import re
 import signal
 import sys
 import time
@@ -197,6 +198,34 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def long_flags(command, args: list[str], name: str) -> list[str]:
+    """Fire also takes `-name` for `--name` and `-x` for the one flag that starts with x; spell every flag out
+    as `--name` so the checks below see them all. `-h` is help (Fire would read it as --height). A word
+    after a text flag is that flag's value (`--prompt -h` is a prompt), as keep_text hands it on."""
+    params = list(inspect.signature(command).parameters)
+    text = {p for p, t in _types(command).items() if t - {type(None)} == {str}}
+    out = []
+    for i, token in enumerate(args):
+        if token == "--":
+            return out + args[i:]
+        previous = out[-1] if out else ""
+        is_value = (
+            previous.startswith("--") and "=" not in previous and previous[2:].replace("-", "_") in text
+        )
+        if re.match(r"-[A-Za-z]", token) and not is_value:
+            key, eq, value = token[1:].partition("=")
+            if key == "h" and not eq:
+                key = "help"
+            elif len(key) == 1:
+                matches = [p for p in params if p.startswith(key)]
+                if len(matches) > 1:
+                    raise UsageError(f"{name}: -{key} could be --{', --'.join(matches)}; spell the flag out.")
+                key = matches[0] if matches else key
+            token = f"--{key}{eq}{value}"
+        out.append(token)
+    return out
+
+
 def _flag_names(args: list[str]) -> list[str]:
     """The flags named in `args` (`--name`, `--name=value`, `--no-name`), up to Fire's own `--` separator."""
     names = []
@@ -293,9 +322,7 @@ def run(argv: list[str] | None = None) -> int:
                 raise UsageError(
                     f"{args[0]!r} is not a command. Did you mean `capture_sample.py {close[0]}`?"
                 )
-        # Fire would read -h as --height; as a flag's value (--prompt -h) it stays what it is.
-        args = ["--help" if a == "-h" and (i == 0 or not args[i - 1].startswith("-")) else a
-                for i, a in enumerate(args)]  # fmt: skip
+        args = long_flags(command, args, name)
         check_flags(command, args, name)
         fire.Fire(checked(command, name), keep_text(command, args), name=name)
     except UserError as e:

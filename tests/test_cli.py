@@ -396,6 +396,28 @@ def test_a_prompt_arrives_exactly_as_typed(prompt, monkeypatch, tmp_path):
     assert seen[0] == (prompt, "2024") and seen[1][0] == prompt
 
 
+def test_single_dash_flags_are_read_and_checked_like_long_ones(monkeypatch, capsys):
+    """Fire takes `-name` for `--name` and `-x` for the one flag starting with x; the checks must see them."""
+    import flux.pipeline
+
+    seen = []
+
+    def stop_after_validation(self):
+        seen.append((self.model, self.prompt, self.guidance))
+        raise capture_sample.UsageError("stop here")
+
+    monkeypatch.setattr(flux.pipeline.RunOptions, "validate", stop_after_validation)
+    assert capture_sample.run(["-m", "flux-tiny", "-prompt", "1984", "-g=2.5"]) == 2
+    assert capture_sample.run(["--prompt", "-h", "-model=flux-tiny"]) == 2  # a text flag's value stays
+    assert seen == [("flux-tiny", "1984", 2.5), ("flux-tiny", "-h", None)]
+    capsys.readouterr()
+    assert capture_sample.run(["-p", "a cat"]) == 2
+    assert "-p could be --prompt, --progress; spell the flag out" in capsys.readouterr().err
+    assert capture_sample.run(["-promt", "a cat"]) == 2
+    assert "has no flag --promt. Did you mean --prompt?" in capsys.readouterr().err
+    assert len(seen) == 2  # refused before the run started
+
+
 def test_a_text_flag_without_a_value_does_not_swallow_the_next_flag(monkeypatch):
     import flux.pipeline
 
