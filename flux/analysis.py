@@ -582,6 +582,7 @@ def analyze(
     from flux.configs import get_spec
     from flux.decode import load_model_final_layer
     from flux.loading import check_weights_dir, load_ae
+    from flux.options import check_output_dir
     from flux.store import load_capture, new_dir
 
     if isinstance(animation_steps, bool) or not isinstance(animation_steps, int) or animation_steps < 0:
@@ -594,6 +595,8 @@ def analyze(
     n_double_blocks(meta)  # an unknown model fails here, before anything loads
     spec = get_spec(meta["model"])
     check_weights_dir(spec, weights_dir)
+    base = Path(output_dir) if output_dir is not None else default_output_dir(path)
+    check_output_dir(base)
     has_img = meta.get("streams", "both") != "txt"
     dtype = getattr(torch, meta.get("dtype", "float32"))
     final_layer = None
@@ -602,7 +605,7 @@ def analyze(
     else:
         log("Only text tokens were captured (--streams txt): writing the norms only.")
 
-    out = new_dir(Path(output_dir) if output_dir is not None else default_output_dir(path))  # never reused
+    out = new_dir(base)  # never reused
     df = block_metrics(capture, final_layer)
     written = {"metrics": write_csv(df, out / "metrics.csv")}
     if has_img:

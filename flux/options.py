@@ -112,7 +112,7 @@ class RunOptions:
             check_weights_dir(spec, self.weights_dir)
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise UsageError(f"--output_dir must be a folder path; got {self.output_dir!r}.")
-        self._check_output_dir(Path(self.output_dir))
+        check_output_dir(Path(self.output_dir))
         if self.decode_batch_size is not None and (
             isinstance(self.decode_batch_size, bool)
             or not isinstance(self.decode_batch_size, int)
@@ -166,14 +166,6 @@ class RunOptions:
                     "--streams img), or pass --force to try anyway."
                 )
 
-    @staticmethod
-    def _check_output_dir(out: Path) -> None:
-        probe = _existing_parent(out)
-        if not probe.is_dir():
-            raise UsageError(f"--output_dir {str(out)!r} cannot be created: {str(probe)!r} is a file.")
-        if not os_access_writable(probe):
-            raise UsageError(f"--output_dir {str(out)!r} is not writable (no write permission on {probe}).")
-
     @property
     def spec(self) -> ModelSpec:
         return get_spec(self.model)
@@ -220,6 +212,15 @@ def check_device(name: str | None) -> torch.device:
             f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0."
         )
     return device
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse an output folder that cannot be made or written (exit 2), before any model loads."""
+    probe = _existing_parent(out)
+    if not probe.is_dir():
+        raise UsageError(f"--output_dir {str(out)!r} cannot be created: {str(probe)!r} is a file.")
+    if not os_access_writable(probe):
+        raise UsageError(f"--output_dir {str(out)!r} is not writable (no write permission on {probe}).")
 
 
 def os_access_writable(path: Path) -> bool:

@@ -27,7 +27,14 @@ from flux.configs import ModelSpec, get_spec
 from flux.errors import UsageError
 from flux.loading import library_progress_bars, load_ae, load_flow_model, load_text_encoders
 from flux.model import Flux
-from flux.options import DECODE_TARGETS, RunOptions, available_host_memory, check_device, compute_dtype
+from flux.options import (
+    DECODE_TARGETS,
+    RunOptions,
+    available_host_memory,
+    check_device,
+    check_output_dir,
+    compute_dtype,
+)
 from flux.sampling import denoise, get_noise, get_schedule, prepare
 from flux.store import (
     SCHEMA_VERSION,
@@ -618,10 +625,12 @@ def decode_later(
     meta = load_capture(capture_path)["metadata"]
     spec = get_spec(meta["model"])
     dtype = compute_dtype(spec)
+    stem = capture_path.name.removesuffix(".pt")
+    out_base = Path(output_dir) if output_dir else capture_path.parent / "decoded" / stem
+    check_output_dir(out_base)
     final_layer = load_model_final_layer(spec, weights_dir, device, dtype)
     ae = load_ae(spec, device, weights_dir=weights_dir)
-    stem = capture_path.name.removesuffix(".pt")
-    out_dir = new_dir(Path(output_dir) if output_dir else capture_path.parent / "decoded" / stem)
+    out_dir = new_dir(out_base)
     return decode_saved(
         capture_path, final_layer, ae, out_dir, target=target, device=device, batch_size=batch_size,
         compile=compile, progress=progress,

@@ -366,6 +366,7 @@ def sweep_command(
         progress: Show progress bars (default True).
     """
     from flux.decode import save_jpeg
+    from flux.options import check_output_dir
     from flux.store import load_capture, new_dir, write_json
 
     if intervention not in KINDS:
@@ -398,6 +399,14 @@ def sweep_command(
         for stream, block in chosen
     ]
     _check_before_loading(planned, spec, capture)
+    cap_path = Path(path)
+    label = (
+        intervention + (f"_{tokens}" if tokens else "") + (f"_steps{format_steps(step_set)}" if steps else "")
+    )
+    base = (
+        Path(output_dir) if output_dir else cap_path.parent / "sweeps" / f"{_capture_stem(cap_path)}_{label}"
+    )
+    check_output_dir(base)
     chart = importlib.util.find_spec("matplotlib") is not None
     if not chart:
         print(
@@ -420,13 +429,7 @@ def sweep_command(
         progress=progress,
     )
 
-    cap_path = Path(path)
-    label = (
-        intervention + (f"_{tokens}" if tokens else "") + (f"_steps{format_steps(step_set)}" if steps else "")
-    )
-    out = new_dir(
-        Path(output_dir) if output_dir else cap_path.parent / "sweeps" / f"{_capture_stem(cap_path)}_{label}"
-    )
+    out = new_dir(base)
     for r in rows:
         save_jpeg(r.image, out / f"{r.stream}_block_{r.block}.jpg")
     save_jpeg(reference, out / "unmodified.jpg")
@@ -505,6 +508,7 @@ def replay_command(
         progress: Show progress bars (default True).
     """
     from flux.decode import decode_latents, save_jpeg, to_image
+    from flux.options import check_output_dir
     from flux.store import atomic_write, load_capture, next_free_index, publish_new, write_json
 
     for flag, value in (("step", step), ("until", until)):
@@ -527,6 +531,8 @@ def replay_command(
         direction=load_direction(direction),
     )
     _check_before_loading(ivs, spec, capture)
+    out = Path(output_dir) if output_dir else Path(path).parent / "replays"
+    check_output_dir(out)
     flow, ae = _load(spec, device, dtype, weights_dir)  # only now that every flag has been checked
     record = CapturePlan.everything(flow, num_steps) if save_capture else None
     bar = (lambda steps: tqdm(steps, desc="replay", unit="step")) if progress else None
@@ -536,7 +542,6 @@ def replay_command(
     image = to_unit(decoded)
     stored = to_unit(decode_latents(capture["denoising_context"]["final_latent"], ae, height, width))
 
-    out = Path(output_dir) if output_dir else Path(path).parent / "replays"
     out.mkdir(parents=True, exist_ok=True)
     image_path = publish_new(
         lambda n: out / f"replay_{n}.jpg",

@@ -359,6 +359,24 @@ def test_dash_h_is_help_and_a_mistyped_command_is_named(capsys):
 
 
 @pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep"])
+def test_every_command_refuses_an_output_dir_it_cannot_make_before_loading(
+    command, tiny_run, tmp_path, monkeypatch, capsys
+):
+    import flux.decode
+    import flux.sweep
+
+    def no_loading(*args, **kwargs):
+        pytest.fail("a model was loaded before --output_dir was checked")
+
+    monkeypatch.setattr(flux.decode, "load_model_final_layer", no_loading)
+    monkeypatch.setattr(flux.sweep, "_load", no_loading)
+    (tmp_path / "a_file").write_text("")
+    pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
+    assert capture_sample.run([command, pt, "--output_dir", str(tmp_path / "a_file" / "sub")]) == 2
+    assert f"{str(tmp_path / 'a_file')!r} is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep"])
 def test_every_command_names_a_missing_capture_or_a_metadata_file_alike(command, tiny_run, tmp_path, capsys):
     assert capture_sample.run([command, str(tmp_path / "nothing.pt")]) == 2
     assert "No capture at" in capsys.readouterr().err
