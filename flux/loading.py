@@ -1,9 +1,10 @@
 """Find the weights of a named model and load them exactly, with errors that say what to do.
 
-Resolution order for each file: an explicit path (the `FLUX_MODEL` / `FLUX_AE` environment variables, as in
-the reference CLI), then a local directory in the hub repo's layout (`weights_dir`; flux-tiny's is generated
-on first use), then `huggingface_hub.hf_hub_download` into the normal HF cache, which honours `HF_TOKEN`,
-`HF_HOME`/`HF_HUB_CACHE` and `HF_HUB_OFFLINE`. Only the files a run needs are fetched.
+Resolution order for each file: a `weights_dir` given by the caller (a local directory in the hub repo's
+layout, or "hub"), then an explicit path in the environment (`FLUX_MODEL` / `FLUX_AE` / `FLUX_TEXT_ENCODERS`,
+as in the reference CLI), then the default local directory (flux-tiny's, generated on first use), then
+`huggingface_hub.hf_hub_download` into the normal HF cache, which honours `HF_TOKEN`, `HF_HOME`/`HF_HUB_CACHE`
+and `HF_HUB_OFFLINE`. Only the files a run needs are fetched.
 
 Models are built on the meta device and the checkpoint tensors are loaded straight to the target device with
 `strict=True, assign=True`: a wrong or incomplete checkpoint fails loudly instead of leaving random weights.
@@ -143,8 +144,15 @@ def hub_download(repo_id: str, filename: str, *, gated: bool = False, what: str 
         return Path(hf_hub_download(repo_id, filename))
 
 
+def _from_env(env_var: str, weights_dir: str | Path | None) -> str | None:
+    """The path an environment variable names, unless a weights_dir given by the caller overrides it."""
+    if weights_dir is not None:
+        return None
+    return os.environ.get(env_var) or None
+
+
 def _resolve(spec: ModelSpec, filename: str, env_var: str, weights_dir: str | Path | None, what: str) -> Path:
-    explicit = os.environ.get(env_var)
+    explicit = _from_env(env_var, weights_dir)
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
@@ -174,7 +182,7 @@ def resolve_ae_path(spec: ModelSpec, weights_dir: str | Path | None = None) -> P
 
 def text_encoder_source(spec: ModelSpec, weights_dir: str | Path | None = None) -> str | Path:
     """Where T5 and CLIP come from: FLUX_TEXT_ENCODERS, a local directory with their subfolders, or a repo."""
-    explicit = os.environ.get("FLUX_TEXT_ENCODERS")
+    explicit = _from_env("FLUX_TEXT_ENCODERS", weights_dir)
     if explicit:
         return Path(explicit).expanduser()
     local = _local_dir(spec, weights_dir)
@@ -337,7 +345,7 @@ def read_flow_tensors(
     copy already in the Hugging Face cache is opened lazily; otherwise only those tensors' bytes are fetched
     from the hub.
     """
-    if os.environ.get("FLUX_MODEL") or _local_dir(spec, weights_dir) is not None:
+    if _from_env("FLUX_MODEL", weights_dir) or _local_dir(spec, weights_dir) is not None:
         path = resolve_flow_path(spec, weights_dir)
         return read_tensors(path, prefix), str(path)
     from huggingface_hub import try_to_load_from_cache

@@ -2,7 +2,8 @@
 
 A local HTTP server stands in for huggingface.co: it serves the flux-tiny files under the hub's URL scheme
 (`/{repo}/resolve/{revision}/{file}`), redirects to a "CDN" path as the hub does for large files, honours
-`Range`, answers like the hub when a repo is gated or a file is missing, and counts every byte it sends.
+`Range`, answers `HEAD` with the metadata `hf_hub_download` reads, answers like the hub when a repo is gated
+or a file is missing, and counts every byte it sends.
 """
 
 import json
@@ -41,10 +42,16 @@ class FakeHub(ThreadingHTTPServer):
         self.ignore_ranges = False
         self.sent = 0
         self.ranges: list[str | None] = []
+        self.reads: list[tuple[str, str | None]] = []  # ("repo/file", Range header) of each GET
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+    @property
+    def cdn_url(self) -> str:
+        """The same server under another host name, as the hub's CDN is another host."""
+        return f"http://localhost:{self.server_address[1]}"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -60,26 +67,49 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def do_GET(self):
+    def _resolve(self) -> bool:
+        """Answer a `/resolve/` URL (an error, or a redirect with the file's metadata); False for others."""
         hub = self.server
-        path = urlsplit(self.path).path
-        resolve = re.fullmatch(r"/(.+?/.+?)/resolve/main/(.+)", path)
-        if resolve:
-            repo, name = resolve.groups()
-            if repo in hub.gated and self.headers.get("authorization") != f"Bearer {TOKEN}":
-                return self._error(401, "GatedRepo")
-            if f"{repo}/{name}" not in hub.files:
-                return self._error(404, "EntryNotFound")
+        resolve = re.fullmatch(r"/(.+?/.+?)/resolve/main/(.+)", urlsplit(self.path).path)
+        if not resolve:
+            return False
+        repo, name = resolve.groups()
+        if repo in hub.gated and self.headers.get("authorization") != f"Bearer {TOKEN}":
+            self._error(401, "GatedRepo")
+        elif f"{repo}/{name}" not in hub.files:
+            self._error(404, "EntryNotFound")
+        else:
+            file = hub.files[f"{repo}/{name}"]
             self.send_response(302)  # the hub sends large files' bytes from a CDN
-            self.send_header("Location", f"/cdn/{repo}/{name}")
+            self.send_header("Location", f"{hub.cdn_url}/cdn/{repo}/{name}")
+            self.send_header("X-Repo-Commit", "0" * 40)
+            self.send_header("X-Linked-Etag", f'"{file.stat().st_size:x}{file.stat().st_mtime_ns:x}"')
+            self.send_header("X-Linked-Size", str(file.stat().st_size))
             self.send_header("Content-Length", "0")
             self.end_headers()
+        return True
+
+    def do_HEAD(self):
+        if self._resolve():
             return
+        file = self.server.files.get(urlsplit(self.path).path.removeprefix("/cdn/"))
+        if file is None:
+            return self._error(404, "EntryNotFound")
+        self.send_response(200)
+        self.send_header("Content-Length", str(file.stat().st_size))
+        self.end_headers()
+
+    def do_GET(self):
+        hub = self.server
+        if self._resolve():
+            return
+        path = urlsplit(self.path).path
         if path.removeprefix("/cdn/") not in hub.files:  # e.g. the client's own /api/ calls
             return self._error(404, "EntryNotFound")
         data = hub.files[path.removeprefix("/cdn/")].read_bytes()
         wanted = self.headers.get("range")
         hub.ranges.append(wanted)
+        hub.reads.append((path.removeprefix("/cdn/"), wanted))
         if hub.ignore_ranges:  # "the whole 24 GB file", of which only the start ever comes
             self.send_response(200)
             self.send_header("Content-Length", str(24 * 10**9))
@@ -150,8 +180,9 @@ def _final_layer_bytes(path: Path) -> int:
 def test_decode_later_fetches_only_the_final_layer_and_equals_a_local_decode(
     hub, tiny_repo, tmp_path, monkeypatch
 ):
-    flow = tiny_repo / TINY.repo_flow
+    flow, ae = tiny_repo / TINY.repo_flow, tiny_repo / TINY.repo_ae
     hub.files[f"{TINY.repo_id}/{TINY.repo_flow}"] = flow
+    hub.files[f"{TINY.repo_id}/{TINY.repo_ae}"] = ae
     monkeypatch.setenv("FLUX_TINY_DIR", str(tiny_repo))
     args = [
         "--model",
@@ -187,13 +218,17 @@ def test_decode_later_fetches_only_the_final_layer_and_equals_a_local_decode(
     local, remote = tmp_path / "local", tmp_path / "remote"
     decode_in_a_fresh_process(local)  # flux-tiny's local weights directory
     assert hub.sent == 0
+    # --weights_dir hub beats FLUX_AE: the AE is downloaded whole, the flow checkpoint only by ranges.
     log = decode_in_a_fresh_process(
-        remote, "--weights_dir", HUB, HF_ENDPOINT=hub.url, FLUX_AE=str(tiny_repo / TINY.repo_ae)
+        remote, "--weights_dir", HUB, HF_ENDPOINT=hub.url, FLUX_AE=str(tmp_path / "not-used.safetensors")
     )
     assert "by range requests" in log
-    assert hub.sent == _final_layer_bytes(flow) < flow.stat().st_size / 4
-    assert hub.ranges and all(r is not None and r.startswith("bytes=") for r in hub.ranges)
-    assert not list((tmp_path / "empty-cache").rglob("*.safetensors"))  # nothing was downloaded
+    assert hub.sent == _final_layer_bytes(flow) + ae.stat().st_size
+    assert _final_layer_bytes(flow) < flow.stat().st_size / 4
+    flow_reads = [wanted for name, wanted in hub.reads if name.endswith(TINY.repo_flow)]
+    assert flow_reads and all(r is not None and r.startswith("bytes=") for r in flow_reads)
+    downloaded = (tmp_path / "empty-cache").rglob("*.safetensors")
+    assert sorted(p.name for p in downloaded) == [TINY.repo_ae]  # the flow checkpoint never whole
     names = sorted(p.name for p in local.iterdir())
     assert names == sorted(p.name for p in remote.iterdir()) and "grid_single.jpg" in names
     for name in names:

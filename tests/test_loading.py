@@ -13,7 +13,14 @@ from safetensors.torch import load_file, save_file
 
 from flux.configs import CONFIGS
 from flux.errors import UserError
-from flux.loading import HUB, load_ae, load_flow_model, resolve_flow_path
+from flux.loading import (
+    HUB,
+    load_ae,
+    load_flow_model,
+    resolve_ae_path,
+    resolve_flow_path,
+    text_encoder_source,
+)
 from flux.tiny import ensure_tiny_repo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +43,24 @@ def test_local_directory_loads_strictly_into_exact_tensors(tiny_repo):
     assert next(ae.parameters()).dtype == torch.float32  # the checkpoint's own dtype
 
 
-def test_flux_model_env_var_wins_and_is_checked(tiny_repo, monkeypatch, tmp_path):
-    copy = tmp_path / "elsewhere.safetensors"
-    shutil.copy(tiny_repo / TINY.repo_flow, copy)
-    monkeypatch.setenv("FLUX_MODEL", str(copy))
-    assert resolve_flow_path(TINY, tiny_repo) == copy
+def test_env_vars_beat_the_default_folder_and_a_given_weights_dir_beats_them(
+    tiny_repo, monkeypatch, tmp_path
+):
+    flow, ae, encoders = tmp_path / "flow.safetensors", tmp_path / "ae.safetensors", tmp_path / "encoders"
+    shutil.copy(tiny_repo / TINY.repo_flow, flow)
+    shutil.copy(tiny_repo / TINY.repo_ae, ae)
+    encoders.mkdir()
+    monkeypatch.setenv("FLUX_MODEL", str(flow))
+    monkeypatch.setenv("FLUX_AE", str(ae))
+    monkeypatch.setenv("FLUX_TEXT_ENCODERS", str(encoders))
+    assert resolve_flow_path(TINY) == flow and resolve_ae_path(TINY) == ae  # over flux-tiny's default folder
+    assert text_encoder_source(TINY) == encoders
+    assert resolve_flow_path(TINY, tiny_repo) == tiny_repo / TINY.repo_flow  # --weights_dir wins
+    assert resolve_ae_path(TINY, tiny_repo) == tiny_repo / TINY.repo_ae
+    assert text_encoder_source(TINY, tiny_repo) == tiny_repo
     monkeypatch.setenv("FLUX_MODEL", str(tmp_path / "missing.safetensors"))
-    with pytest.raises(UserError, match="FLUX_MODEL"):
-        resolve_flow_path(TINY, tiny_repo)
+    with pytest.raises(UserError, match="FLUX_MODEL points at"):
+        resolve_flow_path(TINY)
 
 
 def _write_variant(tiny_repo: Path, tmp_path: Path, edit) -> Path:
