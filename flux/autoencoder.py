@@ -46,7 +46,7 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
         height, width = h.shape[-2:]
         # Contiguous, or SDPA's fused kernels refuse the strided view and the math fallback materialises
-        # the (HW x HW) score matrix in float32: ~56 GB for one 2048 px image.
+        # the (HW x HW) scores, twice at its peak: 2 x 17 GB in float32 for one 2048 px image (HW = 256²).
         q, k, v = (rearrange(f(h), "b c h w -> b 1 (h w) c").contiguous() for f in (self.q, self.k, self.v))
         h = nn.functional.scaled_dot_product_attention(q, k, v)
         h = rearrange(h, "b 1 (h w) c -> b c h w", h=height, w=width)
