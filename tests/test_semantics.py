@@ -504,7 +504,8 @@ def test_ae_encode_returns_scaled_mean():
 
 def test_ae_attention_is_single_head_softmax_on_a_fused_kernel():
     """The VAE's mid attention must reach SDPA's fused kernels (a strided view falls back to the math kernel,
-    whose HW x HW float32 scores need 17 GB a copy for one 2048 px image) and still be plain softmax attention."""
+    whose HW x HW float32 scores take 17 GB a copy for one 2048 px image) and still be plain softmax
+    attention."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from flux.autoencoder import AttnBlock
