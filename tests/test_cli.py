@@ -1,6 +1,7 @@
 """capture_sample.py end to end on flux-tiny (CPU): files, format, observation only, decode later, errors."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -169,11 +170,41 @@ def test_bad_values_exit_2_with_one_line_naming_the_flag(args, flag, tmp_path, c
     assert not out.exists()
 
 
-def test_guidance_on_schnell_warns_before_loading(tmp_path, capsys):
+def test_guidance_on_schnell_warns_before_loading(tmp_path, monkeypatch, capsys):
+    import flux.pipeline
+
+    def stop(*args, **kwargs):
+        raise capture_sample.UsageError("stopped where the models would load")
+
+    monkeypatch.setattr(flux.pipeline, "load_models", stop)
+    assert cli("--guidance", "4", "--device", "cpu", "--output_dir", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    warning = "warning: flux-schnell has no guidance input; --guidance 4 is ignored."
+    assert warning in err and err.index(warning) < err.index("stopped where the models would load")
+
+
+@pytest.mark.parametrize(
+    ("model", "steps", "t5_tokens", "guidance", "shift"),
+    [  # ../shared/flux_reference.md: the reference CLI's defaults
+        ("flux-schnell", 4, 256, None, False),
+        ("flux-dev", 50, 512, 2.5, True),
+        ("flux-dev-krea", 50, 512, 2.5, True),
+    ],
+)
+def test_each_published_model_runs_with_the_reference_defaults(
+    model, steps, t5_tokens, guidance, shift, tmp_path
+):
+    from flux.configs import get_spec
     from flux.pipeline import RunOptions
 
-    opts = RunOptions(model="flux-schnell", guidance=4.0, output_dir=str(tmp_path), device="cpu").validate()
-    assert any("ignored" in w for w in opts.warnings)
+    spec = get_spec(model)
+    opts = RunOptions(model=model, output_dir=str(tmp_path), device="cpu").validate()
+    assert opts.num_steps == steps and spec.t5_max_length == t5_tokens and spec.shift_schedule is shift
+    assert spec.uses_guidance is (guidance is not None)
+    if guidance is not None:
+        assert opts.guidance == guidance
+    assert spec.text_repo_id == "black-forest-labs/FLUX.1-schnell"  # T5 and CLIP for all three
+    assert (spec.gated, spec.repo_ae) == (model != "flux-schnell", "ae.safetensors")
 
 
 def test_unwritable_output_dir_is_refused(tmp_path):
@@ -188,11 +219,12 @@ def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         capture_sample.run(["--help"])
     captured = capsys.readouterr()
-    text = captured.out + captured.err
+    shown = " ".join((captured.out + captured.err).split())
     doc = capture_sample.main.__doc__
     for name in inspect.signature(capture_sample.main).parameters:
-        assert f"--{name}" in text
-        assert f"\n        {name}: " in doc, f"{name} has no Args entry"
+        entry = re.search(rf"\n        {name}: (.+)", doc)
+        assert entry, f"{name} has no Args entry"
+        assert " ".join(entry[1].split()[:6]) in shown, f"--help does not explain --{name}"
 
 
 def test_cuda_out_of_memory_names_offload_and_smaller_sizes(monkeypatch, tmp_path, capsys):

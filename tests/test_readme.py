@@ -48,7 +48,16 @@ def test_loading_snippet_runs_on_a_real_capture(tmp_path, fmt):
         code = code.replace("capture = torch.load(CAPTURE, weights_only=True)", "")
     # flux-tiny has 2 double and 3 single blocks, the published models 19 and 38.
     code = code.replace("block_37", "block_2").replace("block_3", "block_1")
-    exec(compile(code, "README.md", "exec"), {"CAPTURE": str(capture)})
+    scope = {"CAPTURE": str(capture)}
+    exec(compile(code, "README.md", "exec"), scope)
+    # The shapes the snippet's comments promise, for flux-tiny at 64x48: T = 32, L = 4 * 3, D = 64.
+    T, L, D = 32, 12, 64
+    assert (scope["img"].shape, scope["txt"].shape, scope["x"].shape) == ((1, L, D), (1, T, D), (1, T + L, D))
+    ctx, meta = scope["ctx"], scope["meta"]
+    assert ctx["img_state"][0].shape == ctx["pred"][0].shape == (1, L, 64) and ctx["vec"][0].shape == (1, D)
+    assert ctx["y"].shape == (1, 32) and ctx["txt"].shape == (1, T, 32) and ctx["txt_seq_len"] == T
+    assert tuple(ctx["timestep_pairs"][0]) == (meta["timesteps"][0], meta["timesteps"][1])
+    assert meta["model"] == "flux-tiny" and (meta["width"], meta["height"]) == (64, 48)
 
 
 def test_one_block_snippet_decodes_what_the_sampler_produced(tmp_path, monkeypatch):
@@ -95,6 +104,25 @@ def test_replay_snippet_reproduces_the_run_and_the_skip_moves_it(tmp_path, capsy
     assert same == "True" and float(moved.removeprefix("tensor(").removesuffix(")")) > 0
 
 
-def test_every_flag_is_in_the_readme_table():
-    for name in inspect.signature(capture_sample.main).parameters:
-        assert re.search(rf"^\| (`--\w+`, )*`--{name}`", README, re.M), name
+def _flag_table() -> dict[str, str]:
+    """{flag: the README table's default column}."""
+    table = {}
+    for flags, default in re.findall(r"^\| ((?:`--\w+`(?:, )?)+) \| (.*?) \|", README, re.M):
+        table.update(dict.fromkeys(re.findall(r"`--(\w+)`", flags), default))
+    return table
+
+
+def test_every_flag_is_in_the_readme_table_with_its_real_default():
+    table = _flag_table()
+    # The table's literal defaults, read as a user would; the others depend on the model or the machine,
+    # and the signature must then say None (tested per model below).
+    literal = {"`flux-schnell`": "flux-schnell", '`"a beautiful landscape"`': "a beautiful landscape",
+               "256": 256, "False": False, "True": True, "`output`": "output", "`pt`": "pt", "`both`": "both",
+               "`x0`": "x0"}  # fmt: skip
+    for name, param in inspect.signature(capture_sample.main).parameters.items():
+        assert name in table, f"--{name} is not in the README's table"
+        shown = table[name]
+        if shown in literal:
+            assert param.default == literal[shown] and type(param.default) is type(literal[shown]), name
+        else:
+            assert param.default is None, f"--{name}: the README says {shown!r}, the code {param.default!r}"

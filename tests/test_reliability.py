@@ -408,7 +408,15 @@ FAULTS["shard-rust"] = FAULTS["shard"]
 FAULTS["pt-beside-lens"] = (  # the .pt write fails in its thread while the lens decodes: no lens is left
     {"should_decode_intermediates": True},
     "intermediates",
-    lambda new: not [p for p in new if p.suffix == ".pt" or (p.suffix == ".jpg" and "decoded" in p.parts)],
+    # `new` lists every folder (the earlier run's lens folder too) but only new files: no new file in any
+    # lens folder, and no empty lens folder left.
+    lambda new: (
+        not [
+            p
+            for p in new
+            if p.suffix == ".pt" or ("decoded" in p.parent.parts and (p.is_file() or not any(p.iterdir())))
+        ]
+    ),
 )
 
 
