@@ -673,7 +673,8 @@ def analyze_command(
             generation (FLUX_MODEL/FLUX_AE if set, flux-tiny's generated repo, else the HF cache).
         animation_steps: How many captured steps the animation sweeps through the blocks, evenly spaced
             with the first and last included (default 8; 0 for all).
-        frame_ms: Milliseconds per animation frame (default 120); the final image is held 1.5 s.
+        frame_ms: Milliseconds per animation frame (default 120); the final image is held 1.5 s (the MP4: the
+            nearest whole number of frames).
         progress: Show a progress bar over the animation frames that need decoding (default True).
     """
     written = analyze(
