@@ -4,17 +4,29 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from flux.capture import CapturePlan
 from flux.configs import get_spec
+from flux.decode import decode_latents
 from flux.errors import UsageError, UserError
 from flux.interventions import Intervener, Intervention, parse_interventions, parse_steps, replay
 from flux.pipeline import RunOptions, generate, load_models
 from flux.store import load_capture
-from flux.sweep import psnr, replay_command, ssim, sweep_command
+from flux.sweep import (
+    SweepRow,
+    contact_sheet,
+    mse,
+    psnr,
+    replay_command,
+    ssim,
+    sweep,
+    sweep_command,
+    to_unit,
+)
 
 NUM_STEPS = 4
 
@@ -95,9 +107,16 @@ def test_replay_from_a_later_step_and_a_single_step(flow, captures):
     assert torch.equal(late.capture["single_blocks"]["block_2"][0], _stored(cap, "single", 2, 2))
     one = replay(flow, cap, start=1, stop=1)
     assert torch.equal(one.latent, ctx["img_state"][2])
-    t = ctx["timestep_pairs"][3][0]  # at the last step x0 is the latent the sampler steps to (t_prev = 0)
-    last = replay(flow, cap, start=3)
-    assert torch.equal(last.x0, last.latent) and t > 0
+    # x0 of a middle step, worked out from the stored latents alone: the Euler step
+    # img_2 = img_1 + (t_prev - t_curr) * pred gives pred, and x0 = img_1 + (0 - t_curr) * pred.
+    t_curr, t_prev = ctx["timestep_pairs"][1]
+    pred = (ctx["img_state"][2] - ctx["img_state"][1]) / (t_prev - t_curr)
+    assert torch.allclose(one.x0, ctx["img_state"][1] - t_curr * pred, rtol=0, atol=1e-5)
+    assert not torch.allclose(one.x0, one.latent, rtol=0, atol=1e-2)  # an estimate, not the next latent
+    # At the last step the sampler steps to t_prev = 0, so x0 is the latent it steps to.
+    assert ctx["timestep_pairs"][NUM_STEPS - 1][1] == 0
+    last = replay(flow, cap, start=NUM_STEPS - 1)
+    assert torch.equal(last.x0, last.latent)
 
 
 def test_replay_rejects_steps_out_of_range(flow, captures):
@@ -157,6 +176,16 @@ def test_zero_drops_the_update_of_the_chosen_tokens_only(flow, captures):
     assert not torch.equal(s1[:, t_len:], s0[:, t_len:])
 
 
+def test_zero_of_both_streams_is_skip(flow, captures):
+    (_, cap), _ = captures
+    final = cap["denoising_context"]["final_latent"]
+    for stream in ("double", "single"):
+        zero = replay(flow, cap, interventions=[Intervention("zero", stream, 1, (1, 2), "both")])
+        skip = replay(flow, cap, interventions=[Intervention("skip", stream, 1, (1, 2))])
+        assert torch.equal(zero.latent, skip.latent)
+        assert not torch.equal(skip.latent, final)  # a real change, not two interventions that do nothing
+
+
 # ------------------------------------------------------------------------------------------ patch / add
 def test_patch_with_own_output_changes_nothing(flow, captures):
     (_, cap), _ = captures
@@ -198,6 +227,53 @@ def test_add_direction(flow, captures):
     assert torch.equal(img, stored_img + d) and torch.equal(txt, stored_txt)
     with pytest.raises(UserError, match="does not broadcast"):
         replay(flow, cap, interventions=[Intervention("add", "double", 0, direction=torch.ones(3))])
+
+
+def test_add_a_per_token_direction(flow, captures):
+    """A (1, L, D) direction: one vector per image token, added to the image tokens only (in a single
+    block they sit after the text tokens)."""
+    (_, cap), _ = captures
+    ctx = cap["denoising_context"]
+    t_len, img_len = int(ctx["txt_seq_len"]), ctx["img_state"][0].shape[1]
+    d = torch.randn(1, img_len, flow.hidden_size, generator=torch.Generator().manual_seed(3))
+    for stream in ("double", "single"):
+        nothing = replay(
+            flow, cap, interventions=[Intervention("add", stream, 1, direction=torch.zeros_like(d))]
+        )
+        assert torch.equal(nothing.latent, ctx["final_latent"])
+
+    iv = Intervention("add", "single", 1, (0,), scale=2.5, direction=d)
+    result = replay(flow, cap, stop=0, interventions=[iv], record=_everything(flow))
+    stored = _stored(cap, "single", 1, 0)
+    got = _out(result, "single", 1, 0)
+    assert torch.equal(got[:, t_len:], stored[:, t_len:] + 2.5 * d)
+    assert torch.equal(got[:, :t_len], stored[:, :t_len])
+    assert torch.equal(_out(result, "single", 0, 0), _stored(cap, "single", 0, 0))  # blocks before: as stored
+
+    # Over a whole run: the same as the addition written by hand as an fn intervention.
+    add = replay(flow, cap, interventions=[Intervention("add", "double", 0, (1, 3), scale=2.5, direction=d)])
+
+    def by_hand(img, txt, step):
+        return img + 2.5 * d, txt
+
+    fn = replay(flow, cap, interventions=[Intervention("fn", "double", 0, (1, 3), fn=by_hand)])
+    assert torch.equal(add.latent, fn.latent)
+    assert not torch.equal(add.latent, ctx["final_latent"])
+
+
+def test_replay_command_adds_a_per_token_direction_file(captures, tmp_path):
+    (path, cap), _ = captures
+    ctx = cap["denoising_context"]
+    t_len, img_len = int(ctx["txt_seq_len"]), ctx["img_state"][0].shape[1]
+    d = torch.randn(1, img_len, 64, generator=torch.Generator().manual_seed(4))  # flux-tiny: D = 64
+    torch.save(d, tmp_path / "direction.pt")
+    replay_command(str(path), intervention="add:single:2@1*-3", direction=str(tmp_path / "direction.pt"),
+                   output_dir=str(tmp_path), save_capture=True, device="cpu", progress=False)  # fmt: skip
+    saved = load_capture(tmp_path / "replay_0.pt")
+    got, stored = _stored(saved, "single", 2, 1), _stored(cap, "single", 2, 1)
+    assert torch.equal(got[:, t_len:], stored[:, t_len:] + -3.0 * d)
+    assert torch.equal(got[:, :t_len], stored[:, :t_len])
+    assert json.loads((tmp_path / "replay_0.json").read_text())["vs_stored_final"]["mse"] > 0
 
 
 # ------------------------------------------------------------------------------------------ hooks
@@ -259,6 +335,107 @@ def test_malformed_specs_are_usage_errors(spec, message):
 
 
 # ------------------------------------------------------------------------------------------ scores
+def _gaussian_window(size: int, sigma: float) -> np.ndarray:
+    """size x size Gaussian weights centred on the middle pixel, summing to 1."""
+    x = np.arange(size) - (size - 1) / 2
+    g = np.exp(-(x**2) / (2 * sigma**2))
+    w = np.outer(g, g)
+    return w / w.sum()
+
+
+def _reference_ssim(a: np.ndarray, b: np.ndarray, size: int = 11, sigma: float = 1.5) -> float:
+    """SSIM of two (C, H, W) images in [0, 1] as Wang et al. 2004 define it, one window at a time.
+
+    At every position where the whole window fits in the image (the 'valid' region of their ssim_index.m):
+    Gaussian-weighted means, variances and covariance of the window, C1 = (0.01 L)^2, C2 = (0.03 L)^2 with
+    L = 1, then the mean of the SSIM map over positions and channels.
+    """
+    w = _gaussian_window(size, sigma)
+    c1, c2 = 0.01**2, 0.03**2
+    values = []
+    for x, y in zip(a.astype(np.float64), b.astype(np.float64), strict=True):
+        for i in range(x.shape[0] - size + 1):
+            for j in range(x.shape[1] - size + 1):
+                px, py = x[i : i + size, j : j + size], y[i : i + size, j : j + size]
+                mx, my = (w * px).sum(), (w * py).sum()
+                vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
+                cxy = (w * (px - mx) * (py - my)).sum()
+                values.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(values))
+
+
+def _ssim_pairs() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.rand(2, 3, 19, 23, generator=gen)
+    amount = torch.linspace(0.0, 0.4, noise.shape[-1])  # more noise to the right: windows see different stats
+    noisy = (noise + amount * torch.randn(noise.shape, generator=gen)).clamp(0, 1)
+    i, j = torch.meshgrid(torch.arange(21.0), torch.arange(26.0), indexing="ij")
+    c = torch.arange(3.0)[:, None, None]
+    pattern = (0.5 + 0.35 * torch.sin(i / 2.5 + c) * torch.cos(j / 3.5 - c) + 0.1 * (j / 26))[None]
+    shifted = torch.roll(pattern, 1, dims=-1)  # the same structure one pixel to the right
+    dimmer = 0.2 + 0.6 * pattern + 0.05 * torch.randn(pattern.shape, generator=gen)  # contrast and noise
+    return {
+        "random": (noise, noisy),
+        "structured": (pattern.expand(2, -1, -1, -1), torch.cat((shifted, dimmer))),
+    }
+
+
+@pytest.mark.parametrize("name", ["random", "structured"])
+def test_ssim_is_the_gaussian_windowed_ssim_of_wang_et_al(name):
+    a, b = _ssim_pairs()[name]
+    got = ssim(a, b)
+    assert got.shape == (a.shape[0],)
+    for n in range(a.shape[0]):
+        want = _reference_ssim(a[n].numpy(), b[n].numpy())
+        assert 0.1 < want < 0.97  # far from the trivial cases (identical or constant images)
+        assert math.isclose(float(got[n]), want, abs_tol=1e-6), (n, float(got[n]), want)
+        # These images tell windows apart: another sigma or size gives a value far outside the tolerance.
+        for size, sigma in ((11, 3.0), (7, 1.5)):
+            assert abs(_reference_ssim(a[n].numpy(), b[n].numpy(), size, sigma) - want) > 1e-4
+
+
+def test_pixel_scores_map_decoded_images_from_minus_one_one_to_zero_one():
+    def full(v):
+        return torch.full((1, 3, 8, 8), v)
+
+    assert torch.equal(to_unit(torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 2.5])),
+                       torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0, 1.0]))  # fmt: skip
+    black, grey, white = to_unit(full(-1.0)), to_unit(full(0.0)), to_unit(full(1.0))
+    assert float(mse(black, white)[0]) == 1.0 and float(psnr(black, white)[0]) == 0.0
+    assert float(mse(grey, white)[0]) == 0.25  # 0.5 apart in [0, 1]: 0.25, PSNR 10 log10(4)
+    assert math.isclose(float(psnr(grey, white)[0]), 10 * math.log10(4), rel_tol=1e-6)
+    assert float(mse(to_unit(full(1.7)), white)[0]) == 0.0  # clamped first, as the saved JPEGs are
+    assert float(psnr(grey, grey)[0]) == math.inf
+
+
+def test_sweep_scores_follow_their_formulas_on_the_decoded_images(models, flow, captures):
+    """Each row's scores, worked out by hand from an independent replay and decode of the same change."""
+    (_, cap), _ = captures
+    height, width = cap["metadata"]["height"], cap["metadata"]["width"]
+    final = cap["denoising_context"]["final_latent"]
+    blocks = [("double", 1), ("single", 0)]
+    rows, _, base_latent = sweep(flow, models.ae, cap, "skip", blocks, progress=False)
+    assert torch.equal(base_latent, final)  # the reference is the unmodified run
+
+    def unit(latent):  # decoded (3, H, W) in about [-1, 1] -> [0, 1], clamped
+        decoded = decode_latents(latent, models.ae, height, width)[0].double().numpy()
+        return decoded, (np.clip(decoded, -1, 1) + 1) / 2
+
+    base_raw, base = unit(final)
+    assert np.abs(base_raw).max() > 1  # the decoder overshoots, so the clamp matters
+    assert [(r.stream, r.block) for r in rows] == blocks
+    for row in rows:
+        latent = replay(flow, cap, interventions=[Intervention("skip", row.stream, row.block)]).latent
+        _, img = unit(latent)
+        want_mse = float(np.mean((img - base) ** 2))
+        assert want_mse > 0
+        assert math.isclose(row.mse, want_mse, rel_tol=1e-4)
+        assert math.isclose(row.psnr, 10 * math.log10(1 / want_mse), rel_tol=1e-5)
+        assert math.isclose(row.ssim, _reference_ssim(img, base), abs_tol=1e-6)
+        want_latent = float(((latent.double() - final.double()) ** 2).mean())
+        assert math.isclose(row.latent_mse, want_latent, rel_tol=1e-5)
+
+
 def test_scores_match_their_formulas():
     a = torch.full((1, 3, 16, 16), 0.5)
     b = torch.full((1, 3, 16, 16), 0.6)
@@ -268,6 +445,88 @@ def test_scores_match_their_formulas():
     # Constant images: variance and covariance are zero, so SSIM is the luminance term alone.
     c1 = 0.01**2
     assert math.isclose(float(ssim(a, b)[0]), (2 * 0.5 * 0.6 + c1) / (0.5**2 + 0.6**2 + c1), rel_tol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ contact sheet
+# Solid colours far from each other and from the sheet's white background and black captions, so a tile
+# is found by its colour wherever the layout puts it.
+COLOURS = [(220, 30, 30), (30, 190, 30), (30, 30, 220), (220, 220, 30), (220, 30, 220), (30, 210, 210)]
+
+
+def _solid(colour, size=(64, 48)):
+    return Image.new("RGB", size, colour)
+
+
+def _tile_order(sheet: Image.Image, colours, size=(64, 48), tolerance=40) -> list:
+    """The colours in the order their tiles appear on a one-row sheet, left to right; each must fill
+    one image-sized block (JPEG noise allowed)."""
+    px = np.asarray(sheet.convert("RGB")).astype(int)
+    found = []
+    for colour in colours:
+        ys, xs = np.nonzero((np.abs(px - np.array(colour)) <= tolerance).all(-1))
+        assert len(ys) >= 0.9 * size[0] * size[1], (colour, len(ys))
+        assert xs.max() - xs.min() + 1 <= size[0] + 2 and ys.max() - ys.min() + 1 <= size[1] + 2, colour
+        found.append((xs.mean(), ys.mean(), colour))
+    assert max(y for _, y, _ in found) - min(y for _, y, _ in found) < 2  # one row
+    return [colour for _, _, colour in sorted(found)]
+
+
+def test_contact_sheet_order_is_unmodified_then_most_disruptive_first():
+    reference, *altered = COLOURS
+    # (block, mse, latent_mse): blocks 1 and 3 tie on pixel MSE, so the larger latent MSE goes first.
+    scores = [(0, 0.2, 5.0), (1, 0.5, 1.0), (2, 0.1, 9.0), (3, 0.5, 2.0), (4, 0.3, 0.0)]
+    rows = [
+        SweepRow(f"skip:single:{b}@all", "single", b, m, 10 * math.log10(1 / m), 0.5, lat, _solid(colour))
+        for (b, m, lat), colour in zip(scores, altered, strict=True)
+    ]
+    sheet = contact_sheet(rows, _solid(reference))
+    by_block = dict(zip(range(5), altered, strict=True))
+    assert _tile_order(sheet, COLOURS, tolerance=0) == [reference] + [by_block[b] for b in (3, 1, 4, 0, 2)]
+
+
+def test_sweep_command_sheet_shows_the_images_it_wrote_in_rank_order(captures, tmp_path, monkeypatch):
+    """The command's own sheet, with the sweep replaced by one whose images are told apart at a glance
+    (flux-tiny's real altered images differ by less than JPEG noise)."""
+    import flux.sweep
+
+    (path, _), _ = captures
+    reference, *altered = COLOURS
+    mses = {("double", 0): 0.01, ("double", 1): 0.04, ("single", 0): 0.02, ("single", 1): 0.03}
+    colour_of = dict(zip(mses, altered, strict=False))
+
+    def fake_sweep(model, ae, capture, kind, blocks, *args, **kwargs):
+        rows = [
+            SweepRow(
+                f"{kind}:{s}:{i}@all",
+                s,
+                i,
+                mses[s, i],
+                10 * math.log10(1 / mses[s, i]),
+                0.5,
+                mses[s, i],
+                _solid(colour_of[s, i]),
+            )
+            for s, i in blocks
+        ]
+        return rows, _solid(reference), None
+
+    monkeypatch.setattr(flux.sweep, "sweep", fake_sweep)
+    out = tmp_path / "sheet"
+    sweep_command(str(path), "skip", blocks="double:0-1,single:0-1", output_dir=str(out), device="cpu")
+    with open(out / "sweep.csv") as f:
+        ranked = [f"{r['stream']}_block_{r['block']}" for r in csv.DictReader(f)]
+    assert ranked == ["double_block_1", "single_block_1", "single_block_0", "double_block_0"]
+
+    def colour(name):  # the mean colour of an image the sweep wrote, snapped to the nearest of COLOURS
+        with Image.open(out / f"{name}.jpg") as img:
+            mean = np.asarray(img.convert("RGB")).reshape(-1, 3).mean(0)
+        return min(COLOURS, key=lambda c: np.abs(mean - np.array(c)).max())
+
+    written = [colour(name) for name in ["unmodified", *ranked]]
+    assert written == [reference, colour_of["double", 1], colour_of["single", 1], colour_of["single", 0],
+                       colour_of["double", 0]]  # fmt: skip
+    with Image.open(out / "contact_sheet.jpg") as sheet:
+        assert _tile_order(sheet, written) == written
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -287,8 +546,8 @@ def test_sweep_writes_ranked_rows_chart_and_sheet(captures, tmp_path):
     with Image.open(out / "sweep.png") as png:
         assert png.format == "PNG"
         png.verify()
-    with Image.open(out / "contact_sheet.jpg") as sheet:
-        assert sheet.format == "JPEG" and sheet.width > 0
+    with Image.open(out / "contact_sheet.jpg") as sheet:  # its order: test_contact_sheet_order_...
+        assert sheet.format == "JPEG" and sheet.width * sheet.height >= 6 * 64 * 48  # room for six images
     record = json.loads((out / "sweep.json").read_text())
     assert {r["intervention"] for r in record["rows"]} == {r["intervention"] for r in rows}
     assert "skip:double:0@all" in {r["intervention"] for r in rows}
@@ -302,6 +561,8 @@ def test_sweep_of_patches_from_the_same_capture_changes_nothing(captures, tmp_pa
     with open(tmp_path / "patch" / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [float(r["mse"]) for r in rows] == [0.0, 0.0]
+    assert [r["psnr"] for r in rows] == ["inf", "inf"]  # as the README says, literally
+    assert [float(r["ssim"]) for r in rows] == [1.0, 1.0] and [r["latent_mse"] for r in rows] == ["0", "0"]
     assert {r["intervention"] for r in rows} == {"patch:single:0:img@1", "patch:single:1:img@1"}
 
 
@@ -327,6 +588,61 @@ def test_replay_command_records_its_interventions(captures, tmp_path):
     assert torch.equal(saved["double_blocks"]["block_1"][0][0], _stored(cap, "double", 1, 0)[0])
     replay_command(str(path), output_dir=str(tmp_path), device="cpu")
     assert json.loads((tmp_path / "replay_1.json").read_text())["vs_stored_final"]["mse"] == 0.0
+
+
+def _pixels(path):
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def test_replay_of_one_step_is_the_lens_image_of_the_last_block_at_that_step(models, tmp_path):
+    """`replay --step k --until k` saves the x0 estimate of step k: the lens's x0 of the last block."""
+    last = len(models.flow.single_blocks) - 1
+    opts = RunOptions(
+        model="flux-tiny",
+        prompt="a red cube",
+        seed=1,
+        width=64,
+        height=48,
+        output_dir=str(tmp_path / "run"),
+        blocks=f"single:{last}",
+        decode_target="x0",
+    ).validate()
+    run = generate(models, opts, progress=False)
+    lens = {k: _pixels(run.decoded_dir / f"single_block_{last}_step_{k}.jpg") for k in range(NUM_STEPS)}
+    for n, k in enumerate((1, 2)):
+        replay_command(str(run.capture_path), step=k, until=k, output_dir=str(tmp_path / "replays"),
+                       device="cpu", progress=False)  # fmt: skip
+        assert json.loads((tmp_path / "replays" / f"replay_{n}.json").read_text())["replayed_steps"] == [k, k]
+        got = _pixels(tmp_path / "replays" / f"replay_{n}.jpg")
+        assert np.array_equal(got, lens[k])
+        assert not np.array_equal(got, lens[k + 1])  # the images of neighbouring steps differ
+
+
+def test_replay_and_sweep_read_a_safetensors_capture_like_the_pt_one(models, flow, captures, tmp_path):
+    (pt_path, pt), _ = captures
+    st_path = _capture(models, tmp_path / "run", format="safetensors")  # the same run: prompt, seed, size
+    assert st_path.is_dir()
+    st = load_capture(st_path)
+    final = pt["denoising_context"]["final_latent"]
+    assert torch.equal(st["denoising_context"]["final_latent"], final)
+    assert torch.equal(replay(flow, st).latent, final)
+    spec = "skip:single:1@0-1;zero:double:0:img@2"
+    for name, path in (("pt", pt_path), ("st", st_path)):
+        replay_command(str(path), intervention=spec, output_dir=str(tmp_path / name), device="cpu",
+                       progress=False)  # fmt: skip
+        sweep_command(str(path), "zero", blocks="double:1,single:2", tokens="img",
+                      output_dir=str(tmp_path / name / "sweep"), device="cpu", progress=False)  # fmt: skip
+    records = [json.loads((tmp_path / name / "replay_0.json").read_text()) for name in ("pt", "st")]
+    assert records[0]["vs_stored_final"] == records[1]["vs_stored_final"]
+    assert records[0]["vs_stored_final"]["mse"] > 0 and [r["applied"] for r in records] == [3, 3]
+    assert (tmp_path / "pt" / "replay_0.jpg").read_bytes() == (tmp_path / "st" / "replay_0.jpg").read_bytes()
+    sweeps = [tmp_path / name / "sweep" for name in ("pt", "st")]
+    assert (sweeps[0] / "sweep.csv").read_text() == (sweeps[1] / "sweep.csv").read_text()
+    with open(sweeps[1] / "sweep.csv") as f:
+        assert all(float(r["mse"]) > 0 for r in csv.DictReader(f))
+    for name in ("unmodified", "double_block_1", "single_block_2"):
+        assert (sweeps[0] / f"{name}.jpg").read_bytes() == (sweeps[1] / f"{name}.jpg").read_bytes()
 
 
 def test_commands_check_their_flags_before_loading_any_model(captures, monkeypatch):
