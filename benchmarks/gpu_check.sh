@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The checks and figures that need CUDA, in two stages of under 8 minutes each (one H100/H200; a device
+# The checks and figures that need CUDA, in two stages of under 10 minutes each (one H100/H200; a device
 # call may run 10 minutes, a session has 15 in all). Full-size flux-schnell with random weights built on the
 # GPU (speed does not depend on weight values); the device's own python3 and torch run our checkout.
 #
-#   bash benchmarks/gpu_check.sh 1    # CUDA correctness checks (bf16, pinned copies) + the lens benchmark
+#   bash benchmarks/gpu_check.sh 1    # CUDA correctness checks (bf16, pinned copies, provoked races) + the
+#                                     # lens benchmark
 #   bash benchmarks/gpu_check.sh 2    # the capture benchmark, 1024 px first
 #
 # Run stage 2 straight after stage 1: an idle machine is handed back within a minute, and a fresh one costs
-# its start and inductor's warm cache. The timeouts allow 6.3 and 7.5 minutes; expected are about 3 and 6.
+# its start and inductor's warm cache. The timeouts allow 9.3 and 7.5 minutes; expected are about 4 and 6.
 # Both at their worst plus the machine's start exceed 15 minutes: if stage 1 ran long, run stage 2's
 # command by hand with fewer sizes (--sizes 1024 256).
 #
@@ -33,6 +34,18 @@ f = torch.compile(lambda x: x.sin() + 1)
 print('torch.compile works:', bool(f(torch.ones(8, device='cuda')).sum() > 0))" 2>&1 | tee "$OUT/preflight.txt" \
         || rc=1
     timeout 130 python3 scripts/cuda_checks.py 2>&1 | tee "$OUT/cuda_checks.txt" || rc=1
+    # Races provoked (delayed streams, recycled pinned sets), then the same with the capture broken on
+    # purpose: a negative control that passes means the provocations prove nothing.
+    timeout 60 python3 scripts/cuda_stress.py 2>&1 | tee "$OUT/cuda_stress.txt" || rc=1
+    for broken in wait record; do
+        timeout 60 python3 scripts/cuda_stress.py --break "$broken" >"$OUT/control_$broken.txt" 2>&1
+        if grep -q "^FAIL .*every captured tensor" "$OUT/control_$broken.txt"; then
+            echo "negative control --break $broken: caught, as it must be" | tee -a "$OUT/cuda_stress.txt"
+        else
+            echo "NEGATIVE CONTROL --break $broken NOT CAUGHT (see control_$broken.txt)" | tee -a "$OUT/cuda_stress.txt"
+            rc=1
+        fi
+    done
     timeout 200 python3 benchmarks/bench_decode.py --model flux-schnell --random_weights --sizes 256 1024 \
         2>&1 | tee "$OUT/decode.txt" || rc=1
     ;;
