@@ -104,9 +104,13 @@ class Models:
         _empty_cache(self.device)
         self.ae.decoder.cpu()
         image = decode_latents(tokens.cpu(), self.ae, height, width).float()
-        # Back for the lens; if the GPU is still full the decoder stays on the CPU and the image is kept.
-        with contextlib.suppress(torch.cuda.OutOfMemoryError):
+        # Back for the lens. If the GPU is still full the image is kept and the decoder stays on the CPU,
+        # whole: a move cut short by the error leaves some parameters on each device.
+        try:
             self.ae.decoder.to(self.device)
+        except torch.cuda.OutOfMemoryError:
+            self.ae.decoder.cpu()
+            _empty_cache(self.device)
         return image
 
     def make_room_for_vae(self, height: int, width: int) -> list[str]:

@@ -471,6 +471,45 @@ def test_a_final_decode_that_runs_out_of_gpu_memory_falls_back_to_the_cpu(tmp_pa
     assert load_capture(result.capture_path)["metadata"]["seed"] == 3
 
 
+def test_a_decoder_move_back_cut_short_by_gpu_memory_leaves_it_whole_on_the_cpu(monkeypatch):
+    """`Module.to` moves parameters one by one: an out-of-memory error halfway leaves some on each device,
+    and the lens would then fail on a decoder split in two."""
+    from types import SimpleNamespace
+
+    import flux.decode
+    import flux.pipeline
+    from flux.pipeline import Models
+
+    moves = []
+
+    class Decoder(torch.nn.Module):
+        def to(self, *args, **kwargs):
+            moves.append("to the GPU")
+            if len(moves) > 1:  # the move back, after the CPU decode: the GPU is still full
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+            return self
+
+        def cpu(self):
+            moves.append("to the CPU")
+            return self
+
+    results = iter([torch.cuda.OutOfMemoryError("CUDA out of memory."), torch.zeros(1, 3, 16, 16)])
+
+    def decode_latents(tokens, ae, height, width):
+        result = next(results)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    monkeypatch.setattr(flux.decode, "decode_latents", decode_latents)
+    monkeypatch.setattr(flux.pipeline, "_empty_cache", lambda device: None)
+    spec = flux.pipeline.get_spec("flux-tiny")
+    ae = SimpleNamespace(decoder=Decoder())
+    models = Models(spec, None, ae, None, None, torch.device("cuda"), torch.float32)
+    assert models.decode(torch.zeros(1, 1, 64), 16, 16).shape == (1, 3, 16, 16)
+    assert moves == ["to the GPU", "to the CPU", "to the GPU", "to the CPU"]
+
+
 def test_no_model_is_parked_in_host_memory_that_cannot_hold_it(monkeypatch, capsys):
     import flux.decode
     import flux.pipeline
