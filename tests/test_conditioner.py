@@ -115,9 +115,21 @@ def test_nonexistent_path_is_a_user_error(tmp_path):
         load_text_embedder("t5", tmp_path / "nope", "text_encoder_2", "tokenizer_2", 8, "cpu", torch.float32)
 
 
-def test_hub_repo_missing_offline_is_a_user_error(monkeypatch, tmp_path):
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    from huggingface_hub import utils as hub_utils
+
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    yield
+    # huggingface_hub < 1.0 caches its HTTP session with an "offline" adapter: drop it, or every later
+    # test in this process would be offline too.
+    reset_sessions = getattr(hub_utils, "reset_sessions", None)
+    if reset_sessions is not None:
+        reset_sessions()
+
+
+def test_hub_repo_missing_offline_is_a_user_error(offline_hub):
     with pytest.raises(UserError, match=r"hub repo flux-intermediate-representation/absent.*HF_HUB_OFFLINE"):
         load_text_embedder(
             "t5",
