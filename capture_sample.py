@@ -93,8 +93,8 @@ def main(
         analyze: After the capture, write metrics, heatmaps, norm plots and an animation (needs the analysis
             extra); the same as running the `analyze` command on the capture.
         weights_dir: A local directory laid out like the model's hub repo, or "hub" to force the Hugging Face
-            cache; either overrides FLUX_MODEL/FLUX_AE/FLUX_TEXT_ENCODERS. Default: those if set, else
-            the HF cache.
+            cache; either overrides FLUX_MODEL/FLUX_AE/FLUX_TEXT_ENCODERS (a folder without the text
+            encoders leaves them to FLUX_TEXT_ENCODERS). Default: those if set, else the HF cache.
         progress: Show progress bars (default True).
     """
     from flux.pipeline import RunOptions, generate, load_models

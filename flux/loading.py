@@ -2,7 +2,8 @@
 
 Resolution order for each file: a `weights_dir` given by the caller (a local directory in the hub repo's
 layout, or "hub"), then an explicit path in the environment (`FLUX_MODEL` / `FLUX_AE` / `FLUX_TEXT_ENCODERS`,
-as in the reference CLI), then the default local directory (flux-tiny's, generated on first use), then
+as in the reference CLI; T5 and CLIP only skip the variable for a weights_dir that holds them), then the
+default local directory (flux-tiny's, generated on first use), then
 `huggingface_hub.hf_hub_download` into the normal HF cache, which honours `HF_TOKEN`, `HF_HOME`/`HF_HUB_CACHE`
 and `HF_HUB_OFFLINE`. Only the files a run needs are fetched.
 
@@ -28,6 +29,7 @@ from flux.errors import UsageError, UserError
 from flux.model import Flux
 
 HUB = "hub"  # a `weights_dir` value that skips the local defaults and goes straight to the hub
+_WITHOUT_HUB_FLAG = " (and leave out --weights_dir hub, which overrides them)"
 _DIFFUSION_PREFIX = "model.diffusion_model."  # ComfyUI-style single files carry this prefix
 _SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16,
@@ -105,7 +107,7 @@ def _hub_errors(repo_id: str, filename: str, *, gated: bool, what: str):
             f"{repo_id} is a gated repository and this machine has no access to it. Accept the licence at "
             f"https://huggingface.co/{repo_id}, then set HF_TOKEN to a token of that account (or run "
             "`huggingface-cli login`). Alternatively point FLUX_MODEL and FLUX_AE at local copies of "
-            f"{filename} and ae.safetensors."
+            f"{filename} and ae.safetensors{_WITHOUT_HUB_FLAG}."
         ) from e
     except RepositoryNotFoundError as e:
         hint = " It may be gated: accept its licence and set HF_TOKEN." if gated else ""
@@ -120,7 +122,7 @@ def _hub_errors(repo_id: str, filename: str, *, gated: bool, what: str):
     except _transport_errors() as e:
         raise UserError(
             f"Could not reach the hub for {filename} ({what}) from {repo_id}: {e}. Check the network, or "
-            "set FLUX_MODEL / FLUX_AE to local files, or pass a local weights directory."
+            f"set FLUX_MODEL / FLUX_AE to local files{_WITHOUT_HUB_FLAG}, or pass a local weights directory."
         ) from e
 
 
@@ -128,7 +130,7 @@ def _not_cached(repo_id: str, filename: str, what: str, why: str) -> UserError:
     return UserError(
         f"{filename} ({what}) from {repo_id} is not in the Hugging Face cache and {why}. Download it once "
         f"with network access (`huggingface-cli download {repo_id} {filename}`), or set FLUX_MODEL / "
-        "FLUX_AE to local files, or pass a local weights directory."
+        f"FLUX_AE to local files{_WITHOUT_HUB_FLAG}, or pass a local weights directory."
     )
 
 
@@ -164,7 +166,8 @@ def _resolve(spec: ModelSpec, filename: str, env_var: str, weights_dir: str | Pa
         if not path.is_file():
             raise UserError(
                 f"The weights directory {str(local)!r} has no {filename} ({what} of {spec.name}). "
-                f"Download it from {spec.repo_id} into that directory, or set {env_var} to the file."
+                f"Download it from {spec.repo_id} into that directory"
+                + (f", or set {env_var} to the file." if weights_dir is None else ".")
             )
         return path
     return hub_download(spec.repo_id, filename, gated=spec.gated, what=what)
@@ -181,14 +184,19 @@ def resolve_ae_path(spec: ModelSpec, weights_dir: str | Path | None = None) -> P
 
 
 def text_encoder_source(spec: ModelSpec, weights_dir: str | Path | None = None) -> str | Path:
-    """Where T5 and CLIP come from: FLUX_TEXT_ENCODERS, a local directory with their subfolders, or a repo."""
-    explicit = _from_env("FLUX_TEXT_ENCODERS", weights_dir)
+    """Where T5 and CLIP come from: a given weights_dir that holds their subfolders, else FLUX_TEXT_ENCODERS
+    (unless weights_dir is "hub"), else the default local directory if it holds them, else their hub repo.
+
+    A weights folder with only the flow and AE files (T5 and CLIP come from the schnell repo for every
+    model) leaves the text encoders to FLUX_TEXT_ENCODERS rather than to a 10 GB download."""
+    local = _local_dir(spec, weights_dir)
+    has_encoders = local is not None and (local / "text_encoder_2").is_dir()
+    if weights_dir is not None and has_encoders:
+        return local
+    explicit = os.environ.get("FLUX_TEXT_ENCODERS") if weights_dir != HUB else None
     if explicit:
         return Path(explicit).expanduser()
-    local = _local_dir(spec, weights_dir)
-    if local is not None and (local / "text_encoder_2").is_dir():
-        return local
-    return spec.text_repo_id
+    return local if has_encoders else spec.text_repo_id
 
 
 def read_state_dict(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

@@ -58,6 +58,15 @@ def test_env_vars_beat_the_default_folder_and_a_given_weights_dir_beats_them(
     assert resolve_flow_path(TINY, tiny_repo) == tiny_repo / TINY.repo_flow  # --weights_dir wins
     assert resolve_ae_path(TINY, tiny_repo) == tiny_repo / TINY.repo_ae
     assert text_encoder_source(TINY, tiny_repo) == tiny_repo
+    # A weights folder with only the flow and AE files leaves T5 and CLIP to FLUX_TEXT_ENCODERS (the published
+    # models share schnell's), not to a 10 GB download; the folder's missing file names no variable it beats.
+    only_weights = tmp_path / "only_weights"
+    only_weights.mkdir()
+    shutil.copy(flow, only_weights / TINY.repo_flow)
+    assert text_encoder_source(TINY, only_weights) == encoders
+    assert resolve_flow_path(TINY, only_weights) == only_weights / TINY.repo_flow
+    with pytest.raises(UserError, match=r"has no ae\.safetensors .*into that directory\.$"):
+        resolve_ae_path(TINY, only_weights)
     monkeypatch.setenv("FLUX_MODEL", str(tmp_path / "missing.safetensors"))
     with pytest.raises(UserError, match="FLUX_MODEL points at"):
         resolve_flow_path(TINY)
