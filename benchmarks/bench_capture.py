@@ -26,8 +26,8 @@ sequential write speed measured in the same run (buffered writes + fsync into --
 is per mode (VmHWM, reset between modes where Linux allows, else the process peak so far); peak device
 memory is `torch.cuda.max_memory_allocated`, reset between modes. Figures are medians over --repeats runs
 after --warmup runs (for `naive`, which compiles nothing and runs longest, one eager decode at that size
-stands in for its warm-up runs). Every file goes under --output_dir and is deleted as soon as its run is
-measured.
+stands in for its warm-up runs, unless --skip_decode). Every file goes under --output_dir and is deleted as
+soon as its run is measured.
 """
 
 import argparse

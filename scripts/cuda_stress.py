@@ -8,16 +8,18 @@ the reference comes from a separate run, and the capture run is made hostile:
   wait for its block would read an unfinished output;
 - `copy_slow`: every copy is delayed on the copy stream after it has waited, so an output whose memory was
   not protected by `record_stream` would be overwritten by later blocks before the copy reads it;
-- two pinned buffer sets and a slow disk, so sets are recycled while copies land;
-- the lens reads the in-memory `.pt` buffers while `torch.save` writes them in a thread, and must give the
-  same JPEGs as the lens of the same capture read back from disk.
+- two pinned buffer sets and a slow disk, so sets are recycled while copies land (counted, not assumed).
+
+As a consistency check of the default path (not a race: sampling has synchronised by then), the lens of the
+in-memory `.pt`, read while `torch.save` writes it in a thread, must give the same JPEGs as the lens of the
+same capture read back from disk.
 
 Every captured tensor (double img/txt, single, vec, pred, img_state at every step) must equal the reference.
 
     python3 scripts/cuda_stress.py                  # on the GPU; exits non-zero if a check fails
     python3 scripts/cuda_stress.py --break wait     # negative controls: the capture is broken on purpose
     python3 scripts/cuda_stress.py --break record   #   (no wait_stream / no record_stream); must FAIL
-    python3 scripts/cuda_stress.py --device cpu     # the plumbing only: nothing is asynchronous on a CPU
+    python3 scripts/cuda_stress.py --device cpu --size 128   # the plumbing only: nothing is asynchronous
 """
 
 import argparse
@@ -43,7 +45,7 @@ from flux.pipeline import CaptureSession, sample
 from flux.sampling import StepInfo, denoise, get_noise, get_schedule, prepare
 from flux.store import load_capture
 
-SIZE, STEPS, GUIDANCE = 512, 8, 3.5
+STEPS, GUIDANCE = 8, 3.5
 SLEEP_CYCLES = 2_000_000  # about 1 ms of GPU time
 
 
@@ -125,17 +127,22 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--size", type=int, default=512, help="image side in pixels (default 512: 1,024 image tokens)"
+    )
     parser.add_argument("--break", dest="broken", choices=["wait", "record"], help="a negative control")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if args.broken and not cuda:
+        parser.error("--break needs CUDA: on the CPU nothing is asynchronous, so nothing could catch it")
     where = torch.cuda.get_device_name(device) if cuda else "CPU"
     dtype, spec = torch.bfloat16, CONFIGS["flux-tiny"]
     flow, ae = load_flow_model(spec, device, dtype), load_ae(spec, device)
     g = torch.Generator().manual_seed(0)
     txt = torch.randn(1, spec.t5_max_length, spec.params.context_in_dim, generator=g).to(device, dtype)
     y = torch.randn(1, spec.params.vec_in_dim, generator=g).to(device, dtype)
-    inp = prepare(get_noise(1, SIZE, SIZE, device, dtype, seed=1), txt, y)
+    inp = prepare(get_noise(1, args.size, args.size, device, dtype, seed=1), txt, y)
     timesteps = get_schedule(STEPS, inp["img"].shape[1])
     T, L = txt.shape[1], inp["img"].shape[1]
     ref, plain = reference(flow, inp, timesteps)
@@ -164,16 +171,30 @@ def main() -> int:
             meta = {
                 "captured_steps": list(plan.steps),
                 "captured_blocks": {"double": list(plan.double), "single": list(plan.single)},
-                "height": SIZE,
-                "width": SIZE,
+                "height": args.size,
+                "width": args.size,
                 "streams": "both",
             }
             path = Path(tmp) / (f"capture_{n}" if fmt == "safetensors" else f"capture_{n}.pt")
             session = CaptureSession.open(flow, plan, fmt, path, T, L, dtype, meta, STEPS, device)
-            if fmt == "safetensors":
-                limit = session.capture.pool.limit
-                report(f"{label}: buffer sets are recycled", limit is not None and limit < STEPS, f"{limit}")
+            pool, acquired, most_sets = session.capture.pool, [], [0]
+            acquire = pool.acquire
+
+            def counted(captured: bool = True, pool=pool, acquire=acquire, acquired=acquired, most=most_sets):
+                tensors = acquire(captured)
+                acquired.append(captured)
+                most[0] = max(most[0], pool.allocated)
+                return tensors
+
+            pool.acquire = counted
             latent = sample(flow, inp, timesteps, GUIDANCE, session)
+            if fmt == "safetensors":
+                steps = sum(acquired)
+                report(
+                    f"{label}: buffer sets were reused while copies landed",
+                    steps == STEPS and most_sets[0] < steps,
+                    f"{steps} steps in {most_sets[0]} sets",
+                )
             context = {
                 "txt_seq_len": T,
                 "final_latent": latent.cpu(),
@@ -211,7 +232,7 @@ def main() -> int:
         names = sorted(p.name for p in a.glob("*_block_*.jpg"))
         same = bool(names) and all((a / name).read_bytes() == (b / name).read_bytes() for name in names)
         report(
-            "the lens of the in-memory .pt beside torch.save equals the lens from disk",
+            "the lens of the in-memory .pt (read beside torch.save) equals the lens from disk",
             same,
             f"{len(names)} files",
         )

@@ -49,3 +49,12 @@ def test_bench_decode_runs_batched_and_one_at_a_time():
     assert one[1:6] == ["one", "at", "a", "time", "1"]
     assert batched[1:3] == ["batched", "5"]  # 10 images under CPU_BATCH (8): two even batches of 5
     assert all(float(row[-3]) > 0 for row in rows)  # seconds per image
+
+
+def test_cuda_stress_check_runs_its_plumbing_on_the_cpu():
+    """The GPU session's race checks, minus the asynchrony: every captured tensor against a reference run,
+    buffer sets counted as reused, the two lenses compared. A crash here would cost GPU minutes."""
+    printed = run("scripts/cuda_stress.py", "--device", "cpu", "--size", "128")
+    lines = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert len(lines) == 6 and all(line.startswith("PASS") for line in lines), printed
+    assert "(8 steps in 2 sets)" in printed and "(80 tensors)" in printed

@@ -511,3 +511,24 @@ def test_metadata_names_the_text_tokens_so_the_txt_stream_can_be_read(tiny_run):
     assert data["t5_tokens"][-1] == "</s>" and len(data["t5_tokens"]) < T
     meta = load_capture(_only(tiny_run / "intermediates", "capture_*.pt"))["metadata"]
     assert meta["t5_tokens"] == data["t5_tokens"]
+
+
+def _documented_metadata_keys() -> set[str]:
+    """The top-level names in docs/capture_format.md's metadata list (what is in brackets explains them)."""
+    text = (ROOT / "docs" / "capture_format.md").read_text().split("## metadata", 1)[1]
+    text = text.split("The `metadata_*.json` file")[0]
+    depth, kept = 0, []
+    for ch in text:
+        depth += ch in "([{"
+        kept.append(ch if depth == 0 else "")
+        depth -= ch in ")]}"
+    return {name.split()[0] for name in "".join(kept).replace(".", "").split(",") if name.strip()}
+
+
+def test_the_documented_metadata_keys_are_the_written_ones(tiny_run):
+    documented = _documented_metadata_keys()
+    assert {"model", "seed", "flags", "t5_tokens", "schema_version"} <= documented  # the parse found the list
+    written = json.loads(_only(tiny_run / "intermediates", "metadata_*.json").read_text())
+    assert written.keys() == documented | {"complete"}
+    loaded = load_capture(_only(tiny_run / "intermediates", "capture_*.pt"))["metadata"]
+    assert loaded.keys() == documented | {"complete", "steps_done"}
