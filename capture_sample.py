@@ -202,18 +202,23 @@ def _terminate(signum, frame):
 def long_flags(command, args: list[str], name: str) -> list[str]:
     """Fire also takes `-name` for `--name` and `-x` for the one flag that starts with x; spell every flag out
     as `--name` so the checks below see them all. `-h` is help (Fire would read it as --height). A word
-    after a text flag is that flag's value (`--prompt -h` is a prompt), as keep_text hands it on."""
+    after a text flag is that flag's value (`--prompt -h` is a prompt), as keep_text hands it on; after a
+    number flag it is joined to it (`--guidance -inf` -> `--guidance=-inf`), so validation names the value."""
+    types = _types(command)
     params = list(inspect.signature(command).parameters)
-    text = {p for p, t in _types(command).items() if t - {type(None)} == {str}}
+    text = {p for p, t in types.items() if t - {type(None)} == {str}}
+    numbers = set(params) - text - {p for p, t in types.items() if bool in t}
     out = []
     for i, token in enumerate(args):
         if token == "--":
             return out + args[i:]
         previous = out[-1] if out else ""
-        is_value = (
-            previous.startswith("--") and "=" not in previous and previous[2:].replace("-", "_") in text
-        )
-        if re.match(r"-[A-Za-z]", token) and not is_value:
+        flag = previous[2:].replace("-", "_") if previous.startswith("--") and "=" not in previous else None
+        if not re.match(r"-[A-Za-z]", token) or flag in text:
+            out.append(token)
+        elif flag in numbers and token != "-h":
+            out[-1] = f"{previous}={token}"
+        else:
             key, eq, value = token[1:].partition("=")
             if key == "h" and not eq:
                 key = "help"
@@ -222,8 +227,7 @@ def long_flags(command, args: list[str], name: str) -> list[str]:
                 if len(matches) > 1:
                     raise UsageError(f"{name}: -{key} could be --{', --'.join(matches)}; spell the flag out.")
                 key = matches[0] if matches else key
-            token = f"--{key}{eq}{value}"
-        out.append(token)
+            out.append(f"--{key}{eq}{value}")
     return out
 
 

@@ -466,6 +466,8 @@ def test_single_dash_flags_are_read_and_checked_like_long_ones(monkeypatch, caps
     assert capture_sample.run(["-promt", "a cat"]) == 2
     assert "has no flag --promt. Did you mean --prompt?" in capsys.readouterr().err
     assert len(seen) == 2  # refused before the run started
+    assert capture_sample.run(["--guidance", "-inf", "--model", "flux-tiny"]) == 2  # a value, not a flag
+    assert seen[2][::2] == ("flux-tiny", "-inf")  # which validation then refuses as not a number
 
 
 def test_a_text_flag_without_a_value_does_not_swallow_the_next_flag(monkeypatch):
