@@ -76,6 +76,7 @@ class Models:
     device: torch.device
     dtype: torch.dtype
     offload: bool = False
+    decoder_stranded: bool = False  # the final decode's fallback left the VAE decoder on the CPU
 
     def encode_prompt(self, prompt: str) -> tuple[Tensor, Tensor]:
         """(T5 tokens (1, T, 4096), CLIP pooled (1, 768)) on the device, in the model dtype."""
@@ -90,8 +91,11 @@ class Models:
         """Latent tokens (B, L, 64) -> image (B, 3, H, W) in about [-1, 1], float32."""
         from flux.decode import decode_latents
 
-        self.ae.decoder.to(self.device)  # with --offload only the decoder visits the GPU, as in the reference
         try:
+            self.ae.decoder.to(
+                self.device
+            )  # with --offload only the decoder visits the GPU, as in the reference
+            self.decoder_stranded = False
             return decode_latents(tokens, self.ae, height, width).float()
         except torch.cuda.OutOfMemoryError:
             pass  # handled below, once the exception (and the activations its frames hold) is gone
@@ -109,6 +113,8 @@ class Models:
         try:
             self.ae.decoder.to(self.device)
         except torch.cuda.OutOfMemoryError:
+            self.decoder_stranded = True
+        if self.decoder_stranded:
             self.ae.decoder.cpu()
             _empty_cache(self.device)
         return image
@@ -385,6 +391,14 @@ def generate(models: Models, opts: RunOptions, progress: bool = True) -> RunResu
 
         models.make_room_for_vae(opts.height, opts.width)
         image = models.decode(latent, opts.height, opts.width)
+        if lens and models.decoder_stranded:  # the lens would run out of GPU memory too, after the save
+            lens = False
+            print(
+                "Skipping the lens: the GPU has no room for the VAE decoder beside this process's models. "
+                "Decode it from a fresh process once the capture is saved: `capture_sample.py decode "
+                f"{session.path}`.",
+                file=sys.stderr,
+            )
         image_path = publish_new(
             lambda n: out_dir / f"img_{n}.jpg",
             lambda tmp: save_jpeg(to_image(image[0]), tmp),

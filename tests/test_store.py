@@ -508,6 +508,41 @@ def test_a_decoder_move_back_cut_short_by_gpu_memory_leaves_it_whole_on_the_cpu(
     models = Models(spec, None, ae, None, None, torch.device("cuda"), torch.float32)
     assert models.decode(torch.zeros(1, 1, 64), 16, 16).shape == (1, 3, 16, 16)
     assert moves == ["to the GPU", "to the CPU", "to the GPU", "to the CPU"]
+    assert models.decoder_stranded  # so the run skips its lens instead of running out of memory again
+
+
+def test_a_run_whose_decoder_cannot_return_to_the_gpu_skips_its_lens_and_says_how_to_decode(
+    tmp_path, monkeypatch, capsys
+):
+    import flux.decode
+    from flux.pipeline import RunOptions, generate, load_models
+
+    opts = RunOptions(
+        model="flux-tiny", width=64, height=48, seed=3, device="cpu", output_dir=str(tmp_path)
+    ).validate()
+    models = load_models(opts.spec, "cpu", progress=False)
+    real_decode, real_to, decodes, moves = flux.decode.decode_latents, models.ae.decoder.to, [], []
+
+    def first_decode_runs_out(*args, **kwargs):
+        decodes.append(args[0].device)
+        if len(decodes) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 56.00 GiB")
+        return real_decode(*args, **kwargs)
+
+    def the_move_back_runs_out(*args, **kwargs):
+        moves.append(args)
+        if len(moves) == 2:  # the move back after the CPU decode
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return real_to(*args, **kwargs)
+
+    monkeypatch.setattr(flux.decode, "decode_latents", first_decode_runs_out)
+    monkeypatch.setattr(models.ae.decoder, "to", the_move_back_runs_out)
+    result = generate(models, opts, progress=False)
+    err = capsys.readouterr().err
+    assert "Skipping the lens" in err and f"capture_sample.py decode {result.capture_path}" in err
+    assert result.image_path.is_file() and load_capture(result.capture_path)["metadata"]["complete"]
+    assert result.decoded_dir is None and not (tmp_path / "intermediates" / "decoded").exists()
+    assert len(decodes) == 2  # the final image only: no lens decode was attempted
 
 
 def test_no_model_is_parked_in_host_memory_that_cannot_hold_it(monkeypatch, capsys):
