@@ -199,15 +199,29 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _kinds(command) -> dict[str, set[str]]:
+    """The command's parameters by annotated kind: "text" (`str`, `str | None`), "switch" (`bool`,
+    `bool | None`), "number" (the rest), and "optional" (those that take None)."""
+    hints = typing.get_type_hints(command)
+    hints.pop("return", None)
+    kinds: dict[str, set[str]] = {"text": set(), "switch": set(), "number": set(), "optional": set()}
+    for param, hint in hints.items():
+        types = set(typing.get_args(hint)) or {hint}
+        kind = "text" if types - {type(None)} == {str} else "switch" if bool in types else "number"
+        kinds[kind].add(param)
+        if type(None) in types:
+            kinds["optional"].add(param)
+    return kinds
+
+
 def long_flags(command, args: list[str], name: str) -> list[str]:
     """Fire also takes `-name` for `--name` and `-x` for the one flag that starts with x; spell every flag out
     as `--name` so the checks below see them all. `-h` is help (Fire would read it as --height). A word
     after a text flag is that flag's value (`--prompt -h` is a prompt), as keep_text hands it on; after a
     number flag it is joined to it (`--guidance -inf` -> `--guidance=-inf`), so validation names the value."""
-    types = _types(command)
+    kinds = _kinds(command)
     params = list(inspect.signature(command).parameters)
-    text = {p for p, t in types.items() if t - {type(None)} == {str}}
-    numbers = set(params) - text - {p for p, t in types.items() if bool in t}
+    text, numbers = kinds["text"], kinds["number"]
     out = []
     for i, token in enumerate(args):
         if token == "--":
@@ -254,20 +268,12 @@ def check_flags(command, args: list[str], name: str) -> None:
         raise UsageError(f"{name} has no flag --{flag}.{hint} `{name} --help` lists them.")
 
 
-def _types(command) -> dict[str, set]:
-    """Each parameter's annotated types: {str} for `str`, {str, NoneType} for `str | None`."""
-    hints = typing.get_type_hints(command)
-    hints.pop("return", None)
-    return {p: set(typing.get_args(hint)) or {hint} for p, hint in hints.items()}
-
-
 def keep_text(command, args: list[str]) -> list[str]:
     """Fire reads every value as a Python literal, so `--prompt 1984` would arrive as an int and
     `--prompt "[cat, dog]"` as a list. Hand Fire the values of text flags as quoted literals instead, so they
     arrive exactly as typed."""
-    types = _types(command)
-    text = {p for p, t in types.items() if t - {type(None)} == {str}}
-    optional = {p for p, t in types.items() if type(None) in t}
+    kinds = _kinds(command)
+    text, optional = kinds["text"], kinds["optional"]
     out, i = [], 0
 
     def literal(flag: str, value: str) -> str:
@@ -297,7 +303,7 @@ def keep_text(command, args: list[str]) -> list[str]:
 def checked(command, name: str):
     """`command` for Fire, with every switch checked to be a boolean before the body runs (Fire turns
     `--flag maybe` into the string 'maybe', which is truthy)."""
-    switches = {p for p, t in _types(command).items() if bool in t}
+    switches = _kinds(command)["switch"]
     signature = inspect.signature(command)
 
     @functools.wraps(command)

@@ -3,9 +3,9 @@
 Resolution order for each file: a `weights_dir` given by the caller (a local directory in the hub repo's
 layout, or "hub"), then an explicit path in the environment (`FLUX_MODEL` / `FLUX_AE` / `FLUX_TEXT_ENCODERS`,
 as in the reference CLI; T5 and CLIP only skip the variable for a weights_dir that holds them), then the
-default local directory (flux-tiny's, generated on first use), then
-`huggingface_hub.hf_hub_download` into the normal HF cache, which honours `HF_TOKEN`, `HF_HOME`/`HF_HUB_CACHE`
-and `HF_HUB_OFFLINE`. Only the files a run needs are fetched.
+default local directory (flux-tiny's, generated on first use), then `huggingface_hub.hf_hub_download` into the
+normal HF cache, which honours `HF_TOKEN`, `HF_HOME`/`HF_HUB_CACHE` and `HF_HUB_OFFLINE`. Only the files a run
+needs are fetched.
 
 Models are built on the meta device and the checkpoint tensors are loaded straight to the target device with
 `strict=True, assign=True`: a wrong or incomplete checkpoint fails loudly instead of leaving random weights.

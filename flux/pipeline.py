@@ -92,9 +92,8 @@ class Models:
         from flux.decode import decode_latents
 
         try:
-            self.ae.decoder.to(
-                self.device
-            )  # with --offload only the decoder visits the GPU, as in the reference
+            # With --offload only the decoder visits the GPU, as in the reference.
+            self.ae.decoder.to(self.device)
             self.decoder_stranded = False
             return decode_latents(tokens, self.ae, height, width).float()
         except torch.cuda.OutOfMemoryError:
@@ -108,15 +107,16 @@ class Models:
         _empty_cache(self.device)
         self.ae.decoder.cpu()
         image = decode_latents(tokens.cpu(), self.ae, height, width).float()
-        # Back for the lens. If the GPU is still full the image is kept and the decoder stays on the CPU,
-        # whole: a move cut short by the error leaves some parameters on each device.
-        try:
+        try:  # back for the lens
             self.ae.decoder.to(self.device)
+            return image
         except torch.cuda.OutOfMemoryError:
-            self.decoder_stranded = True
-        if self.decoder_stranded:
-            self.ae.decoder.cpu()
-            _empty_cache(self.device)
+            pass
+        # The GPU is still full: the image is kept and the decoder stays on the CPU, whole (a move cut short
+        # leaves some parameters on each device), and the run skips its lens.
+        self.ae.decoder.cpu()
+        self.decoder_stranded = True
+        _empty_cache(self.device)
         return image
 
     def make_room_for_vae(self, height: int, width: int) -> list[str]:
