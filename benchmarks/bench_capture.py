@@ -18,16 +18,22 @@ Modes, each timed on the same inputs (random T5/CLIP embeddings: the text encode
                  `torch.save` of the whole capture
 
 The table gives seconds per step, each mode's sampling time against capture off (also for the mode's
-first run), and the whole capture time (allocating the pinned host buffers, sampling, saving, the lens) of
-`pt` against `naive`; the one-time decoder compile (and warm-up) is a
-column of its own, left out of the totals. The safetensors writer's throughput (bytes over the seconds its
-thread spent in `save_file`; no fsync, so the page cache may absorb part of it) is set against the disk's
-sequential write speed measured in the same run (buffered writes + fsync into --output_dir). Peak host RSS
-is per mode (VmHWM, reset between modes where Linux allows, else the process peak so far); peak device
-memory is `torch.cuda.max_memory_allocated`, reset between modes. Figures are medians over --repeats runs
-after --warmup runs (for `naive`, which compiles nothing and runs longest, one eager decode at that size
-stands in for its warm-up runs, unless --skip_decode). Every file goes under --output_dir and is deleted as
-soon as its run is measured.
+first run), the setup (allocating and pinning the host buffers: every measured run pays it, as a one-shot
+CLI run does, since torch's caches of device and pinned memory are emptied before each), and the whole
+capture time (setup, sampling, saving, the lens) of `pt` against `naive`; the one-time decoder compile
+(and warm-up) is a column of its own, left out of the totals. The safetensors writer's throughput (bytes
+over the seconds its thread spent in `save_file`; no fsync, so the page cache may absorb part of it) is
+set against the disk's sequential write speed measured in the same run (buffered writes + fsync into
+--output_dir). Peak host RSS is per mode (VmHWM, reset before each run where Linux allows, else the
+process peak so far); peak device memory is `torch.cuda.max_memory_allocated`, reset likewise.
+
+Figures are medians over --repeats runs after --warmup runs (for `naive`, which compiles nothing and runs
+longest, one eager decode at that size stands in for its warm-up runs, unless --skip_decode). The
+measured runs take the modes in turn, round after round, so drift of the machine falls on all of them
+alike; before each run the disk's dirty pages are flushed and garbage is collected, so no run pays for
+the last one's leftovers. Every file goes under --output_dir and is deleted as soon as its run is
+measured. Step times at 256 and 512 px are bound by the CPU launching kernels (about as long at both
+sizes), so they vary more from run to run than the GPU-bound ones at 1024 px: --repeats 5 or more there.
 """
 
 import argparse
@@ -409,7 +415,8 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 
 HEADER = (
-    f"{'size':>5} {'mode':<12} {'s/step':>8} {'vs off':>7} {'1st run':>7} {'save s':>7} {'decode s':>8} "
+    f"{'size':>5} {'mode':<12} {'s/step':>8} {'vs off':>7} {'1st run':>7} {'setup s':>7} {'save s':>7} "
+    f"{'decode s':>8} "
     f"{'total s':>8} {'compile s':>9} {'MB/step':>8} {'write GB/s':>15} {'RSS GB':>7} {'dev GB':>7} "
     f"{'naive/ours':>10}"
 )
@@ -429,7 +436,7 @@ def table_rows(size: int, results: dict[str, dict], disk_Bps: float) -> list[str
         mb_step = r["bytes_per_step"] / 1e6 if mode != "off" else None
         rows.append(
             f"{size:>5} {mode:<12} {r['sample_s'] / r['steps']:>8.4f} {fmt(vs_off, '.2f', 'x'):>7} "
-            f"{fmt(first, '.2f', 'x'):>7} "
+            f"{fmt(first, '.2f', 'x'):>7} {fmt(r.get('setup_s'), '.3f'):>7} "
             f"{fmt(r.get('save_s'), '.3f'):>7} {fmt(r.get('decode_s'), '.3f'):>8} {r['total_s']:>8.3f} "
             f"{fmt(r.get('compile_s'), '.2f'):>9} {fmt(mb_step, '.1f'):>8} {write_txt:>15} "
             f"{r['peak_rss'] / GB:>7.2f} {fmt(device_gb, '.2f'):>7} {fmt(naive_vs_ours, '.2f', 'x'):>10}"
@@ -437,29 +444,69 @@ def table_rows(size: int, results: dict[str, dict], disk_Bps: float) -> list[str
     return rows
 
 
-def measure(case: Case, mode: str, warmup: int, repeats: int) -> dict[str, Any]:
-    """Medians of `repeats` runs of one mode after `warmup` runs, with the peaks of all of them."""
+def settle(device: torch.device) -> None:
+    """Before every run: flush the disk's dirty pages and collect garbage, so that no run pays for the
+    writeback or the garbage of the one before it (a full collection takes ~0.1 s with torch loaded)."""
+    os.sync()
+    gc.collect()
+    sync(device)
+
+
+def measure(
+    case: Case, modes: list[str], warmup: int, repeats: int, naive_repeats: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each mode's medians over `repeats` runs (`naive`: `naive_repeats`, default the same) after
+    `warmup` runs, with the peaks of its runs.
+
+    The warm-ups run mode by mode; the measured runs go round the modes in turn, so slow drift of the
+    machine (clocks, other load) falls on every mode alike instead of on whichever ran last.
+    """
     device = case.device
-    rss_reset = reset_peaks(device)
-    run = getattr(case, f"run_{mode}")
-    if mode == "naive" and warmup and case.decode:
-        # Its runs are the longest (40 s at 1024 px on an H200) and compile nothing: warm only what it
-        # alone uses, the eager decoder at this size, instead of paying a whole run.
-        with torch.inference_mode():
-            decode_latents(torch.zeros_like(case.inp["img"]), case.ae, case.size, case.size)
-        sync(device)
-        warmup = 0
-    warm = [run() for _ in range(warmup)]
-    r = summarise([run() for _ in range(repeats)])
-    r.update(steps=len(case.timesteps) - 1, bytes_per_step=case.bytes_per_step, peak_rss=peak_rss())
-    r["peak_rss_per_mode"] = rss_reset  # False: the process's peak so far, earlier modes included
-    if warm:  # what one run in a fresh process pays: pinned buffers allocated, nothing cached yet
-        r["first_sample_s"] = warm[0]["sample_s"]
-    # The one-time cost is the first run's: later runs reuse the compiled decoder.
-    r["compile_s"] = max([x.get("compile_s", 0.0) for x in warm] + [r.get("compile_s", 0.0)]) or None
-    if device.type == "cuda":
-        r["peak_device"] = torch.cuda.max_memory_allocated(device)
-    return r
+    runs = {mode: getattr(case, f"run_{mode}") for mode in modes}
+    warm: dict[str, list[dict]] = {}
+    for mode in modes:
+        n = warmup
+        if mode == "naive" and warmup and case.decode:
+            # Its runs are the longest (40 s at 1024 px on an H200) and compile nothing: warm only what
+            # it alone uses, the eager decoder at this size, instead of paying a whole run.
+            with torch.inference_mode():
+                decode_latents(torch.zeros_like(case.inp["img"]), case.ae, case.size, case.size)
+            n = 0
+        warm[mode] = []
+        for _ in range(n):
+            settle(device)
+            warm[mode].append(runs[mode]())
+    measured: dict[str, list[dict]] = {mode: [] for mode in modes}
+    peaks: dict[str, dict[str, int]] = {mode: {"peak_rss": 0, "peak_device": 0} for mode in modes}
+    rss_reset = True
+    naive_repeats = repeats if naive_repeats is None else naive_repeats
+    for round_ in range(repeats):
+        for mode in modes:
+            if mode == "naive" and round_ >= naive_repeats:
+                continue
+            settle(device)
+            rss_reset = reset_peaks(device) and rss_reset
+            measured[mode].append(runs[mode]())
+            peaks[mode]["peak_rss"] = max(peaks[mode]["peak_rss"], peak_rss())
+            if device.type == "cuda":
+                peaks[mode]["peak_device"] = max(
+                    peaks[mode]["peak_device"], torch.cuda.max_memory_allocated(device)
+                )
+    results = {}
+    for mode in modes:
+        r = summarise(measured[mode])
+        r.update(steps=len(case.timesteps) - 1, bytes_per_step=case.bytes_per_step, **peaks[mode])
+        if device.type != "cuda":
+            del r["peak_device"]
+        r["peak_rss_per_mode"] = rss_reset  # False: the process's peak so far, earlier modes included
+        r["sample_s_runs"] = [x["sample_s"] for x in measured[mode]]  # the spread behind the median
+        if warm[mode]:  # what one run in a fresh process pays: pinned buffers allocated, nothing cached
+            r["first_sample_s"] = warm[mode][0]["sample_s"]
+        # The one-time cost is the first run's: later runs reuse the compiled decoder.
+        compiles = [x.get("compile_s", 0.0) for x in warm[mode]] + [r.get("compile_s", 0.0)]
+        r["compile_s"] = max(compiles) or None
+        results[mode] = r
+    return results
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -483,6 +530,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num_steps", type=int, default=None, help="default: the model's default")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
     parser.add_argument("--repeats", type=int, default=None, help="measured runs (default: 3 CUDA, 1 CPU)")
+    parser.add_argument(
+        "--naive_repeats",
+        type=int,
+        default=None,
+        help="measured runs of naive, the slowest and steadiest mode (default: --repeats)",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs before them")
     parser.add_argument("--quick", action="store_true", help="repeats=1, warmup=1: a time-boxed GPU run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -512,8 +565,10 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"unknown --modes {unknown}; choose from {', '.join(MODES)}")
     if bad := [s for s in args.sizes if s <= 0 or s % 16]:
         parser.error(f"--sizes must be positive multiples of 16; got {bad}")
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.naive_repeats is not None:
+        args.naive_repeats = min(args.naive_repeats, args.repeats)
+    if args.repeats < 1 or args.warmup < 0 or (args.naive_repeats is not None and args.naive_repeats < 1):
+        parser.error("--repeats and --naive_repeats must be >= 1 and --warmup >= 0")
     return args
 
 
@@ -552,6 +607,7 @@ def main() -> None:
         "steps": num_steps,
         "txt_tokens": spec.t5_max_length,
         "repeats": args.repeats,
+        "naive_repeats": args.naive_repeats or args.repeats,
         "warmup": args.warmup,
         "model_build_s": build_s,
         "results": [],
@@ -567,12 +623,16 @@ def main() -> None:
         info["disk_write_Bps"] = disk_Bps
         print(f"disk sequential write ({args.disk_test_mb} MiB, buffered + fsync): {disk_Bps / GB:.2f} GB/s")
         what = "capture + save" if args.skip_decode else "capture + save + lens"
+        naive_runs = args.naive_repeats or args.repeats
+        naive_note = f" (naive: {naive_runs})" if "naive" in args.modes and naive_runs != args.repeats else ""
         rss_resets = reset_peaks(device)
         print(
-            f"medians of {args.repeats} run(s) after {args.warmup} warm-up(s)\n"
+            f"medians of {args.repeats} run(s){naive_note} after {args.warmup} warm-up(s), the modes taken "
+            "in turn\n"
             "vs off: sampling time over that with capture off; 1st run: the same for the first (warm-up)\n"
             "run of the mode (cold caches, as in a one-shot CLI run)\n"
-            f"total: {what} in seconds, the one-time compile s left out\n"
+            "setup s: allocating and pinning the host buffers (emptied caches, as in a one-shot run)\n"
+            f"total: setup + {what} in seconds, the one-time compile s left out\n"
             "write GB/s: the safetensors writer, in percent of the disk's speed (target >= 80%)\n"
             "naive/ours: total of naive over total of pt\n"
             + ("" if rss_resets else "RSS GB: the process's peak so far (this system cannot reset it)\n")
@@ -593,13 +653,10 @@ def main() -> None:
                 flow, ae, spec, txt, y, size, num_steps, out, decode=not args.skip_decode,
                 batch_size=batch_size, compile=compile,
             )  # fmt: skip
-            results: dict[str, dict] = {}
-            for mode in args.modes:
-                results[mode] = r = measure(case, mode, args.warmup, args.repeats)
-                info["results"].append({"size": size, "mode": mode, **r})
-                print(f"  ({size} px {mode}: total {r['total_s']:.3f} s)", file=sys.stderr, flush=True)
-                if args.json:  # after every mode, so a run cut short still leaves its figures
-                    Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
+            results = measure(case, args.modes, args.warmup, args.repeats, args.naive_repeats)
+            info["results"] += [{"size": size, "mode": mode, **r} for mode, r in results.items()]
+            if args.json:  # after every size, so a run cut short still leaves its figures
+                Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
             print("\n".join(table_rows(size, results, disk_Bps)), flush=True)
     finally:
         if own_dir:

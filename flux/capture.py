@@ -286,56 +286,70 @@ class BlockCapture(HookSet):
         self.handles.append(self.model.final_layer.register_forward_pre_hook(self._vec_hook))
         self.handles.append(self.model.final_layer.register_forward_hook(self._pred_hook))
 
-    def _copy(self, key: str, value: Tensor) -> None:
+    def _copy(self, *items: tuple[str, Tensor]) -> None:
+        """Copy (key, tensor) pairs into the current step's buffers; keys the step does not hold are skipped.
+
+        A hook passes all of its block's tensors at once: one wait and one stream switch for them all, as
+        at 256 and 512 px the sampler is bound by the CPU launching kernels, so every call here counts.
+        """
         step = self.current
-        if step is None or key not in step.tensors:
+        if step is None:
             return
-        buffer = step.tensors[key]
-        if value.device.type != "cuda" or not self.pool.pin:
-            buffer.copy_(value)  # synchronous: nothing to overlap
+        pairs = [(step.tensors[key], value) for key, value in items if key in step.tensors]
+        if not pairs:
+            return
+        device = pairs[0][1].device
+        if device.type != "cuda" or not self.pool.pin:
+            for buffer, value in pairs:
+                buffer.copy_(value)  # synchronous: nothing to overlap
             return
         if self._stream is None:
-            self._stream = torch.cuda.Stream(value.device)
-        if self._stream.device != value.device:  # a model split over GPUs: copy in order, on its own stream
-            buffer.copy_(value, non_blocking=True)
-            torch.cuda.current_stream(value.device).synchronize()
+            self._stream = torch.cuda.Stream(device)
+        if self._stream.device != device:  # a model split over GPUs: copy in order, on its own stream
+            for buffer, value in pairs:
+                buffer.copy_(value, non_blocking=True)
+            torch.cuda.current_stream(device).synchronize()
             return
-        # The copy waits for everything queued so far (the block that made `value`), then runs beside the
-        # next blocks. record_stream keeps `value`'s memory from being reused until the copy has read it;
-        # nothing writes into a block output in place, so its contents cannot change meanwhile.
-        self._stream.wait_stream(torch.cuda.current_stream(value.device))
+        # The copies wait for everything queued so far (the block that made the values), then run beside
+        # the next blocks. record_stream keeps each value's memory from being reused until its copy has
+        # read it; nothing writes into a block output in place, so its contents cannot change meanwhile.
+        self._stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self._stream):
-            buffer.copy_(value, non_blocking=True)
-        value.record_stream(self._stream)
+            for buffer, value in pairs:
+                buffer.copy_(value, non_blocking=True)
+                value.record_stream(self._stream)
 
     def _double_hook(self, i: int):
+        img_key, txt_key = f"double_blocks.{i}.img", f"double_blocks.{i}.txt"
+
         def hook(_module, _args, output):
             img, txt = output
-            self._copy(f"double_blocks.{i}.img", img)
-            self._copy(f"double_blocks.{i}.txt", txt)
+            self._copy((img_key, img), (txt_key, txt))
 
         return hook
 
     def _single_hook(self, i: int):
+        key = f"single_blocks.{i}"
+
         def hook(_module, _args, output):
             if self.plan.streams == "img":
                 output = output[:, self.txt_len :]
             elif self.plan.streams == "txt":
                 output = output[:, : self.txt_len]
-            self._copy(f"single_blocks.{i}", output)
+            self._copy((key, output))
 
         return hook
 
     def _vec_hook(self, _module, args):
-        self._copy("vec", args[1])
+        self._copy(("vec", args[1]))
 
     def _pred_hook(self, _module, _args, output):
-        self._copy("pred", output)  # the model's own velocity: the reference for every lens comparison
+        self._copy(("pred", output))  # the model's own velocity: the reference for every lens comparison
 
     def begin_step(self, step: int, img_state: Tensor) -> None:
         captured = step in self._captured_steps
         self.current = StepBuffers(step, self.pool.acquire(captured), captured)
-        self._copy("img_state", img_state)
+        self._copy(("img_state", img_state))
 
     def end_step(self) -> StepBuffers:
         step, self.current = self.current, None

@@ -100,11 +100,29 @@ def write_json(path: Path, obj: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text), needed=len(text.encode()))
 
 
+_CRC32_LOCK = threading.Lock()
+
+
 def torch_save(obj: Any, path: Path) -> None:
     """torch.save through a Python file, so that a full disk surfaces as OSError(ENOSPC) in the error
-    chain (given a path, torch's C++ writer reports only "unexpected pos ...", with no errno)."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
+    chain (given a path, torch's C++ writer reports only "unexpected pos ...", with no errno).
+
+    Where torch allows it (>= 2.6) the zip records get no CRC32: computing them takes half the time of a
+    large save, and torch.load never checks them (a flipped byte in a tensor loads silently with or
+    without one, seen with torch 2.4 and 2.11; files without them load in both). torch's setting is
+    restored after the write.
+    """
+    set_crc32 = getattr(torch.serialization, "set_crc32_options", None)
+    with _CRC32_LOCK, open(path, "wb") as f:
+        if set_crc32 is None:
+            torch.save(obj, f)
+            return
+        before = torch.serialization.get_crc32_options()
+        set_crc32(False)
+        try:
+            torch.save(obj, f)
+        finally:
+            set_crc32(before)
 
 
 def publish_new(path_for: Callable[[int], Path], write: Callable[[Path], None], start: int = 0) -> Path:

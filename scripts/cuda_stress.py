@@ -103,14 +103,15 @@ def make_hostile(flow: Flux, mode: dict, broken: str | None) -> None:
         )
     copy = BlockCapture._copy
 
-    def slow_copy(self: BlockCapture, key: str, value: torch.Tensor) -> None:
-        if mode["now"] == "copy_slow" and value.is_cuda:
+    def slow_copy(self: BlockCapture, *items: tuple[str, torch.Tensor]) -> None:
+        device = items[0][1].device
+        if mode["now"] == "copy_slow" and device.type == "cuda":
             if self._stream is None:
-                self._stream = torch.cuda.Stream(value.device)
-            self._stream.wait_stream(torch.cuda.current_stream(value.device))
+                self._stream = torch.cuda.Stream(device)
+            self._stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(self._stream):
                 torch.cuda._sleep(4 * SLEEP_CYCLES)
-        copy(self, key, value)
+        copy(self, *items)
 
     BlockCapture._copy = slow_copy
     if broken == "wait":

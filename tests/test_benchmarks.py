@@ -22,13 +22,18 @@ def run(*args: str) -> str:
 
 def test_bench_capture_runs_every_mode_with_random_weights(tmp_path):
     report, work = tmp_path / "capture.json", tmp_path / "work"
-    args = ["--quick", "--sizes", "64", "--random_weights", "--json", str(report), "--output_dir", str(work)]
+    args = ["--repeats", "2", "--naive_repeats", "1", "--sizes", "64", "--random_weights"]
+    args += ["--json", str(report), "--output_dir", str(work)]
     printed = run("benchmarks/bench_capture.py", *args)
     data = json.loads(report.read_text())
     assert data["model"] == "flux-tiny" and data["weights"] == "random weights" and data["steps"] == 4
     rows = {r["mode"]: r for r in data["results"]}
     assert set(rows) == {"off", "pt", "safetensors", "naive"} and all(r["size"] == 64 for r in rows.values())
     pt, st, naive = rows["pt"], rows["safetensors"], rows["naive"]
+    # Two measured runs of each mode and one of naive (the slowest), after the warm-ups.
+    assert data["repeats"] == 2 and data["naive_repeats"] == 1
+    assert [len(rows[m]["sample_s_runs"]) for m in ("off", "pt", "safetensors", "naive")] == [2, 2, 2, 1]
+    assert rows["off"]["sample_s"] == pytest.approx(sum(rows["off"]["sample_s_runs"]) / 2)  # the median
     # flux-tiny: 2 double + 3 single blocks at 4 steps; our lens also decodes the final latent.
     assert pt["images"] == 5 * 4 + 1 and naive["images"] == 5 * 4
     # The .pt write runs beside the lens: the total counts that phase once, never shorter than the write.
