@@ -9,9 +9,9 @@
 #   bash benchmarks/gpu_check.sh checks   # stage 1 without the lens benchmark
 #
 # Run stage 2 straight after stage 1: an idle machine is handed back within a minute, and a fresh one costs
-# its start and inductor's warm cache. The timeouts allow 9.3 and 7.5 minutes; expected are about 4 and 6.
-# Both at their worst plus the machine's start exceed 15 minutes: if stage 1 ran long, run stage 2's
-# command by hand with fewer sizes (--sizes 1024 256).
+# its start and inductor's warm cache. On an H200 (2026-11-27) stage 1 took 3 minutes, `checks` plus stage
+# 2 in one call 6 (their timeouts allow 9.6 and 7). With the machine's start, both stages fit one session's
+# 15 minutes; if stage 1 ran long, run stage 2 with fewer sizes by hand.
 #
 # flux-tiny (used by the correctness checks) is generated on first use with the machine's transformers;
 # to skip that, copy ~/.cache/flux-intermediate-representation/flux-tiny-v2 to output/flux-tiny-v2 (git
