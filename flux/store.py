@@ -57,7 +57,9 @@ def _is_disk_full(err: BaseException) -> bool:
     return False
 
 
-def _disk_full(path: Path, needed: int | None) -> UserError:
+def _disk_full(path: Path, needed: int | Callable[[], int] | None) -> UserError:
+    if callable(needed):
+        needed = needed()
     need = f" about {_size(needed)} is needed," if needed else ""
     free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
     return UserError(
@@ -66,10 +68,13 @@ def _disk_full(path: Path, needed: int | None) -> UserError:
     )
 
 
-def atomic_write(path: Path, write: Callable[[Path], None], needed: int | None = None) -> Path:
+def atomic_write(
+    path: Path, write: Callable[[Path], None], needed: int | Callable[[], int] | None = None
+) -> Path:
     """Call write(tmp) on a temporary name beside `path`, then rename it to `path` (replacing it).
 
-    A full disk becomes a UserError naming the folder and `needed` bytes, whatever the writer raised.
+    A full disk becomes a UserError naming the folder and `needed` bytes (or what `needed()` returns, asked
+    only then), whatever the writer raised.
     """
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     try:

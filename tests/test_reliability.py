@@ -331,6 +331,25 @@ class FullDisk(io.FileIO):
         return super().write(data)
 
 
+class FullDiskNoFd(FullDisk):
+    """As FullDisk, for Pillow: without a file descriptor it writes through `write`, which fails as a full
+    disk does (with one, its C encoder writes to the descriptor and raises the same OSError(ENOSPC))."""
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno")
+
+
+def _jpeg_full_disk(match: str):
+    """`open` for flux.decode: a JPEG whose temporary name contains `match` meets a full disk."""
+
+    def open_(path, mode="r", *args, **kwargs):
+        if match in Path(path).name:
+            return FullDiskNoFd(path, mode, 4096)
+        return open(path, mode, *args, **kwargs)
+
+    return open_
+
+
 def _enospc() -> OSError:
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -382,9 +401,9 @@ def inject_full_disk(kind: str, monkeypatch) -> None:
     elif kind == "json":
         monkeypatch.setattr(Path, "write_text", _half_then_full(Path.write_text, ".metadata_"))
     elif kind == "image":
-        monkeypatch.setattr(Path, "write_bytes", _half_then_full(Path.write_bytes, ".img_"))
+        monkeypatch.setattr(flux.decode, "open", _jpeg_full_disk(".img_"), raising=False)
     elif kind == "lens-jpeg":
-        monkeypatch.setattr(Path, "write_bytes", _half_then_full(Path.write_bytes, "single_block_1_step_2"))
+        monkeypatch.setattr(flux.decode, "open", _jpeg_full_disk("single_block_1_step_2"), raising=False)
     else:
         raise ValueError(kind)
 
