@@ -156,6 +156,22 @@ def disk_write_speed(folder: Path, nbytes: int) -> float:
         path.unlink(missing_ok=True)
 
 
+def time_hooks(session: CaptureSession) -> list[float]:
+    """Accumulate the seconds the capture hooks spend copying (their CPU time: on CUDA the copies are only
+    queued) into the returned one-item list. Where the sampler is bound by the CPU launching kernels, this
+    is what capture adds to a step, measured directly rather than as a difference of noisy step times; it
+    leaves out the few microseconds a module with hooks takes to call them."""
+    copy, spent = session.capture._copy, [0.0]
+
+    def timed(*items) -> None:
+        start = time.perf_counter()
+        copy(*items)
+        spent[0] += time.perf_counter() - start
+
+    session.capture._copy = timed
+    return spent
+
+
 def remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -240,14 +256,19 @@ class Case:
             self.flow, self.plan, "pt", path, self.txt_len, self.img_len, self.dtype, metadata, self.num_steps
         )
         setup_s = time.perf_counter() - start
-        saving = None
+        saving, hooks = None, time_hooks(session)
         try:
             latent, sample_s = self._sample(session)
             start = time.perf_counter()
             context["final_latent"] = latent.cpu()
             if not self.decode:
                 session.sink.finish(context, metadata)
-                return {"sample_s": sample_s, "save_s": time.perf_counter() - start, "setup_s": setup_s}
+                return {
+                    "sample_s": sample_s,
+                    "hook_s": hooks[0],
+                    "save_s": time.perf_counter() - start,
+                    "setup_s": setup_s,
+                }
             # As `generate`: the .pt is written by a thread while the lens decodes the capture in memory.
             capture = session.sink.collect(context, metadata)
             writer = ThreadPoolExecutor(1)
@@ -262,6 +283,7 @@ class Case:
             del capture
             return {
                 "sample_s": sample_s,
+                "hook_s": hooks[0],
                 "setup_s": setup_s,
                 "save_s": save_s,  # from the end of sampling, beside the lens
                 "decode_s": report.decode_seconds,  # beside the write, the compile left out
@@ -293,6 +315,7 @@ class Case:
             self.num_steps,
         )
         setup_s = time.perf_counter() - start
+        hooks = time_hooks(session)
         try:
             latent, sample_s = self._sample(session)
             start = time.perf_counter()
@@ -300,6 +323,7 @@ class Case:
             session.sink.finish(context, metadata)  # waits for the writer thread to drain
             return {
                 "sample_s": sample_s,
+                "hook_s": hooks[0],
                 "save_s": time.perf_counter() - start,
                 "setup_s": setup_s,
                 "write_bytes": session.sink.bytes_written,
@@ -415,10 +439,9 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 
 HEADER = (
-    f"{'size':>5} {'mode':<12} {'s/step':>8} {'vs off':>7} {'1st run':>7} {'setup s':>7} {'save s':>7} "
-    f"{'decode s':>8} "
-    f"{'total s':>8} {'compile s':>9} {'MB/step':>8} {'write GB/s':>15} {'RSS GB':>7} {'dev GB':>7} "
-    f"{'naive/ours':>10}"
+    f"{'size':>5} {'mode':<12} {'s/step':>8} {'vs off':>7} {'1st run':>7} {'hooks ms':>8} {'setup s':>7} "
+    f"{'save s':>7} {'decode s':>8} {'total s':>8} {'compile s':>9} {'MB/step':>8} {'write GB/s':>15} "
+    f"{'RSS GB':>7} {'dev GB':>7} {'naive/ours':>10}"
 )
 
 
@@ -434,9 +457,10 @@ def table_rows(size: int, results: dict[str, dict], disk_Bps: float) -> list[str
         write_txt = "-" if write is None else f"{write / GB:.2f} ({100 * write / disk_Bps:.0f}%)"
         device_gb = r["peak_device"] / GB if "peak_device" in r else None
         mb_step = r["bytes_per_step"] / 1e6 if mode != "off" else None
+        hook_ms = 1e3 * r["hook_s"] / r["steps"] if "hook_s" in r else None
         rows.append(
             f"{size:>5} {mode:<12} {r['sample_s'] / r['steps']:>8.4f} {fmt(vs_off, '.2f', 'x'):>7} "
-            f"{fmt(first, '.2f', 'x'):>7} {fmt(r.get('setup_s'), '.3f'):>7} "
+            f"{fmt(first, '.2f', 'x'):>7} {fmt(hook_ms, '.2f'):>8} {fmt(r.get('setup_s'), '.3f'):>7} "
             f"{fmt(r.get('save_s'), '.3f'):>7} {fmt(r.get('decode_s'), '.3f'):>8} {r['total_s']:>8.3f} "
             f"{fmt(r.get('compile_s'), '.2f'):>9} {fmt(mb_step, '.1f'):>8} {write_txt:>15} "
             f"{r['peak_rss'] / GB:>7.2f} {fmt(device_gb, '.2f'):>7} {fmt(naive_vs_ours, '.2f', 'x'):>10}"
@@ -631,6 +655,8 @@ def main() -> None:
             "in turn\n"
             "vs off: sampling time over that with capture off; 1st run: the same for the first (warm-up)\n"
             "run of the mode (cold caches, as in a one-shot CLI run)\n"
+            "hooks ms: CPU time per step in the capture hooks (what capture adds where launching kernels\n"
+            "is the bottleneck, as at 256 and 512 px on a GPU)\n"
             "setup s: allocating and pinning the host buffers (emptied caches, as in a one-shot run)\n"
             f"total: setup + {what} in seconds, the one-time compile s left out\n"
             "write GB/s: the safetensors writer, in percent of the disk's speed (target >= 80%)\n"

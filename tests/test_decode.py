@@ -287,7 +287,6 @@ def test_save_jpeg_is_atomic_and_leaves_no_temp_file(tmp_path, monkeypatch):
         assert kept.getpixel((4, 4))[0] > 200  # still the red one
 
 
-
 def test_save_jpeg_writes_quality_95_without_chroma_subsampling(tmp_path):
     """Encoded straight into its file (so Pillow's encoder runs without the GIL), the JPEG is byte for byte
     what Pillow gives at quality 95 with 4:4:4 sampling, encoded in memory."""
@@ -301,6 +300,7 @@ def test_save_jpeg_writes_quality_95_without_chroma_subsampling(tmp_path):
     assert (tmp_path / "a.jpg").read_bytes() == expected.getvalue()
     with Image.open(tmp_path / "a.jpg") as read:
         assert read.layer == [(1, 1, 1, 0), (2, 1, 1, 1), (3, 1, 1, 1)]  # no channel subsampled
+
 
 def test_sizes():
     assert cell_size(64, 48) == (64, 48)
