@@ -263,6 +263,7 @@ class BlockCapture(HookSet):
     def __post_init__(self) -> None:
         self._captured_steps = frozenset(self.plan.steps)
         self._stream: torch.cuda.Stream | None = None  # the side stream for device-to-host copies
+        self._event: torch.cuda.Event | None = None  # marks each block's output as made, for that stream
 
     @staticmethod
     def shapes_for(
@@ -313,11 +314,24 @@ class BlockCapture(HookSet):
         # The copies wait for everything queued so far (the block that made the values), then run beside
         # the next blocks. record_stream keeps each value's memory from being reused until its copy has
         # read it; nothing writes into a block output in place, so its contents cannot change meanwhile.
-        self._stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(self._stream):
+        # This is wait_stream and `with torch.cuda.stream(...)` spelled out, with one event reused (a wait
+        # applies to the event's record as it stands when the wait is queued, so re-recording it later is
+        # safe): each hook is spared a new Event and a stream context's Python at every block. set_stream
+        # also makes the stream's GPU current, so the caller's current GPU is put back after.
+        compute, current = torch.cuda.current_stream(device), torch.cuda.current_device()
+        if self._event is None:
+            self._event = torch.cuda.Event()
+        self._event.record(compute)
+        self._stream.wait_event(self._event)
+        torch.cuda.set_stream(self._stream)
+        try:
             for buffer, value in pairs:
                 buffer.copy_(value, non_blocking=True)
                 value.record_stream(self._stream)
+        finally:
+            torch.cuda.set_stream(compute)
+            if current != device.index:
+                torch.cuda.set_device(current)
 
     def _double_hook(self, i: int):
         img_key, txt_key = f"double_blocks.{i}.img", f"double_blocks.{i}.txt"

@@ -18,7 +18,7 @@ Every captured tensor (double img/txt, single, vec, pred, img_state at every ste
 
     python3 scripts/cuda_stress.py                  # on the GPU; exits non-zero if a check fails
     python3 scripts/cuda_stress.py --break wait     # negative controls: the capture is broken on purpose
-    python3 scripts/cuda_stress.py --break record   #   (no wait_stream / no record_stream); must FAIL
+    python3 scripts/cuda_stress.py --break record   #   (copies not waiting / no record_stream): must FAIL
     python3 scripts/cuda_stress.py --device cpu --size 128   # the plumbing only: nothing is asynchronous
 """
 
@@ -95,8 +95,8 @@ def captured(capture: dict, step: int, key: str) -> torch.Tensor:
 
 def make_hostile(flow: Flux, mode: dict, broken: str | None) -> None:
     """Delays on the compute stream (before every block) or the copy stream (before every copy), switched
-    by mode["now"]; two pinned sets and a slow disk; and, for a negative control, a capture without
-    wait_stream or without record_stream."""
+    by mode["now"]; two pinned sets and a slow disk; and, for a negative control, a capture whose copies do
+    not wait for their block (Stream.wait_event made a no-op) or without record_stream."""
     for block in [*flow.double_blocks, *flow.single_blocks, flow.final_layer]:
         block.register_forward_pre_hook(
             lambda m, a: torch.cuda._sleep(SLEEP_CYCLES) if mode["now"] == "compute_slow" else None
@@ -114,8 +114,8 @@ def make_hostile(flow: Flux, mode: dict, broken: str | None) -> None:
         copy(self, *items)
 
     BlockCapture._copy = slow_copy
-    if broken == "wait":
-        torch.cuda.Stream.wait_stream = lambda self, other: None
+    if broken == "wait":  # the capture's copies then start without waiting for their block
+        torch.cuda.Stream.wait_event = lambda self, event: None
     elif broken == "record":
         torch.Tensor.record_stream = lambda self, stream: None
     flux.pipeline.STREAMING_MAX_SETS = 2
