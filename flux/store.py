@@ -57,7 +57,7 @@ def _is_disk_full(err: BaseException) -> bool:
     return False
 
 
-def _disk_full(path: Path, needed: int | Callable[[], int] | None) -> UserError:
+def _disk_full(path: Path, needed: int | Callable[[], int | None] | None) -> UserError:
     if callable(needed):
         needed = needed()
     need = f" about {_size(needed)} is needed," if needed else ""
@@ -69,7 +69,7 @@ def _disk_full(path: Path, needed: int | Callable[[], int] | None) -> UserError:
 
 
 def atomic_write(
-    path: Path, write: Callable[[Path], None], needed: int | Callable[[], int] | None = None
+    path: Path, write: Callable[[Path], None], needed: int | Callable[[], int | None] | None = None
 ) -> Path:
     """Call write(tmp) on a temporary name beside `path`, then rename it to `path` (replacing it).
 
@@ -105,29 +105,16 @@ def write_json(path: Path, obj: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text), needed=len(text.encode()))
 
 
-_CRC32_LOCK = threading.Lock()
-
-
 def torch_save(obj: Any, path: Path) -> None:
     """torch.save through a Python file, so that a full disk surfaces as OSError(ENOSPC) in the error
     chain (given a path, torch's C++ writer reports only "unexpected pos ...", with no errno).
 
-    Where torch allows it (>= 2.6) the zip records get no CRC32: computing them takes half the time of a
-    large save, and torch.load never checks them (a flipped byte in a tensor loads silently with or
-    without one, seen with torch 2.4 and 2.11; files without them load in both). torch's setting is
-    restored after the write.
+    The zip records keep their CRC32s, although computing them takes about half of a large save and
+    torch.load never checks them: without them Python's zipfile, `unzip -t` and the pickle scanners built
+    on them (as a model hub runs on uploads) reject the file as corrupt.
     """
-    set_crc32 = getattr(torch.serialization, "set_crc32_options", None)
-    with _CRC32_LOCK, open(path, "wb") as f:
-        if set_crc32 is None:
-            torch.save(obj, f)
-            return
-        before = torch.serialization.get_crc32_options()
-        set_crc32(False)
-        try:
-            torch.save(obj, f)
-        finally:
-            set_crc32(before)
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def publish_new(path_for: Callable[[int], Path], write: Callable[[Path], None], start: int = 0) -> Path:
