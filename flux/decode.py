@@ -12,6 +12,7 @@ unpacked and run through the VAE decoder in batches sized to the free device mem
 encodes and writes the JPEGs of the previous batch.
 """
 
+import errno
 import io
 import math
 import os
@@ -217,11 +218,21 @@ def save_jpeg(img: Image.Image, path: str | Path) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             img.save(f, **JPEG)
+        # Pillow writes to the descriptor itself and takes a short write (the last bytes that fitted on a
+        # filling disk) for success: a whole JPEG ends with its end-of-image marker.
+        with open(tmp, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 2))
+            complete = f.read(2) == b"\xff\xd9"
+        if not complete:
+            raise OSError(errno.ENOSPC, f"{tmp.name} was cut short: the disk is full or over quota")
 
-    def needed() -> int:
-        buf = io.BytesIO()
-        img.save(buf, **JPEG)
-        return buf.tell()
+    def needed() -> int | None:
+        try:
+            buf = io.BytesIO()
+            img.save(buf, **JPEG)
+            return buf.tell()
+        except Exception:  # the disk-full error matters, not the size in it
+            return None
 
     atomic_write(Path(path), write, needed=needed)
 

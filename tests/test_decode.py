@@ -410,3 +410,34 @@ def test_a_failing_compile_falls_back_to_the_eager_decoder(model, ae, capture, t
     assert names == sorted(p.name for p in (tmp_path / "fallback").iterdir())
     for name in names:
         assert (tmp_path / "fallback" / name).read_bytes() == (tmp_path / "eager" / name).read_bytes(), name
+
+
+def test_a_jpeg_cut_short_by_a_full_disk_is_an_error_and_leaves_nothing(tmp_path):
+    """Pillow writes a JPEG to the file descriptor in 64 KiB chunks and takes a short write for success,
+    so a disk that fills up mid-image would leave a truncated file in place. A file size limit makes the
+    kernel do exactly that (in a child process: the limit is process-wide)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import io, os, resource, signal
+        import numpy as np
+        from PIL import Image
+        from flux.decode import save_jpeg
+        from flux.errors import UserError
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        size = io.BytesIO()
+        img.save(size, format="JPEG", quality=95, subsampling=0)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit: a short write, then EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size.tell() - 10, resource.RLIM_INFINITY))
+        try:
+            save_jpeg(img, {str(tmp_path / "a.jpg")!r})
+            print("saved", os.path.getsize({str(tmp_path / "a.jpg")!r}), "of", size.tell())
+        except UserError as e:
+            print("UserError:", e)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("UserError:") and "full" in done.stdout, done.stdout
+    assert os.listdir(tmp_path) == []  # neither the image nor its temporary file

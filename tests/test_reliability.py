@@ -333,7 +333,8 @@ class FullDisk(io.FileIO):
 
 class FullDiskNoFd(FullDisk):
     """As FullDisk, for Pillow: without a file descriptor it writes through `write`, which fails as a full
-    disk does (with one, its C encoder writes to the descriptor and raises the same OSError(ENOSPC))."""
+    disk does. With one, its C encoder writes to the descriptor: a failed write raises the same
+    OSError(ENOSPC), and a short one is caught by save_jpeg's end-marker check (test_decode.py)."""
 
     def fileno(self) -> int:
         raise io.UnsupportedOperation("fileno")
