@@ -19,7 +19,8 @@ Modes, each timed on the same inputs (random T5/CLIP embeddings: the text encode
 
 The table gives seconds per step, each mode's sampling time against capture off (also for the mode's
 first run), the setup (allocating and pinning the host buffers: every measured run pays it, as a one-shot
-CLI run does, since torch's caches of device and pinned memory are emptied before each), and the whole
+CLI run does, since torch's caches of device and pinned memory are emptied before each; the pinned one
+through torch._C._host_emptyCache, where this torch has it), and the whole
 capture time (setup, sampling, saving, the lens) of `pt` against `naive`; the one-time decoder compile
 (and warm-up) is a column of its own, left out of the totals. The safetensors writer's throughput (bytes
 over the seconds its thread spent in `save_file`; no fsync, so the page cache may absorb part of it) is
@@ -160,7 +161,8 @@ def time_hooks(session: CaptureSession) -> list[float]:
     """Accumulate the seconds the capture hooks spend copying (their CPU time: on CUDA the copies are only
     queued) into the returned one-item list. Where the sampler is bound by the CPU launching kernels, this
     is what capture adds to a step, measured directly rather than as a difference of noisy step times; it
-    leaves out the few microseconds a module with hooks takes to call them."""
+    leaves out the few microseconds a module with hooks takes to call them, and adds two clock reads per
+    hook (well under 1% of a step) to the sampling time of the modes it times."""
     copy, spent = session.capture._copy, [0.0]
 
     def timed(*items) -> None:
@@ -482,8 +484,9 @@ def measure(
     """Each mode's medians over `repeats` runs (`naive`: `naive_repeats`, default the same) after
     `warmup` runs, with the peaks of its runs.
 
-    The warm-ups run mode by mode; the measured runs go round the modes in turn, so slow drift of the
-    machine (clocks, other load) falls on every mode alike instead of on whichever ran last.
+    The warm-ups run mode by mode; the measured runs go round the modes in turn, each round starting one
+    mode later, so slow drift of the machine (clocks, other load) and the order itself fall on every mode
+    alike instead of on whichever ran last.
     """
     device = case.device
     runs = {mode: getattr(case, f"run_{mode}") for mode in modes}
@@ -499,13 +502,14 @@ def measure(
         warm[mode] = []
         for _ in range(n):
             settle(device)
+            reset_peaks(device)  # empty caches: the first run is a cold one, as in a one-shot CLI run
             warm[mode].append(runs[mode]())
     measured: dict[str, list[dict]] = {mode: [] for mode in modes}
     peaks: dict[str, dict[str, int]] = {mode: {"peak_rss": 0, "peak_device": 0} for mode in modes}
     rss_reset = True
     naive_repeats = repeats if naive_repeats is None else naive_repeats
     for round_ in range(repeats):
-        for mode in modes:
+        for mode in modes[round_ % len(modes) :] + modes[: round_ % len(modes)]:  # each round starts anew
             if mode == "naive" and round_ >= naive_repeats:
                 continue
             settle(device)

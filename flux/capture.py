@@ -323,8 +323,8 @@ class BlockCapture(HookSet):
             self._event = torch.cuda.Event()
         self._event.record(compute)
         self._stream.wait_event(self._event)
-        torch.cuda.set_stream(self._stream)
         try:
+            torch.cuda.set_stream(self._stream)
             for buffer, value in pairs:
                 buffer.copy_(value, non_blocking=True)
                 value.record_stream(self._stream)

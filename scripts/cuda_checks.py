@@ -148,19 +148,20 @@ def main() -> int:
             report(
                 label,
                 "the bf16 lens one at a time is close to the float32 lens",
-                ref[1] < 8 and ref[2] < 16,  # a wrong image differs by tens of levels
+                ref[1] < 5 and ref[2] < 10,  # a wrong image differs by tens of levels
                 describe(ref),
             )
             for mode in ("batched", "compiled"):
                 # Two bf16 computations differ from each other about as much as each differs from the
                 # float32 one (by sqrt(2) if their roundings were independent): allow twice that, plus a
-                # little for the float32 reorderings of a compiled graph. Single pixels are only reported:
-                # one flipped JPEG coefficient moves a few by ten levels.
+                # little for the float32 reorderings of a compiled graph, and never more than the fixed
+                # caps (so a lens gone wrong one at a time cannot loosen the check). Single pixels are
+                # only reported: one flipped JPEG coefficient moves a few by ten levels.
                 diff = pixel_difference(lens["one"], lens[mode])
                 report(
                     label,
                     f"lens {mode} vs one at a time within bf16 rounding",
-                    diff[1] <= 2 * ref[1] + 0.05 and diff[2] <= 2 * ref[2] + 0.5,
+                    diff[1] <= min(2 * ref[1] + 0.05, 5) and diff[2] <= min(2 * ref[2] + 0.5, 10),
                     f"{describe(diff)}; bf16 vs float32: {describe(ref)}",
                 )
     for h in hooks:
