@@ -216,11 +216,10 @@ def save_jpeg(img: Image.Image, path: str | Path) -> None:
     """
 
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
+        with open(tmp, "w+b") as f:
             img.save(f, **JPEG)
-        # Pillow writes to the descriptor itself and takes a short write (the last bytes that fitted on a
-        # filling disk) for success: a whole JPEG ends with its end-of-image marker.
-        with open(tmp, "rb") as f:
+            # Pillow writes to the descriptor itself and takes a short write (the last bytes that fitted on
+            # a filling disk) for success: a whole JPEG ends with its end-of-image marker.
             f.seek(max(0, f.seek(0, os.SEEK_END) - 2))
             complete = f.read(2) == b"\xff\xd9"
         if not complete:
