@@ -7,13 +7,17 @@ reader never sees half a file. Names are claimed exclusively, so concurrent runs
 import errno
 import json
 import math
+import mmap
 import os
 import queue
 import secrets
 import shutil
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -105,16 +109,110 @@ def write_json(path: Path, obj: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text), needed=len(text.encode()))
 
 
-def torch_save(obj: Any, path: Path) -> None:
-    """torch.save through a Python file, so that a full disk surfaces as OSError(ENOSPC) in the error
-    chain (given a path, torch's C++ writer reports only "unexpected pos ...", with no errno).
+_SAVE_CONFIG_LOCK = threading.Lock()  # torch's serialization config is process-wide
 
-    The zip records keep their CRC32s, although computing them takes about half of a large save and
-    torch.load never checks them: without them Python's zipfile, `unzip -t` and the pickle scanners built
-    on them (as a model hub runs on uploads) reject the file as corrupt.
+
+def _crc_config() -> Any:
+    """torch's save config when it can leave out the zip records' CRC32s (torch >= 2.6), else None."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        return None
+    return config.save if hasattr(config.save, "compute_crc32") else None
+
+
+def torch_save(obj: Any, path: Path, workers: int | None = None) -> None:
+    """torch.save to `path`, with the zip records' CRC32s computed on `workers` threads.
+
+    torch computes each record's CRC32 inline on one thread, about half the time of a large save; torch.load
+    never checks them, but Python's zipfile, `unzip -t` and the pickle scanners built on them (as a model hub
+    runs on uploads) reject a file without them. So where torch can leave them out, the file is written
+    without and `fill_zip_crc32s` fills them in from the page cache, in parallel: the same file, faster.
+
+    Written through a Python file, so that a full disk surfaces as OSError(ENOSPC) in the error chain (given
+    a path, torch's C++ writer reports only "unexpected pos ...", with no errno).
     """
-    with open(path, "wb") as f:
-        torch.save(obj, f)
+    config = _crc_config()
+    with open(path, "w+b") as f:
+        if config is None:
+            torch.save(obj, f)
+            return
+        with _SAVE_CONFIG_LOCK:
+            before, config.compute_crc32 = config.compute_crc32, False
+            try:
+                torch.save(obj, f)
+            finally:
+                config.compute_crc32 = before
+        f.flush()
+        if not before:  # asked for by whoever set the config
+            return
+        fill_zip_crc32s(f.fileno(), workers)
+
+
+_EOCD, _EOCD64, _LOCATOR64 = b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07"
+_CENTRAL, _LOCAL, _DESCRIPTOR = b"PK\x01\x02", b"PK\x03\x04", b"PK\x07\x08"
+_FULL = 0xFFFFFFFF  # a 32-bit field whose value is in the zip64 extra field
+
+
+def _zip_records(mm: mmap.mmap) -> list[tuple[int, int, int, int]]:
+    """(central directory entry offset, data offset, data size, offset of the CRC32 field before or after
+    the data) of each stored record of a zip archive, read from its central directory."""
+    end = mm.rfind(_EOCD, max(0, len(mm) - 22 - 0xFFFF))
+    if end < 0:
+        raise ValueError("not a zip archive: no end of central directory record")
+    count, _, directory = struct.unpack_from("<HLL", mm, end + 10)
+    if directory == _FULL or count == 0xFFFF:
+        if mm[end - 20 : end - 16] != _LOCATOR64:
+            raise ValueError("zip64 end of central directory locator missing")
+        (record64,) = struct.unpack_from("<Q", mm, end - 12)
+        if mm[record64 : record64 + 4] != _EOCD64:
+            raise ValueError("zip64 end of central directory record missing")
+        count, _, directory = struct.unpack_from("<QQQ", mm, record64 + 32)
+    records, pos = [], directory
+    for _ in range(count):
+        if mm[pos : pos + 4] != _CENTRAL:
+            raise ValueError(f"no central directory entry at byte {pos}")
+        flags, method = struct.unpack_from("<HH", mm, pos + 8)
+        size, usize, name_len, extra_len, comment_len = struct.unpack_from("<LLHHH", mm, pos + 20)
+        (local,) = struct.unpack_from("<L", mm, pos + 42)
+        if method != 0 or flags & 1:
+            raise ValueError("only stored, unencrypted records are supported")
+        wide = [usize == _FULL, size == _FULL, local == _FULL]  # zip64 extra field order
+        extra, at = pos + 46 + name_len, pos + 46 + name_len
+        while at < extra + extra_len and any(wide):
+            tag, length = struct.unpack_from("<HH", mm, at)
+            if tag == 1:
+                values = iter(struct.unpack_from(f"<{sum(wide)}Q", mm, at + 4))
+                usize, size, local = (next(values) if w else v for w, v in zip(wide, (usize, size, local)))
+                wide = [False] * 3
+            at += 4 + length
+        if mm[local : local + 4] != _LOCAL:
+            raise ValueError(f"no local header at byte {local}")
+        local_name, local_extra = struct.unpack_from("<HH", mm, local + 26)
+        data = local + 30 + local_name + local_extra
+        crc_at = local + 14  # in the local header, unless a data descriptor after the data holds it
+        if flags & 8:
+            crc_at = data + size + (4 if mm[data + size : data + size + 4] == _DESCRIPTOR else 0)
+        records.append((pos, data, size, crc_at))
+        pos += 46 + name_len + extra_len + comment_len
+    return records
+
+
+def fill_zip_crc32s(fd: int, workers: int | None = None) -> None:
+    """Write the CRC32 of every record of the stored zip archive open at `fd` (read-write) into its local
+    header or data descriptor and its central directory entry, computed on `workers` threads (zlib lets go of
+    the GIL): for a `.pt` written with torch's `compute_crc32` off, which leaves them 0."""
+    with mmap.mmap(fd, 0, access=mmap.ACCESS_WRITE) as mm:
+        records = _zip_records(mm)
+        view = memoryview(mm)
+        try:
+            with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+                crcs = list(pool.map(lambda r: zlib.crc32(view[r[1] : r[1] + r[2]]), records))
+        finally:
+            view.release()
+        for (central, _, _, local), crc in zip(records, crcs):
+            struct.pack_into("<L", mm, central + 16, crc)
+            struct.pack_into("<L", mm, local, crc)
 
 
 def publish_new(path_for: Callable[[int], Path], write: Callable[[Path], None], start: int = 0) -> Path:

@@ -509,7 +509,7 @@ def replay_command(
     """
     from flux.decode import decode_latents, save_jpeg, to_image
     from flux.options import check_output_dir
-    from flux.store import atomic_write, load_capture, next_free_index, publish_new, write_json
+    from flux.store import atomic_write, load_capture, next_free_index, publish_new, torch_save, write_json
 
     for flag, value in (("step", step), ("until", until)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -563,7 +563,7 @@ def replay_command(
     if result.capture is not None:
         capture_path = base.with_suffix(".pt")
         result.capture["metadata"]["files"] = {"image": str(image_path), "capture": str(capture_path)}
-        atomic_write(capture_path, lambda tmp: torch.save(result.capture, tmp))
+        atomic_write(capture_path, lambda tmp: torch_save(result.capture, tmp))
         record_meta["capture_file"] = str(capture_path)
         print(f"Capture:  {capture_path}")
     write_json(base.with_suffix(".json"), record_meta)

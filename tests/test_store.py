@@ -1,10 +1,13 @@
 """Capture files: atomic writes, unique names, both formats, lazy loading, incomplete runs, bad files."""
 
 import errno
+import io
 import json
 import os
+import struct
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,16 +151,96 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 
 def test_pt_captures_pass_zip_integrity_checks(tmp_path):
     """torch.load never checks the records' CRC32s, but Python's zipfile, `unzip -t` and pickle scanners
-    do: a .pt capture must pass them."""
+    do: a .pt capture must pass them, and hold what torch.save of the same object holds."""
     import zipfile
 
-    from flux.store import torch_save
+    from flux.store import _crc_config, torch_save
 
-    path = tmp_path / "c.pt"
-    torch_save({"single_blocks": {"block_0": [torch.randn(3, 5).to(torch.bfloat16)]}}, path)
-    with zipfile.ZipFile(path) as archive:
+    obj = {
+        "single_blocks": {"block_0": [torch.randn(3, 5).to(torch.bfloat16), torch.randn(300)]},
+        "denoising_context": {"txt_seq_len": 4, "timestep_pairs": [(1.0, 0.5)]},
+    }
+    ours, plain = tmp_path / "c.pt", tmp_path / "plain.pt"
+    torch_save(obj, ours)
+    with open(plain, "wb") as f:
+        torch.save(obj, f)
+    assert ours.stat().st_size == plain.stat().st_size
+    with zipfile.ZipFile(ours) as archive, zipfile.ZipFile(plain) as reference:
         assert archive.testzip() is None
         assert all(info.CRC != 0 for info in archive.infolist() if "/data/" in info.filename)
+        crcs = {i.filename: i.CRC for i in archive.infolist() if not i.filename.endswith("serialization_id")}
+        assert crcs == {i.filename: i.CRC for i in reference.infolist() if i.filename in crcs}
+    loaded = torch.load(ours, weights_only=True)
+    assert torch.equal(loaded["single_blocks"]["block_0"][0], obj["single_blocks"]["block_0"][0])
+    assert torch.equal(loaded["single_blocks"]["block_0"][1], obj["single_blocks"]["block_0"][1])
+    assert loaded["denoising_context"] == obj["denoising_context"]
+    if (config := _crc_config()) is not None:  # torch's process-wide setting is left as it was
+        assert config.compute_crc32 is True
+
+
+class _Unseekable(io.RawIOBase):
+    """A write-only stream that cannot seek: zipfile puts each CRC32 in a data descriptor after the data."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.data += b
+        return len(b)
+
+
+@pytest.mark.parametrize("descriptors", [False, True], ids=["crc-in-header", "data-descriptor"])
+@pytest.mark.parametrize("zip64", [False, True], ids=["zip32", "zip64"])
+def test_fill_zip_crc32s_restores_every_crc(tmp_path, monkeypatch, descriptors, zip64):
+    """An archive written by Python's zipfile, with every CRC32 zeroed, gets back exactly its bytes: with the
+    CRC in the local header or in a data descriptor, and with zip64 records (zipfile writes them for small
+    files when its limit is lowered), as torch writes for captures over 4 GB."""
+    import zipfile
+
+    from flux.store import fill_zip_crc32s
+
+    if zip64:
+        monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 100)
+    rng = np.random.default_rng(0)
+    payloads = {f"archive/data/{i}": rng.bytes(n) for i, n in enumerate([0, 1, 150, 7000, 70_000])}
+    stream = _Unseekable() if descriptors else io.BytesIO()
+    with zipfile.ZipFile(stream, "w", zipfile.ZIP_STORED) as archive:
+        for name, payload in payloads.items():
+            archive.writestr(name, payload)
+    original = bytes(stream.data if descriptors else stream.getvalue())
+    with zipfile.ZipFile(io.BytesIO(original)) as archive:
+        infos = archive.infolist()
+        assert all(bool(info.flag_bits & 8) == descriptors for info in infos)
+        assert zip64 == (b"PK\x06\x06" in original)
+    zeroed = original
+    for info in infos:
+        if info.CRC == 0:  # the empty record
+            continue
+        crc = struct.pack("<L", info.CRC)
+        assert zeroed.count(crc) == 2  # its local header or data descriptor, and its central directory entry
+        zeroed = zeroed.replace(crc, bytes(4))
+    path = tmp_path / "a.zip"
+    path.write_bytes(zeroed)
+    with open(path, "r+b") as f:
+        fill_zip_crc32s(f.fileno(), workers=3)
+    assert path.read_bytes() == original
+
+
+def test_fill_zip_crc32s_refuses_what_it_cannot_fill(tmp_path):
+    import zipfile
+
+    from flux.store import fill_zip_crc32s
+
+    not_zip, deflated = tmp_path / "n.bin", tmp_path / "d.zip"
+    not_zip.write_bytes(b"not a zip archive at all" * 10)
+    with zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("a", b"x" * 1000)
+    for path, message in ((not_zip, "end of central directory"), (deflated, "stored")):
+        with open(path, "r+b") as f, pytest.raises(ValueError, match=message):
+            fill_zip_crc32s(f.fileno())
 
 
 def test_publish_new_never_overwrites_under_concurrency(tmp_path):
