@@ -455,14 +455,39 @@ def decode_capture(
     if not compile:
         batch_size = max(sizes, default=1)
 
+    # The final image comes first (it is a column of every contact sheet), then the streams, the biggest
+    # sheet's first: each sheet is built and encoded as soon as its stream's images are, beside the decoding
+    # of the rest, so only the last (smaller) sheet is left after the last batch. Files are named by key, so
+    # the order changes nothing on disk.
+    by_stream = {stream: [key for key in plan if key.stream == stream] for stream in STREAMS}
+    order = sorted((stream for stream in STREAMS if by_stream[stream]), key=lambda s: -len(by_stream[s]))
+    left = {stream: len(by_stream[stream]) for stream in order}
+
     def latents() -> Iterator[tuple[LensKey | None, Tensor]]:
-        yield from block_latents(capture, final_layer, target, blocks, steps)
         if decode_final:
             yield None, ctx["final_latent"]
+        for stream in order:
+            for key in by_stream[stream]:
+                yield key, lens_latent(capture, key, final_layer, target)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     thumbs: dict[LensKey | None, Future] = {}
+    sheets: list[Future] = []
+    final = _thumbnail(final_image, cell) if final_image is not None else None
+
+    def contact_sheet(stream: str) -> Path:
+        """Runs in the pool after the tasks of its thumbnails (FIFO), so waiting for them cannot deadlock."""
+        keys = by_stream[stream]
+        rows = sorted({key.block for key in keys})
+        cols = sorted({key.step for key in keys})
+        cells = {(rows.index(key.block), cols.index(key.step)): thumbs[key].result() for key in keys}
+        col_labels = [f"step {k} (t={float(ctx['timestep_pairs'][k][0]):.2f})" for k in cols]
+        last = thumbs[None].result() if None in thumbs else final
+        sheet = make_grid(cells, [f"block {i}" for i in rows], col_labels, cell, last)
+        save_jpeg(sheet, out_dir / f"grid_{stream}.jpg")
+        return out_dir / f"grid_{stream}.jpg"
+
     start = time.perf_counter()
     items = latents()
     with (
@@ -476,6 +501,10 @@ def decode_capture(
             for key, px in zip(keys, pixels.numpy()):
                 path = out_dir / key.filename if key is not None else None
                 thumbs[key] = pool.submit(_write_image, px, path, cell)
+                if key is not None:
+                    left[key.stream] -= 1
+                    if left[key.stream] == 0:  # a 38-row sheet is a 14-megapixel JPEG: start it now
+                        sheets.append(pool.submit(contact_sheet, key.stream))
             bar.update(len(keys))
 
         # On CUDA each batch's pixels come back by an asynchronous copy, and are written only after the
@@ -500,24 +529,11 @@ def decode_capture(
             pending = keys, pixels, ready
         if pending is not None:
             write(*pending)
-        thumbs = {key: fut.result() for key, fut in thumbs.items()}
+        for thumb in thumbs.values():
+            thumb.result()
         decode_seconds = time.perf_counter() - start
-        final = _thumbnail(final_image, cell) if final_image is not None else thumbs.get(None)
-
-        def contact_sheet(stream: str, keys: list[LensKey]) -> Path:
-            rows = sorted({key.block for key in keys})
-            cols = sorted({key.step for key in keys})
-            cells = {(rows.index(key.block), cols.index(key.step)): thumbs[key] for key in keys}
-            col_labels = [f"step {k} (t={float(ctx['timestep_pairs'][k][0]):.2f})" for k in cols]
-            sheet = make_grid(cells, [f"block {i}" for i in rows], col_labels, cell, final)
-            save_jpeg(sheet, out_dir / f"grid_{stream}.jpg")
-            return out_dir / f"grid_{stream}.jpg"
-
-        # Both sheets at once (PIL lets go of the GIL while encoding): a sheet of 38 rows is a 14-megapixel
-        # JPEG, a good part of the lens's fixed cost at 256 px.
-        by_stream = {stream: [key for key in plan if key.stream == stream] for stream in STREAMS}
-        sheets = [pool.submit(contact_sheet, stream, keys) for stream, keys in by_stream.items() if keys]
-        grids = [sheet.result() for sheet in sheets]
+        done = {path.name for path in (sheet.result() for sheet in sheets)}
+        grids = [out_dir / name for name in (f"grid_{stream}.jpg" for stream in STREAMS) if name in done]
     return DecodeReport(
         n_images=n,
         decode_seconds=decode_seconds,

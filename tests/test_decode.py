@@ -242,10 +242,14 @@ def test_batched_equals_one_at_a_time(model, ae, capture, tmp_path):
         batched = decode_capture(
             capture, model.final_layer, ae, tmp_path / "b", blocks=blocks, batch_size=7, progress=False
         )
+        # ... and with one writer thread, which must run each contact sheet after its thumbnails (the sheets
+        # wait for them in the same pool).
         single = decode_capture(
-            capture, model.final_layer, ae, tmp_path / "s", blocks=blocks, batch_size=1, progress=False
-        )
+            capture, model.final_layer, ae, tmp_path / "s", blocks=blocks, batch_size=1, progress=False,
+            workers=1,
+        )  # fmt: skip
     assert (batched.batch_size, single.batch_size) == (7, 1)
+    assert {p.name for p in single.grids} == {"grid_double.jpg", "grid_single.jpg"}
     assert _files(tmp_path / "b") == _files(tmp_path / "s")
     for name in _files(tmp_path / "b"):
         assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "s" / name).read_bytes(), name
