@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/gpu_check.sh 1    # CUDA correctness checks (bf16, pinned copies, provoked races) + the
 #                                     # lens benchmark
-#   bash benchmarks/gpu_check.sh 2    # the capture benchmark: 512 and 256 px (5 rounds), then 1024 px
+#   bash benchmarks/gpu_check.sh 2    # pinning (bench_pinning.py), then the capture benchmark: 512 and
+#                                     # 256 px (5 rounds), then 1024 px
 #   bash benchmarks/gpu_check.sh checks   # stage 1 without the lens benchmark
 #
 # Run stage 2 straight after stage 1: an idle machine is handed back within a minute, and a fresh one costs
@@ -54,6 +55,14 @@ decode_bench() {
         2>&1 | tee "$OUT/decode.txt" || rc=1
 }
 
+pinning_bench() {
+    # Seconds to pin a whole capture's host buffers with cudaHostAlloc (torch's default) and with
+    # cudaHostRegister after 8 or 16 threads map the pages, and whether pinning beside a launch-bound loop
+    # slows it: the .pt path's setup, a third of its run at 256 px (about 40 s in all).
+    timeout 150 python3 benchmarks/bench_pinning.py --json "$OUT/pinning.json" 2>&1 | tee "$OUT/pinning.txt" \
+        || rc=1
+}
+
 capture_bench() {
     # 256 and 512 px are bound by the CPU launching kernels and vary more from run to run: five rounds
     # of the quick modes (naive once: it is the slowest and steadiest). 1024 px is GPU-bound: one run.
@@ -66,7 +75,7 @@ capture_bench() {
 
 case "${1:-1}" in
 1) checks; decode_bench ;;
-2) capture_bench ;;
+2) pinning_bench; capture_bench ;;
 checks) checks ;;
 *)
     echo "usage: bash benchmarks/gpu_check.sh 1|2|checks" >&2

@@ -65,3 +65,30 @@ def test_cuda_stress_check_runs_its_plumbing_on_the_cpu():
     lines = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert len(lines) == 6 and all(line.startswith("PASS") for line in lines), printed
     assert "(8 steps in 2 sets)" in printed and "(80 tensors)" in printed
+
+
+def test_bench_pinning_runs_each_mode_in_its_own_process(tmp_path):
+    """On a CPU nothing is pinned, but every mode's process runs its bookkeeping and reports a row."""
+    report = tmp_path / "pinning.json"
+    args = ["--model", "flux-tiny", "--sizes", "64", "--steps", "2", "--modes", "alloc", "register2"]
+    printed = run("benchmarks/bench_pinning.py", *args, "--json", str(report))
+    rows = json.loads(report.read_text())["results"]
+    assert [(r["mode"], r["size"]) for r in rows] == [("alloc", 64), ("register2", 64)]
+    # flux-tiny at 64 px: 16 image tokens and its T5 length of text tokens in every block output, in its
+    # compute dtype, 2 steps; the context adds img_state and pred (16 tokens each) and vec per step.
+    from flux.configs import get_spec
+    from flux.pipeline import compute_dtype
+
+    spec = get_spec("flux-tiny")
+    itemsize = compute_dtype(spec).itemsize
+    hidden, blocks = spec.params.hidden_size, (spec.params.depth, spec.params.depth_single_blocks)
+    per_step = (blocks[0] * (16 + spec.t5_max_length) + blocks[1] * (16 + spec.t5_max_length)) * hidden
+    per_step += 16 * spec.params.in_channels + 16 * spec.params.out_channels + hidden
+    assert all(r["captured_bytes"] == 2 * itemsize * per_step for r in rows)
+    assert all(r["pin_s"] > 0 and r["launch_us"] > 0 and r["launch_us_beside_pinning"] > 0 for r in rows)
+    assert "CPU: nothing is pinned" in printed
+    bad = subprocess.run(
+        [sys.executable, "benchmarks/bench_pinning.py", "--modes", "pinned"], cwd=ROOT, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "unknown mode 'pinned'" in bad.stderr
