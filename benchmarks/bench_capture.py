@@ -289,6 +289,7 @@ class Case:
                 "setup_s": setup_s,
                 "save_s": save_s,  # from the end of sampling, beside the lens
                 "decode_s": report.decode_seconds,  # beside the write, the compile left out
+                "lens_s": lens_s,  # the whole lens from the end of sampling: decode_s + the sheets left after
                 # Both together: the write began with the lens (and the compile), so it counts in full.
                 "save_lens_s": max(save_s, lens_s),
                 "compile_s": report.compile_seconds,

@@ -61,6 +61,8 @@ pinning_bench() {
     # slows it: the .pt path's setup, a third of its run at 256 px (about 40 s in all).
     timeout 150 python3 benchmarks/bench_pinning.py --json "$OUT/pinning.json" 2>&1 | tee "$OUT/pinning.txt" \
         || rc=1
+    # The .pt write: torch.save's inline CRC32s against ours, filled in on this machine's cores (seconds).
+    timeout 60 python3 benchmarks/bench_save.py --output_dir "$PWD/output" 2>&1 | tee -a "$OUT/pinning.txt" || rc=1
 }
 
 capture_bench() {

@@ -92,3 +92,11 @@ def test_bench_pinning_runs_each_mode_in_its_own_process(tmp_path):
         text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and "unknown mode 'pinned'" in bad.stderr
+
+
+def test_bench_save_times_each_way_of_writing_a_pt(tmp_path):
+    printed = run("benchmarks/bench_save.py", "--mb", "8", "--tensor_mb", "1", "--repeats", "1")
+    assert "saving 0.01 GB in 8 tensors" in printed
+    rows = {line.split()[0]: line.split() for line in printed.splitlines()[2:]}
+    assert {"inline", "ours"} <= set(rows) <= {"inline", "ours", "no_crc"}
+    assert rows["inline"][-1] == "1.00x" and all(float(row[1]) > 0 for row in rows.values())
