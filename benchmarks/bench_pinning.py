@@ -9,9 +9,12 @@ run beside the next blocks). On an H200 that took 0.50 s at 256 px and 2.61 s at
 a third of the run at 256 px. This measures the candidates for doing better, each in a fresh process (the
 allocator's settings and its cache are per process):
 
-    alloc        torch's default: cudaHostAlloc per block, sizes rounded up to a power of two
-    registerN    `pinned_use_cuda_host_register` with N threads: malloc'd memory whose pages N threads map
-                 first, then cudaHostRegister (made to avoid cudaHostAlloc's long-held lock)
+    alloc        torch's default: cudaHostAlloc per buffer
+    registerN    `pinned_use_cuda_host_register` with N threads (a power of two up to 128): malloc'd memory
+                 whose pages N threads map first, then cudaHostRegister (made to avoid cudaHostAlloc's
+                 long-held lock)
+
+Either way torch's pinned allocator rounds each buffer up to a power of two first (the pinned GB column).
 
 For each size: the bytes pinned (the allocator's own count where torch reports it), the seconds to pin the
 whole capture and to give it back, and a launch-bound loop of small kernels (as the sampler is at 256 and
@@ -35,13 +38,13 @@ LAUNCHES = 3000  # kernels in the launch-bound loop: a few milliseconds of launc
 
 
 def allocator_conf(mode: str) -> str:
-    """The PYTORCH_CUDA_ALLOC_CONF options of a mode ("" for torch's default)."""
+    """The allocator options of a mode ("" for torch's default)."""
     if mode == "alloc":
         return ""
-    if mode.startswith("register") and mode.removeprefix("register").isdigit():
-        threads = int(mode.removeprefix("register"))
+    threads = int(n) if (n := mode.removeprefix("register")).isdigit() and mode.startswith("register") else 0
+    if 0 < threads <= 128 and threads & (threads - 1) == 0:  # torch accepts powers of two only
         return f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}"
-    raise ValueError(f"unknown mode {mode!r}: alloc or registerN (N threads)")
+    raise ValueError(f"unknown mode {mode!r}: alloc, or registerN with N threads, a power of two up to 128")
 
 
 # ------------------------------------------------------------------------------------- one process
@@ -170,11 +173,14 @@ def main() -> None:
         f"{'free s':>7} {'launch us':>9} {'beside pinning':>14} {'pin s beside':>12}"
     )
     print(header + "\n" + "-" * len(header), flush=True)
-    results = []
+    results, failed = [], []
     for mode in args.modes:
         env = os.environ | {"PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        if conf := allocator_conf(mode):
-            env["PYTORCH_CUDA_ALLOC_CONF"] = conf
+        # Exactly this mode's settings, under both names torch reads (PYTORCH_ALLOC_CONF is the newer).
+        for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+            env.pop(name, None)
+            if conf := allocator_conf(mode):
+                env[name] = conf
         command = [
             sys.executable,
             __file__,
@@ -190,6 +196,7 @@ def main() -> None:
         )
         if done.returncode != 0:
             print(f"{mode}: failed\n{done.stderr[-2000:]}", flush=True)
+            failed.append(mode)
             continue
         for row in json.loads(done.stdout.strip().splitlines()[-1]):
             row["mode"] = mode
@@ -202,8 +209,10 @@ def main() -> None:
                 f"{row['pin_s_beside_launches']:>12.3f}",
                 flush=True,
             )
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": where, "results": results}, indent=2) + "\n")
+        if args.json:  # after every mode, so a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps({"device": where, "results": results}, indent=2) + "\n")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

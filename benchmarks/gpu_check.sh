@@ -10,9 +10,10 @@
 #   bash benchmarks/gpu_check.sh checks   # stage 1 without the lens benchmark
 #
 # Run stage 2 straight after stage 1: an idle machine is handed back within a minute, and a fresh one costs
-# its start and inductor's warm cache. On an H200 (2026-11-27) stage 1 took 3 minutes, `checks` plus stage
-# 2 in one call 6 (their timeouts allow 9.6 and 7). With the machine's start, both stages fit one session's
-# 15 minutes; if stage 1 ran long, run stage 2 with fewer sizes by hand.
+# its start and inductor's warm cache. On an H200 (2026-11-27) stage 1 took 3 minutes, `checks` plus the
+# capture benchmark in one call 6; stage 2 now also times pinning and the .pt write (about 1 minute more).
+# Their timeouts allow 9.6 and 9.7 minutes (a device call may run 10). With the machine's start, both stages
+# fit one session's 15 minutes; if stage 1 ran long, run stage 2 with fewer sizes by hand.
 #
 # flux-tiny (used by the correctness checks) is generated on first use with the machine's transformers;
 # to skip that, copy ~/.cache/flux-intermediate-representation/flux-tiny-v2 to output/flux-tiny-v2 (git
@@ -59,10 +60,10 @@ pinning_bench() {
     # Seconds to pin a whole capture's host buffers with cudaHostAlloc (torch's default) and with
     # cudaHostRegister after 8 or 16 threads map the pages, and whether pinning beside a launch-bound loop
     # slows it: the .pt path's setup, a third of its run at 256 px (about 40 s in all).
-    timeout 150 python3 benchmarks/bench_pinning.py --json "$OUT/pinning.json" 2>&1 | tee "$OUT/pinning.txt" \
+    timeout 120 python3 benchmarks/bench_pinning.py --json "$OUT/pinning.json" 2>&1 | tee "$OUT/pinning.txt" \
         || rc=1
     # The .pt write: torch.save's inline CRC32s against ours, filled in on this machine's cores (seconds).
-    timeout 60 python3 benchmarks/bench_save.py --output_dir "$PWD/output" 2>&1 | tee -a "$OUT/pinning.txt" || rc=1
+    timeout 40 python3 benchmarks/bench_save.py --output_dir "$PWD/output" 2>&1 | tee -a "$OUT/pinning.txt" || rc=1
 }
 
 capture_bench() {

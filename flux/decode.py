@@ -457,8 +457,9 @@ def decode_capture(
 
     # The final image comes first (it is a column of every contact sheet), then the streams, the biggest
     # sheet's first: each sheet is built and encoded as soon as its stream's images are, beside the decoding
-    # of the rest, so only the last (smaller) sheet is left after the last batch. Files are named by key, so
-    # the order changes nothing on disk.
+    # of the rest, so only the last (smaller) sheet is left after the last batch. Files are named by key;
+    # the order decides only which images share a decoder batch (capture-time and later decodes use the
+    # same order, so they agree), and a lens stopped midway may leave the sheet of a stream it finished.
     by_stream = {stream: [key for key in plan if key.stream == stream] for stream in STREAMS}
     order = sorted((stream for stream in STREAMS if by_stream[stream]), key=lambda s: -len(by_stream[s]))
     left = {stream: len(by_stream[stream]) for stream in order}
