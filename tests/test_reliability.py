@@ -490,7 +490,7 @@ def test_an_interrupt_during_the_lens_waits_for_the_pt_written_beside_it(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(flux.store, "torch_save", slow_save)
-    monkeypatch.setattr(flux.decode, "block_latents", interrupt)  # the lens only, not the image
+    monkeypatch.setattr(flux.decode, "lens_latent", interrupt)  # the lens only, not the image
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         generate(models, options(out, should_decode_intermediates=True), progress=False)
