@@ -97,7 +97,7 @@ def main(
             encoders leaves them to FLUX_TEXT_ENCODERS). Default: those if set, else the HF cache.
         progress: Show progress bars (default True).
     """
-    from flux.pipeline import RunOptions, generate, load_models
+    from flux.pipeline import RunOptions, buffers_while_loading, generate, load_models
 
     opts = RunOptions(
         model=model,
@@ -134,9 +134,10 @@ def main(
         where = f"the CPU, each moved to {opts.device} while it runs"
     print(f"Loading {opts.spec.name} (flow model, autoencoder, T5, CLIP) on {where}...", file=sys.stderr)
     started = time.perf_counter()
+    buffers = buffers_while_loading(opts)  # the capture's host buffers, pinned while the models load
     models = load_models(opts.spec, opts.device, opts.offload, opts.weights_dir, progress=progress)
     print(f"Models loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    result = generate(models, opts, progress=progress)
+    result = generate(models, opts, progress=progress, buffers=buffers)
     print(f"Image:    {result.image_path}")
     if result.capture_path is not None:
         print(f"Capture:  {result.capture_path}")

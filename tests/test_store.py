@@ -726,3 +726,72 @@ def test_no_model_is_parked_in_host_memory_that_cannot_hold_it(monkeypatch, caps
     )
     assert models.make_room_for_vae(2048, 2048) == moved == ["t5", "clip"]
     assert "Not moving flow to the CPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_buffers_allocated_while_the_models_load_give_the_same_capture(tmp_path, monkeypatch, fmt):
+    """The CLI allocates (on CUDA: pins) the capture's host buffers in a thread while the models load and
+    hands them to generate: the same capture as buffers allocated by generate itself."""
+    from flux.pipeline import CaptureSession, RunOptions, buffers_while_loading, generate, load_models
+
+    def options(out):
+        return RunOptions(
+            model="flux-tiny", width=64, height=48, seed=5, device="cpu", format=fmt, num_steps=3,
+            steps="0,2", should_decode_intermediates=False, output_dir=str(out),
+        ).validate()  # fmt: skip
+
+    allocations = []
+    real = CaptureSession.buffers
+    monkeypatch.setattr(CaptureSession, "buffers", lambda *a: allocations.append(a) or real(*a))
+    buffers = buffers_while_loading(options(tmp_path / "early"))
+    assert buffers is not None
+    models = load_models(options(tmp_path).spec, "cpu", progress=False)
+    early = generate(models, options(tmp_path / "early"), progress=False, buffers=buffers)
+    assert len(allocations) == 1 and not buffers.result().pin  # the thread's, used; nothing to pin on a CPU
+    usual = generate(models, options(tmp_path / "usual"), progress=False)
+    assert len(allocations) == 2
+    a, b = load_capture(early.capture_path), load_capture(usual.capture_path)
+    assert a["metadata"]["captured_steps"] == [0, 2]
+    for stream in ("double_blocks", "single_blocks"):
+        for name, steps in b[stream].items():
+            for x, y in zip(a[stream][name], steps):
+                for u, v in zip(*((x, y) if isinstance(x, tuple) else ((x,), (y,)))):
+                    assert torch.equal(u, v)
+    assert all(map(torch.equal, a["denoising_context"]["img_state"], b["denoising_context"]["img_state"]))
+
+
+def test_buffers_are_left_to_generate_when_loading_could_not_hold_them_too(monkeypatch):
+    """No capture, --offload (the models live in host memory), host memory too small for the buffers and
+    every model at once, or unknown: the buffers are allocated after the models, as before."""
+    import flux.pipeline
+    from flux.options import model_host_bytes
+    from flux.pipeline import RunOptions, buffers_while_loading
+
+    def options(**kw):
+        return RunOptions(model="flux-tiny", width=64, height=48, device="cpu", **kw).validate()
+
+    opts = options()
+    needed = opts.estimated_capture_bytes() + model_host_bytes(opts.spec)
+    monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: needed)
+    assert buffers_while_loading(opts) is not None
+    assert buffers_while_loading(options(capture=False)) is None
+    assert buffers_while_loading(options(offload=True)) is None
+    monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: needed - 1)
+    assert buffers_while_loading(opts) is None
+    monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: None)
+    assert buffers_while_loading(opts) is None
+
+
+def test_buffers_allocated_for_another_capture_are_refused(model, tmp_path):
+    from flux.pipeline import CaptureSession
+
+    plan = CapturePlan.everything(model, 2)
+    pool = CaptureSession.buffers(model, plan, "pt", 8, 12, torch.float32, 2, torch.device("cpu"))
+    with pytest.raises(ValueError, match="another capture"):
+        CaptureSession.open(
+            model, plan, "pt", tmp_path / "c.pt", 8, 16, torch.float32, {}, 2, torch.device("cpu"), pool
+        )
+    session = CaptureSession.open(
+        model, plan, "pt", tmp_path / "c.pt", 8, 12, torch.float32, {}, 2, torch.device("cpu"), pool
+    )
+    assert session.capture.pool is pool
