@@ -203,28 +203,35 @@ def load_models(
 
 
 def buffers_while_loading(opts: RunOptions) -> Future | None:
-    """Start allocating the capture's host buffers in a thread, to be handed to `generate`; None when it is
-    better done as usual, after the models.
+    """Start allocating the capture's host buffers in a thread, for one `generate(..., buffers=)` call; None
+    when that is better done as usual, after the models.
 
     Pinning them is slow (about 2.6 s for flux-schnell at 1024 px on an H200, longer for more steps) and
-    needs nothing but the run's dimensions, so the CLI does it while the models load: both take turns at
-    the driver at worst. Not with --offload (the models then live in host memory), nor unless the buffers
-    and every model in host memory at once would fit in what is available (transformers reads the text
-    encoders there first): a capture that could not then waits for the models, as before.
+    needs nothing but the run's dimensions, so the CLI does it while the models load: at worst the two take
+    turns at the driver, as they did one after the other. Not with --offload (the models then live in host
+    memory), nor unless the buffers fit in the available memory beside what the models may hold there while
+    they load (on CUDA the text encoders, which transformers may read into host memory first; on the CPU all
+    of them). On the CPU nothing is pinned and this gains nothing, but costs nothing either.
     """
-    from flux.options import model_host_bytes
+    from flux.options import TEXT_ENCODER_BYTES, model_host_bytes
 
     device = torch.device(opts.device)
     if not opts.capture or opts.offload:
         return None
     available = available_host_memory()
     held = opts.estimated_capture_bytes(pinned=device.type == "cuda")
-    if available is None or held + model_host_bytes(opts.spec) > available:
+    if opts.format == "safetensors":  # a few steps' buffers at most, however many steps the run has
+        per_step = held // len(opts.plan().steps)
+        held = min(len(opts.plan().steps), streaming_buffer_sets(per_step, available)) * per_step
+    loading = TEXT_ENCODER_BYTES if device.type == "cuda" else model_host_bytes(opts.spec)
+    if available is None or held + loading > available:
         return None
     txt_len, img_len = opts.token_counts()
     plan, dtype, future = opts.plan(), compute_dtype(opts.spec), Future()
 
     def allocate() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
         try:
             if device.type == "cuda" and device.index is not None:
                 torch.cuda.set_device(device)  # this thread's current GPU: the pinned memory is the run's
@@ -233,13 +240,31 @@ def buffers_while_loading(opts: RunOptions) -> Future | None:
             pool = CaptureSession.buffers(
                 flow, plan, opts.format, txt_len, img_len, dtype, opts.num_steps, device
             )
-            future.set_result(pool)
-        except BaseException as e:  # raised where generate asks for the buffers
+        except BaseException as e:  # generate reports it and allocates the buffers itself
             future.set_exception(e)
+        else:
+            future.set_result(pool)
 
-    # A daemon: Ctrl-C during loading need not wait for the pinning to end.
-    threading.Thread(target=allocate, name="capture-buffers", daemon=True).start()
+    # Not a daemon: a Ctrl-C during loading waits for the pinning to end (seconds) rather than tearing the
+    # interpreter and CUDA down under a thread inside the driver.
+    threading.Thread(target=allocate, name="capture-buffers").start()
     return future
+
+
+def _take_buffers(buffers: Future | None) -> HostBufferPool | None:
+    """The pool allocated while the models loaded; None (generate allocates it) if that failed."""
+    if buffers is None:
+        return None
+    try:
+        return buffers.result()
+    except Exception as e:  # e.g. pinned memory ran short beside the loading models: try again now
+        print(
+            f"Allocating the capture's host buffers while the models loaded failed ({type(e).__name__}: "
+            f"{e}); allocating them now.",
+            file=sys.stderr,
+        )
+        e.__traceback__ = None  # its frames would keep the half-allocated buffers alive in the future
+        return None
 
 
 # -------------------------------------------------------------------------------------- generation
@@ -301,7 +326,9 @@ class CaptureSession:
         shapes, dtypes = BlockCapture.shapes_for(flow, plan, 1, txt_len, img_len, dtype)
         if pool is None:
             pool = cls.buffers(flow, plan, fmt, txt_len, img_len, dtype, num_steps, device)
-        elif (pool.shapes, pool.dtypes, pool.pin) != (shapes, dtypes, device.type == "cuda"):
+        elif (pool.shapes, pool.dtypes, pool.pin, pool.limit is None) != (
+            shapes, dtypes, device.type == "cuda", fmt == "pt"
+        ):  # fmt: skip
             raise ValueError("the host buffers given were allocated for another capture")
         step_bytes = sum(math.prod(s) * dtypes[k].itemsize for k, s in shapes.items())
         if fmt == "safetensors":
@@ -414,6 +441,7 @@ def generate(
     }
 
     session = stem = None
+    pool = _take_buffers(buffers)  # before the name is claimed: waiting here may end in Ctrl-C
     if opts.capture:
         plan = opts.plan()
         inter_dir.mkdir(parents=True, exist_ok=True)
@@ -432,7 +460,6 @@ def generate(
             },
             files={"capture": str(path), "metadata": str(metadata_path_for(stem, inter_dir))},
         )
-        pool = buffers.result() if buffers is not None else None  # raises if allocating them failed
         session = CaptureSession.open(
             models.flow, plan, opts.format, path, txt_len, img_len, dtype, metadata, opts.num_steps, device,
             pool,

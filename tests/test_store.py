@@ -753,11 +753,35 @@ def test_buffers_allocated_while_the_models_load_give_the_same_capture(tmp_path,
     a, b = load_capture(early.capture_path), load_capture(usual.capture_path)
     assert a["metadata"]["captured_steps"] == [0, 2]
     for stream in ("double_blocks", "single_blocks"):
+        assert list(a[stream]) == list(b[stream])
         for name, steps in b[stream].items():
+            assert len(a[stream][name]) == len(steps) == 2
             for x, y in zip(a[stream][name], steps):
-                for u, v in zip(*((x, y) if isinstance(x, tuple) else ((x,), (y,)))):
+                for u, v in zip(*((x, y) if isinstance(x, tuple) else ((x,), (y,))), strict=True):
                     assert torch.equal(u, v)
-    assert all(map(torch.equal, a["denoising_context"]["img_state"], b["denoising_context"]["img_state"]))
+    ctx_a, ctx_b = a["denoising_context"]["img_state"], b["denoising_context"]["img_state"]
+    assert len(ctx_a) == len(ctx_b) == 3 and all(map(torch.equal, ctx_a, ctx_b))
+
+
+def test_buffers_that_failed_to_allocate_while_loading_are_allocated_by_generate(tmp_path, capsys):
+    """Pinned memory may run short beside the loading models: the run says so and allocates the buffers
+    after them, as it would have anyway, and leaves no claimed name behind."""
+    from concurrent.futures import Future
+
+    from flux.pipeline import RunOptions, generate, load_models
+
+    opts = RunOptions(
+        model="flux-tiny", width=64, height=48, seed=5, device="cpu", num_steps=2,
+        should_decode_intermediates=False, output_dir=str(tmp_path),
+    ).validate()  # fmt: skip
+    failed = Future()
+    failed.set_exception(RuntimeError("CUDA error: out of memory (pinned host memory)"))
+    result = generate(load_models(opts.spec, "cpu", progress=False), opts, progress=False, buffers=failed)
+    assert (
+        "while the models loaded failed (RuntimeError: CUDA error: out of memory" in capsys.readouterr().err
+    )
+    assert load_capture(result.capture_path)["metadata"]["complete"] is True
+    assert not list((tmp_path / "intermediates").glob(".*"))  # no claim, no temporary file
 
 
 def test_buffers_are_left_to_generate_when_loading_could_not_hold_them_too(monkeypatch):
@@ -790,6 +814,17 @@ def test_buffers_allocated_for_another_capture_are_refused(model, tmp_path):
     with pytest.raises(ValueError, match="another capture"):
         CaptureSession.open(
             model, plan, "pt", tmp_path / "c.pt", 8, 16, torch.float32, {}, 2, torch.device("cpu"), pool
+        )
+    # A safetensors pool is bounded, a .pt one is not: handed to a .pt run, it would block once its sets are
+    # all held; the other way round, host memory would be unbounded.
+    bounded = CaptureSession.buffers(model, plan, "safetensors", 8, 12, torch.float32, 2, torch.device("cpu"))
+    with pytest.raises(ValueError, match="another capture"):
+        CaptureSession.open(
+            model, plan, "pt", tmp_path / "c.pt", 8, 12, torch.float32, {}, 2, torch.device("cpu"), bounded
+        )
+    with pytest.raises(ValueError, match="another capture"):
+        CaptureSession.open(
+            model, plan, "safetensors", tmp_path / "d", 8, 12, torch.float32, {}, 2, torch.device("cpu"), pool
         )
     session = CaptureSession.open(
         model, plan, "pt", tmp_path / "c.pt", 8, 12, torch.float32, {}, 2, torch.device("cpu"), pool
