@@ -1,5 +1,6 @@
 """Checks that only a CUDA machine can run: capture copies on the side stream into pinned memory (bf16, and
-converted to fp32), and the lens on the GPU (exactness, batched vs one at a time, compiled vs eager).
+converted to fp32, and into buffers pinned by another thread as the CLI pins them while the models load),
+and the lens on the GPU (exactness, batched vs one at a time, compiled vs eager).
 Run on a GPU machine (no weights needed: flux-tiny's are generated, or read from FLUX_TINY_DIR, in bf16):
 
     python3 scripts/cuda_checks.py          # `python3 scripts/cuda_checks.py cpu`: the same on the CPU
@@ -10,6 +11,7 @@ Prints one line per check and exits non-zero if any fails.
 import itertools
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +20,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flux.capture import CapturePlan
+from flux.capture import CapturePlan, HostBufferPool
 from flux.configs import CONFIGS
 from flux.decode import LensKey, decode_capture, lens_latent
 from flux.loading import load_ae, load_flow_model
+from flux.model import Flux
 from flux.pipeline import CaptureSession, sample
 from flux.sampling import get_noise, get_schedule, prepare
 from flux.store import load_capture
@@ -44,6 +47,24 @@ def pixel_difference(a: Path, b: Path) -> tuple[int, float, float]:
 
 def describe(diff: tuple[int, float, float]) -> str:
     return f"mean {diff[1]:.3f} levels, worst image {diff[2]:.3f}, worst pixel {diff[0]}"
+
+
+def pinned_by_a_thread(flow, dims: tuple) -> HostBufferPool:
+    """A capture's host buffers allocated (pinned) by another thread, on a meta model's dimensions."""
+    result = {}
+
+    def allocate() -> None:
+        device = dims[-1]
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        with torch.device("meta"):
+            meta = Flux(flow.params)
+        result["pool"] = CaptureSession.buffers(meta, *dims)
+
+    thread = threading.Thread(target=allocate)
+    thread.start()
+    thread.join()
+    return result["pool"]
 
 
 def main() -> int:
@@ -72,9 +93,10 @@ def main() -> int:
         print(f"{'PASS' if ok else 'FAIL'} [{label}, {where}] {name}{f' ({detail})' if detail else ''}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [("pt", "both", None), ("safetensors", "both", None), ("pt", "img", torch.float32)]
-        for fmt, streams, capture_dtype in runs:
-            label = f"{fmt}, {streams}, {capture_dtype or dtype}"
+        runs = [("pt", "both", None, False), ("safetensors", "both", None, False)]
+        runs += [("pt", "img", torch.float32, False), ("pt", "both", None, True)]
+        for fmt, streams, capture_dtype, early in runs:
+            label = f"{fmt}, {streams}, {capture_dtype or dtype}" + (", buffers pinned by a thread" * early)
             seen.clear()
             plan = CapturePlan.everything(flow, STEPS, capture_dtype)
             plan = CapturePlan(plan.double, plan.single, plan.steps, streams, capture_dtype)
@@ -86,8 +108,15 @@ def main() -> int:
                 "streams": streams,
             }
             path = Path(tmp) / f"capture_{len(list(Path(tmp).iterdir()))}{'.pt' if fmt == 'pt' else ''}"
+            pool = None
+            if early:  # as capture_sample.py does while the models load (buffers_while_loading)
+                dims = (plan, fmt, txt.shape[1], inp["img"].shape[1], dtype, STEPS, device)
+                pool = pinned_by_a_thread(flow, dims)
+                pinned = [t.is_pinned() for t in pool.acquire().values()]
+                report(label, "the buffers are pinned on CUDA", set(pinned) == {device.type == "cuda"})
+                pool = pinned_by_a_thread(flow, dims)  # a fresh pool: the check above took a set
             session = CaptureSession.open(
-                flow, plan, fmt, path, txt.shape[1], inp["img"].shape[1], dtype, meta, STEPS, device
+                flow, plan, fmt, path, txt.shape[1], inp["img"].shape[1], dtype, meta, STEPS, device, pool
             )
             latent = sample(flow, inp, timesteps, 3.5, session)
             ctx = {
