@@ -255,6 +255,31 @@ def test_batched_equals_one_at_a_time(model, ae, capture, tmp_path):
         assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "s" / name).read_bytes(), name
 
 
+def test_the_final_image_comes_first_and_each_sheet_right_after_its_stream(
+    model, ae, capture, tmp_path, monkeypatch
+):
+    """The lens hands its pool the final image first (a column of every sheet), then the stream with more
+    images, then that stream's contact sheet before any image of the other: the bigger sheet is written
+    beside the decoding of the rest, and only the smaller one is left at the end."""
+    submitted = []
+
+    class Recording(flux.decode.ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            if fn is flux.decode._write_image:
+                path = args[1]
+                submitted.append("final" if path is None else path.name.split("_block_")[0])
+            else:
+                submitted.append(f"sheet {args[0]}")
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(flux.decode, "ThreadPoolExecutor", Recording)
+    decode_capture(capture, model.final_layer, ae, tmp_path, batch_size=5, progress=False)
+    n_double, n_single = len(model.double_blocks) * N_STEPS, len(model.single_blocks) * N_STEPS
+    assert n_single > n_double  # flux-tiny, as full FLUX: more single blocks
+    expected = ["final", *["single"] * n_single, "sheet single", *["double"] * n_double, "sheet double"]
+    assert submitted == expected
+
+
 def test_batched_decode_with_default_kernels_is_within_one_level(model, ae, capture):
     latents = torch.cat(
         [lat for _, lat in block_latents(capture, model.final_layer, blocks={"single": [0, 1]})]
