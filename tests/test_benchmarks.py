@@ -42,11 +42,12 @@ def test_bench_capture_runs_every_mode_with_random_weights(tmp_path):
     # The .pt write runs beside the lens: the total counts that phase once, never shorter than the write.
     assert pt["save_lens_s"] >= pt["save_s"] > 0
     assert pt["total_s"] == pytest.approx(pt["setup_s"] + pt["sample_s"] + pt["save_lens_s"])
+    assert pt["total_after_setup_s"] == pytest.approx(pt["sample_s"] + pt["save_lens_s"])
     assert naive["total_s"] == pytest.approx(naive["sample_s"] + naive["save_s"] + naive["decode_s"])
     assert st["write_bytes"] > 4 * st["bytes_per_step"] > 0  # every step's shard, plus the context
     # The hooks' own time is part of the sampling time, and only our capture modes have it.
     assert all(0 < r["hook_s"] < r["sample_s"] for r in (pt, st)) and "hook_s" not in naive
-    assert "naive/ours" in printed and "64 pt" in printed
+    assert "naive/ours" in printed and "w/o setup" in printed and "64 pt" in printed
     assert not any(work.iterdir())  # each run's files are deleted once measured
 
 
