@@ -17,9 +17,11 @@ allocator's settings and its cache are per process):
 Either way torch's pinned allocator rounds each buffer up to a power of two first (the pinned GB column).
 
 For each size: the bytes pinned (the allocator's own count where torch reports it), the seconds to pin the
-whole capture and to give it back, and a launch-bound loop of small kernels (as the sampler is at 256 and
-512 px) timed alone and while another thread pins the same buffers: if the loop is not slowed, the buffers
-could be pinned beside the model's loading or the first steps instead of before them. On a CPU there is
+whole capture and to give it back, and two workloads timed alone and while another thread pins the same
+buffers (with the pinning's own time beside each): a launch-bound loop of small kernels (as the sampler is
+at 256 and 512 px) and 64 MB copies from pageable host memory to the device (as loading a checkpoint's
+tensors is). `capture_sample.py` pins while the models load: the second says what that costs the loading;
+the first whether pinning beside the first steps could be free too. On a CPU there is
 nothing to pin: the script runs its bookkeeping on pageable memory and says so.
 """
 
@@ -35,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("alloc", "register8", "register16")
 LAUNCHES = 3000  # kernels in the launch-bound loop: a few milliseconds of launches
+LOAD_BYTES = 64 << 20  # one pageable host-to-device copy, as of a checkpoint tensor while loading
 
 
 def allocator_conf(mode: str) -> str:
@@ -84,7 +87,20 @@ def launches(x, cuda: bool) -> float:
     return (time.perf_counter() - start) / LAUNCHES
 
 
-def measure_size(flow, spec, size: int, steps: int, x, cuda: bool) -> dict:
+def load_chunk(host, device_buffer, cuda: bool) -> float:
+    """Seconds to copy a pageable host tensor to the device, as loading a checkpoint's tensor does."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    device_buffer.copy_(host)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure_size(flow, spec, size: int, steps: int, x, host, x_load, cuda: bool) -> dict:
     import torch
 
     from flux.capture import BlockCapture, CapturePlan
@@ -98,30 +114,41 @@ def measure_size(flow, spec, size: int, steps: int, x, cuda: bool) -> dict:
     nbytes = sum(torch.Size(s).numel() * dtypes[k].itemsize for k, s in shapes.items()) * steps
     stats = getattr(torch.cuda, "host_memory_stats", None) if cuda else None
 
-    launches(x, cuda)  # warm
-    alone = min(launches(x, cuda) for _ in range(3))
+    def beside_pinning(work) -> tuple[float, float]:
+        """(median seconds of `work()`, run over and over while another thread pins the buffers; the
+        pinning's seconds)."""
+        times, result = [], {}
+        thread = threading.Thread(
+            target=lambda: result.update(zip(("pool", "s"), pin(shapes, dtypes, steps, cuda)))
+        )
+        thread.start()
+        while thread.is_alive() or not times:
+            times.append(work())
+        thread.join()
+        free(result.pop("pool"))
+        return sorted(times)[len(times) // 2], result["s"]
+
+    launch = lambda: launches(x, cuda)
+    load = lambda: load_chunk(host, x_load, cuda)
+    launch(), load()  # warm
+    launch_alone, load_alone = min(launch() for _ in range(3)), min(load() for _ in range(3))
     pool, pin_s = pin(shapes, dtypes, steps, cuda)
     held = stats().get("allocated_bytes.current") if stats is not None else None
     free_s = free(pool)
-    # The same pinning in a thread while this one launches kernels, for as long as the pinning lasts.
-    beside, result = [], {}
-    thread = threading.Thread(
-        target=lambda: result.update(zip(("pool", "s"), pin(shapes, dtypes, steps, cuda)))
-    )
-    thread.start()
-    while thread.is_alive() or not beside:
-        beside.append(launches(x, cuda))
-    thread.join()
-    free(result.pop("pool"))
+    launch_beside, pin_beside_launches = beside_pinning(launch)
+    load_beside, pin_beside_loads = beside_pinning(load)
     return {
         "size": size,
         "captured_bytes": nbytes,
         "pinned_bytes": held,
         "pin_s": pin_s,
         "free_s": free_s,
-        "launch_us": alone * 1e6,
-        "launch_us_beside_pinning": sorted(beside)[len(beside) // 2] * 1e6,
-        "pin_s_beside_launches": result["s"],
+        "launch_us": launch_alone * 1e6,
+        "launch_us_beside_pinning": launch_beside * 1e6,
+        "pin_s_beside_launches": pin_beside_launches,
+        "load_Bps": host.numel() / load_alone,
+        "load_Bps_beside_pinning": host.numel() / load_beside,
+        "pin_s_beside_loads": pin_beside_loads,
     }
 
 
@@ -136,9 +163,12 @@ def child(model: str, sizes: list[int], steps: int) -> list[dict]:
     spec = get_spec(model)
     with torch.device("meta"):
         flow = Flux(spec.params)
-    x = torch.ones(64, 64, device="cuda" if cuda else "cpu")
+    device = "cuda" if cuda else "cpu"
+    x = torch.ones(64, 64, device=device)
+    host = torch.ones(LOAD_BYTES, dtype=torch.uint8)  # pageable, as a checkpoint's tensors are
+    x_load = torch.empty(LOAD_BYTES, dtype=torch.uint8, device=device)
     torch.empty(1, pin_memory=cuda)  # the CUDA context and the host allocator, outside the timings
-    return [measure_size(flow, spec, size, steps, x, cuda) for size in sizes]
+    return [measure_size(flow, spec, size, steps, x, host, x_load, cuda) for size in sizes]
 
 
 # --------------------------------------------------------------------------------------- the report
@@ -170,7 +200,8 @@ def main() -> None:
     print(f"pinning a {args.model} capture of {args.steps} steps, on {where}, torch {torch.__version__}")
     header = (
         f"{'size':>5} {'mode':<11} {'captured GB':>11} {'pinned GB':>9} {'pin s':>7} {'GB/s':>6} "
-        f"{'free s':>7} {'launch us':>9} {'beside pinning':>14} {'pin s beside':>12}"
+        f"{'free s':>7} {'launch us':>9} {'beside pin':>10} {'pin s':>6} {'load GB/s':>9} {'beside pin':>10} "
+        f"{'pin s':>6}"
     )
     print(header + "\n" + "-" * len(header), flush=True)
     results, failed = [], []
@@ -205,8 +236,9 @@ def main() -> None:
             print(
                 f"{row['size']:>5} {mode:<11} {row['captured_bytes'] / 1e9:>11.2f} {pinned} "
                 f"{row['pin_s']:>7.3f} {row['captured_bytes'] / 1e9 / max(row['pin_s'], 1e-9):>6.1f} "
-                f"{row['free_s']:>7.3f} {row['launch_us']:>9.1f} {row['launch_us_beside_pinning']:>14.1f} "
-                f"{row['pin_s_beside_launches']:>12.3f}",
+                f"{row['free_s']:>7.3f} {row['launch_us']:>9.1f} {row['launch_us_beside_pinning']:>10.1f} "
+                f"{row['pin_s_beside_launches']:>6.2f} {row['load_Bps'] / 1e9:>9.2f} "
+                f"{row['load_Bps_beside_pinning'] / 1e9:>10.2f} {row['pin_s_beside_loads']:>6.2f}",
                 flush=True,
             )
         if args.json:  # after every mode, so a run cut short keeps what it measured
