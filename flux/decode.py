@@ -474,7 +474,7 @@ def decode_capture(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     thumbs: dict[LensKey | None, Future] = {}
-    sheets: list[Future] = []
+    sheets: dict[str, Future] = {}
     final = _thumbnail(final_image, cell) if final_image is not None else None
 
     def contact_sheet(stream: str) -> Path:
@@ -505,7 +505,7 @@ def decode_capture(
                 if key is not None:
                     left[key.stream] -= 1
                     if left[key.stream] == 0:  # a 38-row sheet is a 14-megapixel JPEG: start it now
-                        sheets.append(pool.submit(contact_sheet, key.stream))
+                        sheets[key.stream] = pool.submit(contact_sheet, key.stream)
             bar.update(len(keys))
 
         # On CUDA each batch's pixels come back by an asynchronous copy, and are written only after the
@@ -533,8 +533,7 @@ def decode_capture(
         for thumb in thumbs.values():
             thumb.result()
         decode_seconds = time.perf_counter() - start
-        done = {path.name for path in (sheet.result() for sheet in sheets)}
-        grids = [out_dir / name for name in (f"grid_{stream}.jpg" for stream in STREAMS) if name in done]
+        grids = [sheets[stream].result() for stream in STREAMS if stream in sheets]
     return DecodeReport(
         n_images=n,
         decode_seconds=decode_seconds,

@@ -27,7 +27,7 @@ from flux.capture import BlockCapture, CapturePlan, HostBufferPool, host_nbytes
 from flux.configs import ModelSpec, get_spec
 from flux.errors import UsageError
 from flux.loading import library_progress_bars, load_ae, load_flow_model, load_text_encoders
-from flux.model import Flux
+from flux.model import Flux, FluxParams
 from flux.options import (
     DECODE_TARGETS,
     RunOptions,
@@ -215,19 +215,35 @@ def buffers_while_loading(opts: RunOptions) -> Future | None:
     """
     from flux.options import TEXT_ENCODER_BYTES, model_host_bytes
 
-    device = torch.device(opts.device)
     if not opts.capture or opts.offload:
         return None
+    device, plan = torch.device(opts.device), opts.plan()
     available = available_host_memory()
     held = opts.estimated_capture_bytes(pinned=device.type == "cuda")
     if opts.format == "safetensors":  # a few steps' buffers at most, however many steps the run has
-        per_step = held // len(opts.plan().steps)
-        held = min(len(opts.plan().steps), streaming_buffer_sets(per_step, available)) * per_step
+        per_step = held // len(plan.steps)
+        held = min(len(plan.steps), streaming_buffer_sets(per_step, available)) * per_step
     loading = TEXT_ENCODER_BYTES if device.type == "cuda" else model_host_bytes(opts.spec)
     if available is None or held + loading > available:
         return None
     txt_len, img_len = opts.token_counts()
-    plan, dtype, future = opts.plan(), compute_dtype(opts.spec), Future()
+    dims = (plan, opts.format, txt_len, img_len, compute_dtype(opts.spec), opts.num_steps, device)
+    return buffers_in_a_thread(opts.spec.params, *dims)
+
+
+def buffers_in_a_thread(
+    params: FluxParams,
+    plan: CapturePlan,
+    fmt: str,
+    txt_len: int,
+    img_len: int,
+    dtype: torch.dtype,
+    num_steps: int,
+    device: torch.device,
+) -> Future:
+    """`CaptureSession.buffers` for a model of `params`, run by a new thread: the future of the pool (or of
+    the error that allocating it raised)."""
+    future = Future()
 
     def allocate() -> None:
         if not future.set_running_or_notify_cancel():
@@ -236,10 +252,8 @@ def buffers_while_loading(opts: RunOptions) -> Future | None:
             if device.type == "cuda" and device.index is not None:
                 torch.cuda.set_device(device)  # this thread's current GPU: the pinned memory is the run's
             with torch.device("meta"):
-                flow = Flux(opts.spec.params)  # only its dimensions are read
-            pool = CaptureSession.buffers(
-                flow, plan, opts.format, txt_len, img_len, dtype, opts.num_steps, device
-            )
+                flow = Flux(params)  # only its dimensions are read
+            pool = CaptureSession.buffers(flow, plan, fmt, txt_len, img_len, dtype, num_steps, device)
         except BaseException as e:  # generate reports it and allocates the buffers itself
             future.set_exception(e)
         else:

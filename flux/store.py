@@ -153,8 +153,7 @@ def torch_save(obj: Any, path: Path, workers: int | None = None) -> None:
             if not before:  # asked for by whoever set the config
                 return
             try:
-                crcs = fill_zip_crc32s(f.fileno(), workers)
-                _fix_serialization_id(f.fileno(), crcs)
+                _fix_serialization_id(f.fileno(), _fill_crc32s(f.fileno(), workers))
             except ValueError:  # not the layout this torch was expected to write
                 f.seek(0)
                 f.truncate()
@@ -250,6 +249,10 @@ def fill_zip_crc32s(fd: int, workers: int | None = None) -> dict[str, int]:
     the GIL) over a read-only map of the file: for a `.pt` written with torch's `compute_crc32` off, which
     leaves them 0. The four-byte fields are written with pwrite, so a full disk is an OSError, never a
     SIGBUS from a dirty mapped page. Returns {record name: CRC32}, in the directory's order."""
+    return {record.name: crc for record, crc in _fill_crc32s(fd, workers)}
+
+
+def _fill_crc32s(fd: int, workers: int | None) -> list[tuple[_ZipRecord, int]]:
     with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mm:
         records = _zip_records(mm)
         view = memoryview(mm)
@@ -260,7 +263,7 @@ def fill_zip_crc32s(fd: int, workers: int | None = None) -> dict[str, int]:
             view.release()
     for record, crc in zip(records, crcs):
         _write_crc(fd, record, crc)
-    return {record.name: crc for record, crc in zip(records, crcs)}
+    return list(zip(records, crcs))
 
 
 def _hash_combine(seed: int, value: int) -> int:
@@ -269,23 +272,23 @@ def _hash_combine(seed: int, value: int) -> int:
     return (seed ^ ((value + 0x9E3779B9 + ((seed << 6) & mask) + (seed >> 2)) & mask)) & mask
 
 
-def _fix_serialization_id(fd: int, crcs: dict[str, int]) -> None:
-    """Put right the `.data/serialization_id` record of a `.pt` whose CRC32s were filled in afterwards.
+def _fix_serialization_id(fd: int, records: list[tuple[_ZipRecord, int]]) -> None:
+    """Put right the `.data/serialization_id` record of a `.pt` whose CRC32s were filled in afterwards
+    (`records`: every record with its CRC32, in the archive's order).
 
     torch writes 40 digits there: 20 of its own, then 20 of c10::hash_combine over every other record's
     CRC32 in the archive's order, so written without CRC32s, all captures of one layout would share an id.
     The second half must be that hash of zeros, else torch wrote something this does not know (ValueError).
     """
-    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mm:
-        ids = [r for r in _zip_records(mm) if r.name.endswith("/.data/serialization_id")]
-        if not ids:
-            return  # torch before 2.5 writes none
-        (record,) = ids
-        written = bytes(mm[record.data : record.data + record.size])
-    others = [crc for name, crc in crcs.items() if name != record.name]
+    ids = [r for r, _ in records if r.name.endswith("/.data/serialization_id")]
+    if not ids:
+        return  # torch before 2.5 writes none
+    (record,) = ids
+    written = os.pread(fd, record.size, record.data)
     without, with_crcs = 0, 0
-    for crc in others:
-        without, with_crcs = _hash_combine(without, 0), _hash_combine(with_crcs, crc)
+    for other, crc in records:
+        if other is not record:
+            without, with_crcs = _hash_combine(without, 0), _hash_combine(with_crcs, crc)
     if len(written) != 40 or not written.isdigit() or int(written[20:]) != without:
         raise ValueError(f"unexpected serialization id {written[:48]!r}")
     fixed = written[:20] + f"{with_crcs:020d}".encode()

@@ -11,7 +11,6 @@ Prints one line per check and exits non-zero if any fails.
 import itertools
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flux.capture import CapturePlan, HostBufferPool
+from flux.capture import CapturePlan
 from flux.configs import CONFIGS
 from flux.decode import LensKey, decode_capture, lens_latent
 from flux.loading import load_ae, load_flow_model
-from flux.model import Flux
-from flux.pipeline import CaptureSession, sample
+from flux.pipeline import CaptureSession, buffers_in_a_thread, sample
 from flux.sampling import get_noise, get_schedule, prepare
 from flux.store import load_capture
 
@@ -47,24 +45,6 @@ def pixel_difference(a: Path, b: Path) -> tuple[int, float, float]:
 
 def describe(diff: tuple[int, float, float]) -> str:
     return f"mean {diff[1]:.3f} levels, worst image {diff[2]:.3f}, worst pixel {diff[0]}"
-
-
-def pinned_by_a_thread(flow, dims: tuple) -> HostBufferPool:
-    """A capture's host buffers allocated (pinned) by another thread, on a meta model's dimensions."""
-    result = {}
-
-    def allocate() -> None:
-        device = dims[-1]
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        with torch.device("meta"):
-            meta = Flux(flow.params)
-        result["pool"] = CaptureSession.buffers(meta, *dims)
-
-    thread = threading.Thread(target=allocate)
-    thread.start()
-    thread.join()
-    return result["pool"]
 
 
 def main() -> int:
@@ -111,10 +91,10 @@ def main() -> int:
             pool = None
             if early:  # as capture_sample.py does while the models load (buffers_while_loading)
                 dims = (plan, fmt, txt.shape[1], inp["img"].shape[1], dtype, STEPS, device)
-                pool = pinned_by_a_thread(flow, dims)
+                pool = buffers_in_a_thread(flow.params, *dims).result()
                 pinned = [t.is_pinned() for t in pool.acquire().values()]
                 report(label, "the buffers are pinned on CUDA", set(pinned) == {device.type == "cuda"})
-                pool = pinned_by_a_thread(flow, dims)  # a fresh pool: the check above took a set
+                pool = buffers_in_a_thread(flow.params, *dims).result()  # fresh: the check above took a set
             session = CaptureSession.open(
                 flow, plan, fmt, path, txt.shape[1], inp["img"].shape[1], dtype, meta, STEPS, device, pool
             )
