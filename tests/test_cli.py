@@ -1,5 +1,6 @@
 """capture_sample.py end to end on flux-tiny (CPU): files, format, observation only, decode later, errors."""
 
+import importlib
 import json
 import re
 import sys
@@ -99,6 +100,24 @@ def test_decode_later_equals_decode_at_capture(tiny_run, tmp_path):
         assert p.read_bytes() == (at_capture / p.name).read_bytes(), p.name
 
 
+def test_subcommands_write_beside_the_capture_by_default(tiny_run, tmp_path, capfd):
+    import shutil
+
+    pt = shutil.copy(_only(tiny_run / "intermediates", "capture_*_flux-tiny.pt"), tmp_path)
+    stem = Path(pt).stem
+    for _ in range(2):  # the second decode must not touch the first's folder
+        assert capture_sample.run(["decode", pt, "--progress", "False"]) == 0
+    assert sorted(p.name for p in (tmp_path / "decoded").iterdir()) == [stem, f"{stem}_1"]
+    assert (tmp_path / "decoded" / stem / "single_block_2_step_3.jpg").is_file()
+    assert capture_sample.run(["replay", pt, "--step", "3", "--until", "3", "--progress", "False"]) == 0
+    assert sorted(p.name for p in (tmp_path / "replays").iterdir()) == ["replay_0.jpg", "replay_0.json"]
+    sweep = ["sweep", pt, "--blocks", "double:0", "--steps", "3", "--progress", "False"]
+    assert capture_sample.run(sweep) == 0
+    assert [p.name for p in (tmp_path / "sweeps").iterdir()] == [f"{stem}_skip_steps3"]
+    assert (tmp_path / "sweeps" / f"{stem}_skip_steps3" / "sweep.csv").is_file()
+    assert "%|" not in capfd.readouterr().err  # --progress False: no progress bar from any of them
+
+
 def test_capture_is_observation_only_and_runs_are_deterministic(tiny_run, tmp_path):
     base = ["--model", "flux-tiny", "--prompt", "a red cube", "--seed", "1", *SIZE]
     assert cli(*base, "--capture", "False", "--output_dir", str(tmp_path / "plain")) == 0
@@ -168,6 +187,20 @@ def test_bad_values_exit_2_with_one_line_naming_the_flag(args, flag, tmp_path, c
     assert rc == 2
     assert err[-1].startswith("error: ") and flag in err[-1]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["width", "height"])
+def test_sides_go_up_to_4096_pixels(flag, tmp_path):
+    from flux.options import RunOptions, UsageError
+
+    def options(side: int) -> RunOptions:
+        sizes = {"width": 16, "height": 16, flag: side}
+        return RunOptions(model="flux-tiny", output_dir=str(tmp_path), device="cpu", **sizes).validate()
+
+    assert (options(4096).width, options(4096).height) == ((4096, 16) if flag == "width" else (16, 4096))
+    with pytest.raises(UsageError, match=f"--{flag} must be a positive multiple of 16 up to 4096; got 4112. "
+                                         "Try 4096."):  # fmt: skip
+        options(4112)
 
 
 def test_guidance_on_schnell_warns_before_loading(tmp_path, monkeypatch, capsys):
@@ -298,6 +331,11 @@ def test_pt_capture_larger_than_host_memory_is_refused_before_loading(monkeypatc
     # Streaming needs only a few steps in memory, so it goes ahead.
     assert cli("--model", "flux-tiny", *SIZE, "--format", "safetensors", "--should_decode_intermediates",
                "False", "--output_dir", str(out)) == 0  # fmt: skip
+    # --force skips the check: the .pt capture is attempted, and here it fits after all.
+    forced = tmp_path / "forced"
+    assert cli("--model", "flux-tiny", *SIZE, "--force", "--should_decode_intermediates", "False",
+               "--output_dir", str(forced)) == 0  # fmt: skip
+    assert len(list((forced / "intermediates").glob("capture_*_flux-tiny.pt"))) == 1
 
 
 def test_capture_larger_than_the_disk_is_refused_before_loading(monkeypatch, tmp_path, capsys):
@@ -310,6 +348,10 @@ def test_capture_larger_than_the_disk_is_refused_before_loading(monkeypatch, tmp
     out = tmp_path / "o"
     assert cli("--model", "flux-tiny", *SIZE, "--output_dir", str(out)) == 1
     assert "--force" in capsys.readouterr().err and not out.exists()
+    # --force goes ahead on the user's word: the estimate is what was refused, not the write.
+    assert cli("--model", "flux-tiny", *SIZE, "--force", "--should_decode_intermediates", "False",
+               "--output_dir", str(out)) == 0  # fmt: skip
+    assert len(list((out / "intermediates").glob("capture_*_flux-tiny.pt"))) == 1
 
 
 @pytest.mark.parametrize(
@@ -379,6 +421,23 @@ def test_a_switch_given_a_word_is_refused_in_every_command(argv, flag, tiny_run,
     rc = capture_sample.run([*base, *argv, "--output_dir", str(out)])
     assert rc == 2 and f"{flag} is a switch" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep"])
+def test_every_command_has_a_help_screen_listing_its_flags(command, capsys):
+    import inspect
+
+    with pytest.raises(SystemExit) as done:
+        capture_sample.run([command, "--help"])
+    assert done.value.code == 0
+    shown = capsys.readouterr()
+    shown = shown.out + shown.err
+    module, _, name = capture_sample.COMMANDS[command].partition(":")
+    function = getattr(importlib.import_module(module), name)
+    for flag, parameter in inspect.signature(function).parameters.items():
+        listed = f"--{flag}" if parameter.default is not parameter.empty else flag.upper()  # a positional
+        assert listed in shown, f"{command} --help does not list {listed}"
+    assert " ".join(function.__doc__.split()[:5]) in " ".join(shown.split())  # what the command is for
 
 
 def test_dash_h_is_help_and_a_mistyped_command_is_named(capsys):

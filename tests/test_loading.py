@@ -160,11 +160,12 @@ def test_hub_path_offline_from_a_prepopulated_cache(tiny_repo, tmp_path):
         import torch
         from flux.configs import CONFIGS
         from flux.errors import UserError
-        from flux.loading import HUB, load_flow_model, load_text_encoders, resolve_flow_path
+        from flux.loading import HUB, load_flow_model, load_text_encoders, resolve_ae_path, resolve_flow_path
 
         spec = CONFIGS["flux-tiny"]
         path = resolve_flow_path(spec, HUB)
         assert str(path).startswith({str(cache)!r}), path
+        assert str(resolve_ae_path(spec, HUB)).startswith({str(cache)!r})
         model = load_flow_model(spec, "cpu", torch.float32, weights_dir=HUB)
         t5, clip = load_text_encoders(spec, "cpu", torch.float32, weights_dir=HUB)
         print("T5", tuple(t5(["a red cube"]).shape), "CLIP", tuple(clip(["a red cube"]).shape))
@@ -175,8 +176,12 @@ def test_hub_path_offline_from_a_prepopulated_cache(tiny_repo, tmp_path):
         """
     )
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "FLUX_TINY_DIR": str(tiny_repo)}
-    for var in ("FLUX_MODEL", "FLUX_AE", "FLUX_TEXT_ENCODERS", "HF_HOME"):
-        env.pop(var, None)
+    env.pop("HF_HOME", None)
+    # "hub" overrides the local-file variables: these would fail if read.
+    missing = str(tmp_path / "missing")
+    env.update(
+        FLUX_MODEL=missing + ".safetensors", FLUX_AE=missing + ".safetensors", FLUX_TEXT_ENCODERS=missing
+    )
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "T5 (1, 32, 32) CLIP (1, 32)" in out.stdout
