@@ -171,7 +171,8 @@ def decode(
 
     Args:
         path: A capture: a .pt file or a safetensors capture directory.
-        output_dir: Where to write; default {capture folder}/decoded/{capture stem} (suffixed if taken).
+        output_dir: Where to write; default {capture folder}/decoded/{capture stem}. A folder that exists,
+            given or default, is never written into: _1, _2, ... is added to its name.
         decode_target: x0 (default; each block's clean-image estimate) or next (the one-step latent).
         device: Torch device; cuda when available, else cpu.
         decode_batch_size: Images per decoder call; default: set by the image size (8 on CPU).

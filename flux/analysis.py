@@ -665,7 +665,8 @@ def analyze_command(
 
     Args:
         path: A capture: a capture_*.pt file or a safetensors capture directory.
-        output_dir: Where to write; default {capture folder}/analysis/{capture name}/.
+        output_dir: Where to write; default {capture folder}/analysis/{capture name}/. A folder that
+            exists, given or default, is never written into: _1, _2, ... is added to its name.
         device: Torch device for the final layer and the decoder; cuda when available, else cpu.
         animation: Write the animation of the decoded blocks (default True). JPEGs the lens already wrote
             under {capture folder}/decoded/{capture name}/ are reused; the rest are decoded.

@@ -275,7 +275,7 @@ STABLE_BATCH_BYTES = 16 * 2**30  # the memory a GPU batch plans for, so it is th
 
 def compile_pays(n: int, height: int, width: int) -> bool:
     """Whether compiling the decoder (~30 s) is likely to pay for `n` images: when eager decoding would
-    take over a minute (e.g. flux-dev's 2,850 images at 1024 px, not flux-schnell's 229 at 256 px)."""
+    take over a minute (e.g. flux-dev's 2,851 images at 1024 px, not flux-schnell's 229 at 256 px)."""
     eager = n * EAGER_SECONDS_PER_256PX_IMAGE * (height * width) / (256 * 256)
     return eager > COMPILE_PAYS_AFTER_SECONDS
 

@@ -712,7 +712,7 @@ def decode_saved(
     what = "compiling" if report.compiled else "warming up"  # on CUDA the eager decoder warms up too
     compile_note = f", plus {report.compile_seconds:.1f} s {what}" if report.compile_seconds else ""
     print(
-        f"Lens: {report.n_images} images in {report.decode_seconds:.2f} s "
+        f"Decoded the lens: {report.n_images} images in {report.decode_seconds:.2f} s "
         f"({1000 * report.seconds_per_image:.1f} ms each{compile_note}) -> {out_dir}"
     )
     return report

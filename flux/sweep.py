@@ -360,7 +360,8 @@ def sweep_command(
         scale: Multiplier of the direction for add (default 1).
         source: The capture to patch from (same model, size and text length; e.g. another prompt).
         direction: A .pt (or .safetensors) file holding one tensor of shape (D,) or (1, L, D), for add.
-        output_dir: Folder for the results (default: beside the capture, as above).
+        output_dir: Folder for the results (default: beside the capture, as above). A folder that exists
+            is never written into: _1, _2, ... is added to its name.
         device: Torch device; cuda when available, else cpu. Exact replays need the capture's device.
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; as for generation.
         progress: Show progress bars (default True).
