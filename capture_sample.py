@@ -335,9 +335,11 @@ def run(argv: list[str] | None = None) -> int:
                 raise UsageError(
                     f"{args[0]!r} is not a command. Did you mean `capture_sample.py {close[0]}`?"
                 )
-        args = long_flags(command, args, name)
+        args = keep_text(command, long_flags(command, args, name))
+        if "--help" in args:  # (a text flag's value arrives quoted: `--prompt=--help` is a prompt)
+            args = ["--", "--help"]  # Fire would first call the command with the other flags: a whole run
         check_flags(command, args, name)
-        fire.Fire(checked(command, name), keep_text(command, args), name=name)
+        fire.Fire(checked(command, name), args, name=name)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -440,6 +440,55 @@ def test_every_command_has_a_help_screen_listing_its_flags(command, capsys):
     assert " ".join(function.__doc__.split()[:5]) in " ".join(shown.split())  # what the command is for
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--model", "flux-tiny", *SIZE, "--help"],
+        ["-m", "flux-tiny", "-h"],
+        ["--help", "--model", "flux-tiny"],
+        ["decode", "PT", "--device", "cpu", "--help"],
+        ["sweep", "PT", "-h"],
+        ["replay", "PT", "--help", "--step", "1"],
+        ["analyze", "PT", "--help"],
+    ],
+)
+def test_help_anywhere_shows_help_and_runs_nothing(argv, tiny_run, tmp_path, monkeypatch, capsys):
+    import flux.pipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("--help started the command")
+
+    for loader in ("load_models", "load_model_final_layer", "load_flow_model", "load_ae"):
+        if hasattr(flux.pipeline, loader):
+            monkeypatch.setattr(flux.pipeline, loader, no_loading)
+    monkeypatch.chdir(tmp_path)
+    pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
+    decoded_before = sorted((tiny_run / "intermediates").rglob("*"))
+    argv = [pt if a == "PT" else a for a in argv]
+    with pytest.raises(SystemExit) as done:
+        capture_sample.run([*argv, "--output_dir", str(tmp_path / "out")])
+    assert done.value.code == 0
+    shown = capsys.readouterr()
+    assert "NAME" in shown.out + shown.err and "'\"'\"'" not in shown.out + shown.err  # no garbled quoting
+    assert not (tmp_path / "out").exists() and not (tmp_path / "output").exists()
+    assert sorted((tiny_run / "intermediates").rglob("*")) == decoded_before
+
+
+def test_a_prompt_may_be_the_word_help(monkeypatch):
+    import flux.pipeline
+
+    seen = []
+
+    def stop_after_validation(self):
+        seen.append(self.prompt)
+        raise capture_sample.UsageError("stop here")
+
+    monkeypatch.setattr(flux.pipeline.RunOptions, "validate", stop_after_validation)
+    assert capture_sample.run(["--prompt=--help"]) == 2
+    assert capture_sample.run(["--prompt", "-h"]) == 2
+    assert seen == ["--help", "-h"]
+
+
 def test_dash_h_is_help_and_a_mistyped_command_is_named(capsys):
     with pytest.raises(SystemExit) as done:  # Fire ends a help screen with FireExit(0)
         capture_sample.run(["-h"])
