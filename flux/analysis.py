@@ -50,6 +50,7 @@ from flux.decode import (
     latent_from,
     lens_latent,
     lens_plan,
+    lens_target,
     lens_velocity,
     to_image,
 )
@@ -450,9 +451,9 @@ def render_frames(
 ) -> list[Image.Image]:
     """Labelled frames for `keys`, then one of the final image (`progress`: a bar over decoded frames).
 
-    A frame is read from `{jpeg_dir}/{stream}_block_{i}_step_{k}.jpg` when the lens already wrote it;
-    the others are decoded in batches (lens_latent -> decode_latents), which needs `final_layer` and `ae`.
-    The final frame is `final_image`, else final_latent decoded, else left out.
+    A frame is read from `{jpeg_dir}/{stream}_block_{i}_step_{k}.jpg` when the lens already wrote it with
+    the x0 target (see `lens_jpeg`); the others are decoded in batches (lens_latent -> decode_latents), which
+    needs `final_layer` and `ae`. The final frame is `final_image`, else final_latent decoded, else left out.
     """
     meta, ctx = capture["metadata"], capture["denoising_context"]
     height, width = int(meta["height"]), int(meta["width"])
@@ -460,7 +461,7 @@ def render_frames(
     images: dict[LensKey | None, Image.Image] = {}
     if jpeg_dir is not None:
         for key in keys:
-            if (p := Path(jpeg_dir) / key.filename).is_file():
+            if (p := lens_jpeg(jpeg_dir, key)) is not None:
                 with Image.open(p) as img:
                     images[key] = img.convert("RGB")
     todo: list[LensKey | None] = [k for k in keys if k not in images]
@@ -552,13 +553,11 @@ def _device(device: str | None) -> torch.device:
     return dev
 
 
-def _sampler_image(meta: dict) -> Image.Image | None:
-    """The image the run wrote (metadata["files"]["image"]), if it is still there."""
-    image = meta.get("files", {}).get("image")
-    if image and Path(image).is_file():
-        with Image.open(image) as img:
-            return img.convert("RGB")
-    return None
+def lens_jpeg(jpeg_dir: str | Path, key: LensKey) -> Path | None:
+    """The lens's JPEG of `key` in `jpeg_dir` if it shows the x0 estimate, as the frames do; None if it is
+    missing, was decoded with another target, or predates the lens's comments."""
+    path = Path(jpeg_dir) / key.filename
+    return path if path.is_file() and lens_target(path) == "x0" else None
 
 
 def analyze(
@@ -622,10 +621,11 @@ def analyze(
     if animation and has_img:
         keys = animation_keys(capture, pick_steps(list(meta["captured_steps"]), animation_steps))
         jpegs = decoded_dir(path)
-        final_image = _sampler_image(meta)
-        missing = [k for k in keys if not (jpegs / k.filename).is_file()]
+        missing = [k for k in keys if lens_jpeg(jpegs, k) is None]
         ae = None
-        if missing or (final_image is None and capture["denoising_context"].get("final_latent") is not None):
+        # The final frame is decoded from the stored final latent: the run's JPEG may have been moved, or
+        # replaced by another run's that took its free name.
+        if missing or capture["denoising_context"].get("final_latent") is not None:
             ae = load_ae(spec, dev, None, weights_dir)
         reused = len(keys) - len(missing)
         log(
@@ -634,9 +634,8 @@ def analyze(
             + (f", {len(missing)} to decode" if missing else "")
         )
         frames = render_frames(
-            capture, keys, final_layer=final_layer, ae=ae, jpeg_dir=jpegs, final_image=final_image,
-            progress=progress,
-        )  # fmt: skip
+            capture, keys, final_layer=final_layer, ae=ae, jpeg_dir=jpegs, progress=progress
+        )
         written["animation"] = write_gif(frames, out / "animation.gif", frame_ms)
         if mp4_available():
             written["animation_mp4"] = write_mp4(frames, out / "animation.mp4", frame_ms)

@@ -66,6 +66,23 @@ class LensKey:
         return f"{self.stream}_block_{self.block}_step_{self.step}.jpg"
 
 
+LENS_COMMENT = "flux lens: {stream} block {block}, step {step}, target {target}"
+
+
+def lens_comment(key: LensKey, target: str) -> str:
+    """What a lens JPEG shows, in its JPEG comment, so that nothing reads an x0 image as a `next` one."""
+    return LENS_COMMENT.format(stream=key.stream, block=key.block, step=key.step, target=target)
+
+
+def lens_target(path: str | Path) -> str | None:
+    """The decode target a lens JPEG was written with (its comment), or None for any other image."""
+    with Image.open(path) as img:
+        comment = img.info.get("comment", b"")
+    text = comment.decode("utf-8", "replace") if isinstance(comment, bytes) else str(comment)
+    head, _, target = text.rpartition(", target ")
+    return target if head.startswith("flux lens: ") and target in TARGETS else None
+
+
 def _check_target(target: str) -> None:
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -207,17 +224,20 @@ def to_image(x: Tensor) -> Image.Image:
 JPEG = {"format": "JPEG", "quality": 95, "subsampling": 0}  # no chroma subsampling: sharp colour edges
 
 
-def save_jpeg(img: Image.Image, path: str | Path) -> None:
-    """JPEG at quality 95 without chroma subsampling, written atomically (temp file, then os.replace).
+def save_jpeg(img: Image.Image, path: str | Path, comment: str | None = None) -> None:
+    """JPEG at quality 95 without chroma subsampling, written atomically (temp file, then os.replace), with
+    `comment` in its COM segment if given.
 
     Encoded straight into the file: Pillow lets go of the GIL while it encodes into a real file (into memory
     it holds it), so the lens's writer threads encode in parallel and leave the sampling thread alone. On a
     full disk the size it needed is measured by encoding again in memory.
     """
 
+    options = JPEG if comment is None else {**JPEG, "comment": comment}
+
     def write(tmp: Path) -> None:
         with open(tmp, "w+b") as f:
-            img.save(f, **JPEG)
+            img.save(f, **options)
             # Pillow writes to the descriptor itself and takes a short write (the last bytes that fitted on
             # a filling disk) for success: a whole JPEG ends with its end-of-image marker.
             f.seek(max(0, f.seek(0, os.SEEK_END) - 2))
@@ -228,7 +248,7 @@ def save_jpeg(img: Image.Image, path: str | Path) -> None:
     def needed() -> int | None:
         try:
             buf = io.BytesIO()
-            img.save(buf, **JPEG)
+            img.save(buf, **options)
             return buf.tell()
         except Exception:  # the disk-full error matters, not the size in it
             return None
@@ -351,10 +371,10 @@ def _thumbnail(img: Image.Image, cell: tuple[int, int]) -> Image.Image:
     return img if img.size == cell else img.resize(cell, Image.Resampling.BICUBIC)
 
 
-def _write_image(pixels: np.ndarray, path: Path | None, cell: tuple[int, int]) -> Image.Image:
+def _write_image(pixels: np.ndarray, path: Path | None, cell: tuple[int, int], comment: str) -> Image.Image:
     img = Image.fromarray(pixels)
     if path is not None:
-        save_jpeg(img, path)
+        save_jpeg(img, path, comment)
     return _thumbnail(img, cell)
 
 
@@ -500,8 +520,10 @@ def decode_capture(
             if ready is not None:
                 ready.synchronize()
             for key, px in zip(keys, pixels.numpy()):
-                path = out_dir / key.filename if key is not None else None
-                thumbs[key] = pool.submit(_write_image, px, path, cell)
+                path, comment = (
+                    (out_dir / key.filename, lens_comment(key, target)) if key is not None else (None, "")
+                )
+                thumbs[key] = pool.submit(_write_image, px, path, cell, comment)
                 if key is not None:
                     left[key.stream] -= 1
                     if left[key.stream] == 0:  # a 38-row sheet is a 14-megapixel JPEG: start it now

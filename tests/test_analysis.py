@@ -316,13 +316,16 @@ def test_pick_steps():
 
 
 def test_frames_reuse_the_lens_jpegs(captures, tmp_path):
-    """Frames the lens already decoded are read from disk: nothing needs the final layer or the AE."""
+    """Frames the lens already decoded (x0) are read from disk: nothing needs the final layer or the AE."""
     capture = load_capture(captures["pt"])
     keys = analysis.animation_keys(capture)
     colours = {}
     for n, key in enumerate(keys):
         colours[key] = (10 * n, 255 - 10 * n, 128)
-        Image.new("RGB", (SIZE, SIZE), colours[key]).save(tmp_path / key.filename, quality=100)
+        comment = f"flux lens: {key.stream} block {key.block}, step {key.step}, target x0"
+        Image.new("RGB", (SIZE, SIZE), colours[key]).save(
+            tmp_path / key.filename, quality=100, comment=comment
+        )
     final = Image.new("RGB", (SIZE, SIZE), "white")
     frames = analysis.render_frames(capture, keys, jpeg_dir=tmp_path, final_image=final)
     assert len(frames) == len(keys) + 1
@@ -331,8 +334,16 @@ def test_frames_reuse_the_lens_jpegs(captures, tmp_path):
         assert frame.size == (w, h + analysis.LABEL_BAND)
         centre = np.array(frame.getpixel((w // 2, analysis.LABEL_BAND + h // 2)))
         assert np.abs(centre - colours[key]).max() <= 3
-    (tmp_path / keys[0].filename).unlink()
-    with pytest.raises(ValueError, match="need decoding"):
+    # Not reused: a lens JPEG of the `next` target (another picture), one without the lens's comment (older
+    # or not the lens's), a missing one. Each of them has to be decoded.
+    key = keys[0]
+    wrong = {"next": f"flux lens: {key.stream} block {key.block}, step {key.step}, target next", "none": None}
+    for comment in wrong.values():
+        Image.new("RGB", (SIZE, SIZE), colours[key]).save(tmp_path / key.filename, comment=comment or "")
+        with pytest.raises(ValueError, match="1 frames need decoding"):
+            analysis.render_frames(capture, keys, jpeg_dir=tmp_path, final_image=final)
+    (tmp_path / key.filename).unlink()
+    with pytest.raises(ValueError, match="1 frames need decoding"):
         analysis.render_frames(capture, keys, jpeg_dir=tmp_path, final_image=final)
 
 
@@ -567,6 +578,28 @@ def test_main_command_with_analyze_writes_the_analysis_folder(tmp_path, capsys):
     assert f"{N_BLOCKS * n_steps} from the lens" in printed  # the lens ran first: nothing decoded twice
     with Image.open(folder / "animation.gif") as gif:
         assert gif.n_frames == N_BLOCKS * n_steps + 1 and gif.size == FRAME_PX
+
+
+def test_the_animation_shows_this_run_even_where_files_beside_it_do_not(tmp_path, capsys):
+    """A lens decoded with --decode_target next shows another picture than the x0 frames: not reused. And
+    the final frame is this run's image, even when img_0.jpg has since been replaced (the user deleted it and
+    another run took its free name)."""
+    argv = ["--model", "flux-tiny", "--prompt", "a red cube", "--seed", "1", "--num_steps", "2"]
+    argv += ["--width", str(SIZE), "--height", str(SIZE), "--decode_target", "next"]
+    assert capture_sample.run([*argv, "--output_dir", str(tmp_path), "--progress", "False"]) == 0
+    (capture,) = (tmp_path / "intermediates").glob("capture_*")
+    with Image.open(tmp_path / "img_0.jpg") as img:
+        genuine = np.asarray(img.convert("RGB"), dtype=float)
+    Image.new("RGB", (SIZE, SIZE), (0, 255, 0)).save(tmp_path / "img_0.jpg")  # another run's image
+    capsys.readouterr()
+    analysis.analyze_command(str(capture), device="cpu", progress=False)
+    assert "from the lens" not in capsys.readouterr().out  # all 2 x N_BLOCKS frames decoded as x0
+    with Image.open(tmp_path / "intermediates" / "analysis" / _stem(capture) / "animation.gif") as gif:
+        gif.seek(gif.n_frames - 1)
+        w, h = analysis.frame_size(SIZE, SIZE)
+        final = gif.convert("RGB").crop((0, analysis.LABEL_BAND, w, analysis.LABEL_BAND + h))
+    final = np.asarray(final.resize((SIZE, SIZE)), dtype=float)
+    assert np.abs(final - genuine).mean() < 0.25 * np.abs(final - [0, 255, 0]).mean()
 
 
 def test_a_bad_weights_dir_leaves_no_analysis_folder(captures, tmp_path):

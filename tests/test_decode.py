@@ -213,6 +213,17 @@ def test_files_and_grids(model, ae, capture, tmp_path):
     assert sheet[LABEL_H : LABEL_H + HEIGHT, x - FINAL_GAP + 2 : x - 2].min() > 240  # the white gap
 
 
+@pytest.mark.parametrize("target", ["x0", "next"])
+def test_each_lens_jpeg_says_what_it_shows(model, ae, capture, tmp_path, target):
+    from flux.decode import lens_target
+
+    decode_capture(capture, model.final_layer, ae, tmp_path, target=target, steps=[1], progress=False)
+    with Image.open(tmp_path / "single_block_2_step_1.jpg") as img:
+        assert img.info["comment"] == f"flux lens: single block 2, step 1, target {target}".encode()
+    assert {lens_target(p) for p in tmp_path.glob("*_block_*.jpg")} == {target}
+    assert lens_target(tmp_path / "grid_single.jpg") is None  # a contact sheet is not one block's image
+
+
 def test_subset_of_steps(model, ae, tmp_path):
     capture = make_capture(model, keep_steps=[0, 2])
     assert len(capture["single_blocks"]["block_0"]) == 2
