@@ -106,20 +106,20 @@ def depth_of(stream: str, block: int, n_double: int) -> int:
     return block if stream == "double" else n_double + block
 
 
-def capture_stem(path: str | Path) -> str:
-    """`capture_{stamp}_{model}` for a `.pt` file or a safetensors directory."""
-    path = Path(path)
-    return path.name if path.is_dir() else path.stem
-
-
 def default_output_dir(path: str | Path) -> Path:
     """`{capture parent}/analysis/{capture stem}/`, beside `decoded/{capture stem}/` of the lens."""
-    return Path(path).parent / "analysis" / capture_stem(path)
+    from flux.store import beside_capture
+
+    folder, stem = beside_capture(path, "analysis")
+    return folder / stem
 
 
 def decoded_dir(path: str | Path) -> Path:
     """Where the lens wrote this capture's JPEGs: `{capture parent}/decoded/{capture stem}/`."""
-    return Path(path).parent / "decoded" / capture_stem(path)
+    from flux.store import beside_capture
+
+    folder, stem = beside_capture(path, "decoded")
+    return folder / stem
 
 
 def latest_capture(folder: str | Path = "output/intermediates") -> Path:

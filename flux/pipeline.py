@@ -41,6 +41,7 @@ from flux.store import (
     SCHEMA_VERSION,
     PtSink,
     SafetensorsSink,
+    beside_capture,
     claim_stem,
     new_dir,
     next_free_index,
@@ -753,8 +754,8 @@ def decode_later(
     meta = load_capture(capture_path)["metadata"]
     spec = get_spec(meta["model"])
     dtype = compute_dtype(spec)
-    stem = capture_path.name.removesuffix(".pt")
-    out_base = Path(output_dir) if output_dir else capture_path.parent / "decoded" / stem
+    decoded, stem = beside_capture(capture_path, "decoded")
+    out_base = Path(output_dir) if output_dir else decoded / stem
     check_output_dir(out_base)
     final_layer = load_model_final_layer(spec, weights_dir, device, dtype)
     ae = load_ae(spec, device, weights_dir=weights_dir)

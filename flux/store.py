@@ -375,6 +375,14 @@ def release_stem(folder: Path, stem: str) -> None:
     (folder / f".{stem}.claim").unlink(missing_ok=True)
 
 
+def beside_capture(path: str | Path, folder: str) -> tuple[Path, str]:
+    """(`{the capture's folder}/{folder}`, the capture's stem `capture_{stamp}_{model}`): where the lens,
+    analyze, sweep and replay write by default. The path is resolved first, so `.` (run inside a
+    safetensors capture) names that capture, not its own folder as the parent."""
+    path = Path(path).expanduser().resolve()
+    return path.parent / folder, path.stem if path.suffix == ".pt" else path.name
+
+
 # --------------------------------------------------------------------------------- capture structure
 class LazyList(Sequence):
     """A read-only list whose items are produced (read from disk) when indexed."""
@@ -598,7 +606,7 @@ class _Shards:
     """Open safetensors shards of a capture directory, read lazily (memory-mapped) key by key."""
 
     def __init__(self, directory: Path):
-        self.dir = directory
+        self.dir = directory.absolute()  # read later, perhaps after the notebook has changed directory
         self.handles: dict[Path, Any] = {}
 
     def get(self, name: str, key: str) -> Tensor:
@@ -607,6 +615,11 @@ class _Shards:
             if path not in self.handles:
                 self.handles[path] = safe_open(str(path), framework="pt", device="cpu")
             return self.handles[path].get_tensor(key)
+        except FileNotFoundError as e:
+            raise UserError(
+                f"Could not read {key!r}: the shard {str(path)!r} is missing (moved or deleted), though the "
+                "capture's index.json lists its step as written."
+            ) from e
         except (SafetensorError, OSError) as e:
             raise UserError(f"Could not read {key!r} from {str(path)!r}: {e}. The shard is corrupt.") from e
 

@@ -231,10 +231,6 @@ def contact_sheet(
 
 
 # -------------------------------------------------------------------------------------- commands
-def _capture_stem(path: Path) -> str:
-    return path.stem if path.suffix == ".pt" else path.name
-
-
 def load_direction(path: str | None) -> Tensor | None:
     """A direction tensor from a .pt file (a tensor, or a dict with one) or a .safetensors with one tensor."""
     if path is None:
@@ -368,7 +364,7 @@ def sweep_command(
     """
     from flux.decode import save_jpeg
     from flux.options import check_output_dir
-    from flux.store import load_capture, new_dir, write_json
+    from flux.store import beside_capture, load_capture, new_dir, write_json
 
     if intervention not in KINDS:
         raise UsageError(f"--intervention must be one of {', '.join(KINDS)}; got {intervention!r}.")
@@ -400,13 +396,11 @@ def sweep_command(
         for stream, block in chosen
     ]
     _check_before_loading(planned, spec, capture)
-    cap_path = Path(path)
     label = (
         intervention + (f"_{tokens}" if tokens else "") + (f"_steps{format_steps(step_set)}" if steps else "")
     )
-    base = (
-        Path(output_dir) if output_dir else cap_path.parent / "sweeps" / f"{_capture_stem(cap_path)}_{label}"
-    )
+    sweeps, stem = beside_capture(path, "sweeps")
+    base = Path(output_dir) if output_dir else sweeps / f"{stem}_{label}"
     check_output_dir(base)
     chart = importlib.util.find_spec("matplotlib") is not None
     if not chart:
@@ -510,7 +504,15 @@ def replay_command(
     """
     from flux.decode import decode_latents, save_jpeg, to_image
     from flux.options import check_output_dir
-    from flux.store import atomic_write, load_capture, next_free_index, publish_new, torch_save, write_json
+    from flux.store import (
+        atomic_write,
+        beside_capture,
+        load_capture,
+        next_free_index,
+        publish_new,
+        torch_save,
+        write_json,
+    )
 
     for flag, value in (("step", step), ("until", until)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -532,7 +534,7 @@ def replay_command(
         direction=load_direction(direction),
     )
     _check_before_loading(ivs, spec, capture)
-    out = Path(output_dir) if output_dir else Path(path).parent / "replays"
+    out = Path(output_dir) if output_dir else beside_capture(path, "replays")[0]
     check_output_dir(out)
     flow, ae = _load(spec, device, dtype, weights_dir)  # only now that every flag has been checked
     record = CapturePlan.everything(flow, num_steps) if save_capture else None

@@ -118,6 +118,28 @@ def test_subcommands_write_beside_the_capture_by_default(tiny_run, tmp_path, cap
     assert "%|" not in capfd.readouterr().err  # --progress False: no progress bar from any of them
 
 
+def test_subcommands_run_from_inside_a_safetensors_capture_write_beside_it(tmp_path, monkeypatch):
+    """`decode .` from inside a capture folder means that capture: its outputs go beside it, as for its
+    path, never into the capture itself."""
+    assert cli("--model", "flux-tiny", *SIZE, "--num_steps", "2", "--format", "safetensors",
+               "--should_decode_intermediates", "False", "--output_dir", str(tmp_path)) == 0  # fmt: skip
+    capture = _only(tmp_path / "intermediates", "capture_*")
+    inside = sorted(p.name for p in capture.iterdir())
+    monkeypatch.chdir(capture)
+    assert capture_sample.run(["decode", ".", "--progress", "False"]) == 0
+    assert capture_sample.run(["analyze", ".", "--animation", "False", "--progress", "False"]) == 0
+    assert (
+        capture_sample.run(["sweep", ".", "--blocks", "double:0", "--steps", "1", "--progress", "False"]) == 0
+    )
+    assert capture_sample.run(["replay", ".", "--step", "1", "--progress", "False"]) == 0
+    assert sorted(p.name for p in capture.iterdir()) == inside
+    intermediates = tmp_path / "intermediates"
+    assert [p.name for p in (intermediates / "decoded").iterdir()] == [capture.name]
+    assert [p.name for p in (intermediates / "analysis").iterdir()] == [capture.name]
+    assert [p.name for p in (intermediates / "sweeps").iterdir()] == [f"{capture.name}_skip_steps1"]
+    assert sorted(p.name for p in (intermediates / "replays").iterdir()) == ["replay_0.jpg", "replay_0.json"]
+
+
 def test_capture_is_observation_only_and_runs_are_deterministic(tiny_run, tmp_path):
     base = ["--model", "flux-tiny", "--prompt", "a red cube", "--seed", "1", *SIZE]
     assert cli(*base, "--capture", "False", "--output_dir", str(tmp_path / "plain")) == 0

@@ -117,6 +117,20 @@ def test_interrupted_safetensors_capture_keeps_finished_steps(model, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_a_lazy_capture_reads_its_shards_after_a_change_of_directory(model, tmp_path, monkeypatch):
+    plan = CapturePlan.everything(model, NUM_STEPS)
+    (tmp_path / "st").mkdir()
+    _capture(model, lambda pool, meta: SafetensorsSink(tmp_path / "st", pool, meta), plan)
+    monkeypatch.chdir(tmp_path)
+    capture = load_capture("st")  # relative, as a notebook beside it would open it
+    monkeypatch.chdir(tmp_path.parent)
+    assert capture["single_blocks"]["block_0"][1].shape == (1, 17, 64)
+    # A shard that is gone is named as missing, not as corrupt.
+    (tmp_path / "st" / "step_0002.safetensors").unlink()
+    with pytest.raises(UserError, match=r"step_0002.safetensors' is missing \(moved or deleted\)"):
+        capture["single_blocks"]["block_0"][2]
+
+
 def test_interrupted_pt_capture_writes_nothing(model, tmp_path):
     plan = CapturePlan.everything(model, NUM_STEPS)
     _capture(model, lambda pool, meta: PtSink(tmp_path / "c.pt", pool), plan, stop_after=1, limit=None)
