@@ -582,7 +582,7 @@ def analyze(
     from flux.decode import load_model_final_layer
     from flux.loading import check_weights_dir, load_ae
     from flux.options import check_output_dir
-    from flux.store import load_capture, new_dir
+    from flux.store import fresh_dir, load_capture
 
     if isinstance(animation_steps, bool) or not isinstance(animation_steps, int) or animation_steps < 0:
         raise UsageError(f"--animation_steps must be a whole number >= 0; got {animation_steps!r}.")
@@ -604,42 +604,42 @@ def analyze(
     else:
         log("Only text tokens were captured (--streams txt): writing the norms only.")
 
-    out = new_dir(base)  # never reused
-    df = block_metrics(capture, final_layer)
-    written = {"metrics": write_csv(df, out / "metrics.csv")}
-    if has_img:
-        if df.attrs["reference"] == "img_state":
-            log("Reference prediction: recovered from img_state (the last single block was not captured)")
-        else:
-            log(f"Reference prediction: {df.attrs['reference']} (the model's own)")
-        for family in FAMILIES:
-            written[f"heatmap_{family}"] = out / f"heatmap_{family}.png"
-            plot_heatmap(df, family, written[f"heatmap_{family}"])
-    written["norms"] = out / "norms.png"
-    plot_norms(df, written["norms"])
+    with fresh_dir(base) as out:  # never reused; removed if nothing could be written
+        df = block_metrics(capture, final_layer)
+        written = {"metrics": write_csv(df, out / "metrics.csv")}
+        if has_img:
+            if df.attrs["reference"] == "img_state":
+                log("Reference prediction: recovered from img_state (the last single block was not captured)")
+            else:
+                log(f"Reference prediction: {df.attrs['reference']} (the model's own)")
+            for family in FAMILIES:
+                written[f"heatmap_{family}"] = out / f"heatmap_{family}.png"
+                plot_heatmap(df, family, written[f"heatmap_{family}"])
+        written["norms"] = out / "norms.png"
+        plot_norms(df, written["norms"])
 
-    if animation and has_img:
-        keys = animation_keys(capture, pick_steps(list(meta["captured_steps"]), animation_steps))
-        jpegs = decoded_dir(path)
-        missing = [k for k in keys if lens_jpeg(jpegs, k) is None]
-        ae = None
-        # The final frame is decoded from the stored final latent: the run's JPEG may have been moved, or
-        # replaced by another run's that took its free name.
-        if missing or capture["denoising_context"].get("final_latent") is not None:
-            ae = load_ae(spec, dev, None, weights_dir)
-        reused = len(keys) - len(missing)
-        log(
-            f"Animation: {len(keys)} frames"
-            + (f", {reused} from the lens in {jpegs}" if reused else "")
-            + (f", {len(missing)} to decode" if missing else "")
-        )
-        frames = render_frames(
-            capture, keys, final_layer=final_layer, ae=ae, jpeg_dir=jpegs, progress=progress
-        )
-        written["animation"] = write_gif(frames, out / "animation.gif", frame_ms)
-        if mp4_available():
-            written["animation_mp4"] = write_mp4(frames, out / "animation.mp4", frame_ms)
-    return written
+        if animation and has_img:
+            keys = animation_keys(capture, pick_steps(list(meta["captured_steps"]), animation_steps))
+            jpegs = decoded_dir(path)
+            missing = [k for k in keys if lens_jpeg(jpegs, k) is None]
+            ae = None
+            # The final frame is decoded from the stored final latent: the run's JPEG may have been moved, or
+            # replaced by another run's that took its free name.
+            if missing or capture["denoising_context"].get("final_latent") is not None:
+                ae = load_ae(spec, dev, None, weights_dir)
+            reused = len(keys) - len(missing)
+            log(
+                f"Animation: {len(keys)} frames"
+                + (f", {reused} from the lens in {jpegs}" if reused else "")
+                + (f", {len(missing)} to decode" if missing else "")
+            )
+            frames = render_frames(
+                capture, keys, final_layer=final_layer, ae=ae, jpeg_dir=jpegs, progress=progress
+            )
+            written["animation"] = write_gif(frames, out / "animation.gif", frame_ms)
+            if mp4_available():
+                written["animation_mp4"] = write_mp4(frames, out / "animation.mp4", frame_ms)
+        return written
 
 
 def analyze_command(

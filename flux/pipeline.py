@@ -43,7 +43,7 @@ from flux.store import (
     SafetensorsSink,
     beside_capture,
     claim_stem,
-    new_dir,
+    fresh_dir,
     next_free_index,
     publish_new,
     release_stem,
@@ -737,7 +737,7 @@ def decode_later(
     """The lens over a saved capture, loading only the final layer's tensors and the AE (never the full
     flow model). Output goes to `{capture folder}/decoded/{capture stem}` unless `output_dir` is given; an
     existing folder is never written into (a suffix is added)."""
-    from flux.decode import load_model_final_layer
+    from flux.decode import lens_plan, load_model_final_layer
     from flux.store import load_capture
 
     # Check every value before reading or writing anything (exit code 2, no output folder).
@@ -750,8 +750,9 @@ def decode_later(
     device = check_device(device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # as for generation: kernels, streams and events on the chosen GPU
-    capture_path = Path(capture_path)
-    meta = load_capture(capture_path)["metadata"]
+    capture = load_capture(capture_path)
+    meta = capture["metadata"]
+    lens_plan(capture)  # a capture the lens cannot decode (e.g. --streams txt) fails here, before loading
     spec = get_spec(meta["model"])
     dtype = compute_dtype(spec)
     decoded, stem = beside_capture(capture_path, "decoded")
@@ -759,8 +760,8 @@ def decode_later(
     check_output_dir(out_base)
     final_layer = load_model_final_layer(spec, weights_dir, device, dtype)
     ae = load_ae(spec, device, weights_dir=weights_dir)
-    out_dir = new_dir(out_base)
-    return decode_saved(
-        capture_path, final_layer, ae, out_dir, target=target, device=device, batch_size=batch_size,
-        compile=compile, progress=progress,
-    )  # fmt: skip
+    with fresh_dir(out_base) as out_dir:
+        return decode_saved(
+            capture, final_layer, ae, out_dir, target=target, device=device, batch_size=batch_size,
+            compile=compile, progress=progress,
+        )  # fmt: skip

@@ -4,6 +4,7 @@ Every file is written under a temporary name in its final folder and renamed int
 reader never sees half a file. Names are claimed exclusively, so concurrent runs never overwrite each other.
 """
 
+import contextlib
 import errno
 import json
 import math
@@ -16,7 +17,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,6 +345,19 @@ def new_dir(base: Path) -> Path:
         except FileExistsError:
             continue
     raise RuntimeError(f"no free output folder next to {base}")
+
+
+@contextlib.contextmanager
+def fresh_dir(base: Path) -> Iterator[Path]:
+    """`new_dir(base)` for the outputs written inside the block; removed again if that fails before writing
+    anything, so a failed command leaves no empty folder (and the next run does not get `_1`)."""
+    path = new_dir(base)
+    try:
+        yield path
+    except BaseException:
+        with contextlib.suppress(OSError):  # not empty: what was written stays, for the error to explain
+            path.rmdir()
+        raise
 
 
 def claim_stem(folder: Path, model: str, prefix: str = "capture") -> str:

@@ -380,6 +380,14 @@ def sweep_command(
         scale = float(scale)
     except (TypeError, ValueError) as e:
         raise UsageError(f"--scale must be a number; got {scale!r}.") from e
+    # A flag the intervention would ignore is refused: the results would be recorded as if it had applied.
+    for flag, given, kind in (
+        ("scale", scale != 1.0, "add"),
+        ("direction", direction, "add"),
+        ("source", source, "patch"),
+    ):
+        if given and intervention != kind:
+            raise UsageError(f"--{flag} applies only to --intervention {kind}, not {intervention}.")
     capture, spec, device, dtype = _open(path, device)
     p = spec.params
     num_steps = len(timesteps_of(capture)) - 1
@@ -388,10 +396,9 @@ def sweep_command(
     step_set = parse_steps(steps, num_steps, "--steps")
     src = load_capture(source) if source is not None else None
     direction_tensor = load_direction(direction)
-    scale_used = scale if intervention == "add" else 1.0
     planned = [
         Intervention(
-            intervention, stream, block, step_set, tokens, scale_used, source=src, direction=direction_tensor
+            intervention, stream, block, step_set, tokens, scale, source=src, direction=direction_tensor
         )
         for stream, block in chosen
     ]
@@ -418,7 +425,7 @@ def sweep_command(
         chosen,
         step_set,
         tokens,
-        scale if intervention == "add" else 1.0,
+        scale,
         source=src,
         direction=direction_tensor,
         progress=progress,
@@ -523,6 +530,11 @@ def replay_command(
     for flag, value in (("step", step), ("until", until)):
         if value is not None and not 0 <= value < num_steps:
             raise UsageError(f"--{flag} must be a step of this capture, 0..{num_steps - 1}; got {value}.")
+    if until is not None and until < (step or 0):
+        raise UsageError(
+            f"--until {until} comes before --step {step or 0}: the replay runs from --step to --until, both "
+            "included."
+        )
     if save_capture and until is not None and until != num_steps - 1:
         raise UsageError("--save_capture needs the replay to run to the last step: leave --until out.")
     ivs = parse_interventions(
@@ -549,7 +561,9 @@ def replay_command(
     image_path = publish_new(
         lambda n: out / f"replay_{n}.jpg",
         lambda tmp: save_jpeg(to_image(decoded[0]), tmp),
-        start=next_free_index(out, "replay_", ".jpg"),
+        # replay_{n}.json and .pt go with the image: a number none of them has (an image deleted by hand
+        # must not hand its number, and so its old .json, to this replay)
+        start=max(next_free_index(out, "replay_", suffix) for suffix in (".jpg", ".json", ".pt")),
     )
     base = image_path.with_suffix("")
     record_meta = _provenance(

@@ -480,9 +480,12 @@ def test_help_anywhere_shows_help_and_runs_nothing(argv, tiny_run, tmp_path, mon
     def no_loading(*args, **kwargs):
         raise AssertionError("--help started the command")
 
-    for loader in ("load_models", "load_model_final_layer", "load_flow_model", "load_ae"):
-        if hasattr(flux.pipeline, loader):
-            monkeypatch.setattr(flux.pipeline, loader, no_loading)
+    import flux.decode
+    import flux.sweep
+
+    monkeypatch.setattr(flux.pipeline, "load_models", no_loading)
+    monkeypatch.setattr(flux.decode, "load_model_final_layer", no_loading)
+    monkeypatch.setattr(flux.sweep, "_load", no_loading)
     monkeypatch.chdir(tmp_path)
     pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
     decoded_before = sorted((tiny_run / "intermediates").rglob("*"))
@@ -536,6 +539,64 @@ def test_every_command_refuses_an_output_dir_it_cannot_make_before_loading(
     pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
     assert capture_sample.run([command, pt, "--output_dir", str(tmp_path / "a_file" / "sub")]) == 2
     assert f"{str(tmp_path / 'a_file')!r} is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["replay", "PT", "--step", "2", "--until", "1"], "--until 1 comes before --step 2"),
+        (["sweep", "PT", "--scale", "5"], "--scale applies only to --intervention add, not skip"),
+        (["sweep", "PT", "--intervention", "zero", "--source", "PT"], "--source applies only to"),
+        (["sweep", "PT", "--direction", "d.pt"], "--direction applies only to --intervention add"),
+    ],
+)
+def test_flags_that_cannot_apply_are_refused_before_loading(
+    argv, message, tiny_run, tmp_path, monkeypatch, capsys
+):
+    import flux.sweep
+
+    monkeypatch.setattr(flux.sweep, "_load", lambda *a, **k: pytest.fail("a model was loaded"))
+    pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
+    out = tmp_path / "out"
+    assert capture_sample.run([pt if a == "PT" else a for a in argv] + ["--output_dir", str(out)]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_a_text_only_capture_is_refused_by_decode_before_loading(tmp_path, monkeypatch, capsys):
+    import flux.decode
+
+    assert cli("--model", "flux-tiny", *SIZE, "--streams", "txt", "--should_decode_intermediates", "False",
+               "--output_dir", str(tmp_path)) == 0  # fmt: skip
+    monkeypatch.setattr(flux.decode, "load_model_final_layer", lambda *a, **k: pytest.fail("loaded"))
+    capture = _only(tmp_path / "intermediates", "capture_*.pt")
+    assert capture_sample.run(["decode", str(capture)]) == 1
+    assert "only text tokens (--streams txt)" in capsys.readouterr().err
+    assert not (tmp_path / "intermediates" / "decoded").exists()
+
+
+def test_a_command_that_fails_leaves_no_empty_folder(tmp_path, capsys):
+    """A shard deleted after the run: decode and analyze fail on it, and leave no folder that would push
+    the next run's output to `_1`."""
+    assert cli("--model", "flux-tiny", *SIZE, "--format", "safetensors", "--should_decode_intermediates",
+               "False", "--output_dir", str(tmp_path)) == 0  # fmt: skip
+    capture = _only(tmp_path / "intermediates", "capture_*")
+    (capture / "step_0000.safetensors").unlink()
+    for command in ("decode", "analyze"):
+        assert capture_sample.run([command, str(capture), "--progress", "False"]) == 1
+        assert "is missing (moved or deleted)" in capsys.readouterr().err
+    for folder in ("decoded", "analysis"):
+        assert not (tmp_path / "intermediates" / folder / capture.name).exists()
+
+
+def test_replay_numbers_skip_what_a_deleted_image_left(tiny_run, tmp_path):
+    pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
+    replays = tmp_path / "replays"
+    argv = ["replay", pt, "--step", "3", "--output_dir", str(replays), "--progress", "False"]
+    assert capture_sample.run(argv) == 0
+    first = (replays / "replay_0.json").read_bytes()
+    (replays / "replay_0.jpg").unlink()  # by hand; its .json stays
+    assert capture_sample.run(argv) == 0
+    assert (replays / "replay_0.json").read_bytes() == first and (replays / "replay_1.jpg").is_file()
 
 
 @pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep"])
