@@ -75,7 +75,8 @@ def main(
         capture: Capture block outputs (default True). False runs plain generation with no hooks.
         format: pt (default; one file, held in memory until the end) or safetensors (a directory with one
             shard per step, streamed to disk by a background thread; use it for big runs).
-        blocks: Which blocks to capture, e.g. "double:0-5,single:10,single:37" (default: all).
+        blocks: Which blocks to capture, e.g. "double:0-5,single:10,37" (default: all; a range after a
+            comma keeps the kind before it).
         steps: Which steps to capture, e.g. "0,3", "0-49:5" (start-stop:stride) (default: all).
         streams: Tokens to keep from each block output: both (default), img or txt.
         capture_dtype: bf16, fp16 or fp32 for captured block outputs; default: the model's dtype
@@ -98,6 +99,7 @@ def main(
         progress: Show progress bars (default True).
     """
     from flux.pipeline import RunOptions, buffers_while_loading, generate, load_models
+    from flux.store import human_bytes
 
     opts = RunOptions(
         model=model,
@@ -128,7 +130,7 @@ def main(
         print(warning, file=sys.stderr)
     if opts.capture:
         size = opts.estimated_capture_bytes()
-        print(f"Estimated capture size: {size / 1e9:.3f} GB ({opts.format})", file=sys.stderr)
+        print(f"Estimated capture size: {human_bytes(size)} ({opts.format})", file=sys.stderr)
     where = str(opts.device)
     if opts.offload and torch.device(opts.device).type != "cpu":
         where = f"the CPU, each moved to {opts.device} while it runs"
@@ -222,7 +224,10 @@ def long_flags(command, args: list[str], name: str) -> list[str]:
     after a text flag is that flag's value (`--prompt -h` is a prompt), as keep_text hands it on; after a
     number flag it is joined to it (`--guidance -inf` -> `--guidance=-inf`), so validation names the value."""
     kinds = _kinds(command)
-    params = list(inspect.signature(command).parameters)
+    params = inspect.signature(command).parameters
+    # Fire's help offers `-x` for the one flag (a parameter with a default) that starts with x; a positional
+    # (`path`) that starts with x too does not make it ambiguous.
+    flags = [p for p, param in params.items() if param.default is not param.empty]
     text, numbers = kinds["text"], kinds["number"]
     out = []
     for i, token in enumerate(args):
@@ -239,7 +244,7 @@ def long_flags(command, args: list[str], name: str) -> list[str]:
             if key == "h" and not eq:
                 key = "help"
             elif len(key) == 1:
-                matches = [p for p in params if p.startswith(key)]
+                matches = [p for p in flags if p.startswith(key)] or [p for p in params if p.startswith(key)]
                 if len(matches) > 1:
                     raise UsageError(f"{name}: -{key} could be --{', --'.join(matches)}; spell the flag out.")
                 key = matches[0] if matches else key

@@ -94,13 +94,20 @@ class CapturePlan:
         if blocks is None or str(blocks).strip().lower() in ("all", "*", ""):
             double, single = set(range(depth)), set(range(depth_single))
         else:
+            kind = None
             for item in str(blocks).split(","):
-                kind, _, spec = item.strip().partition(":")
-                if kind not in ("double", "single"):
+                named, colon, spec = item.strip().partition(":")
+                if colon and named in ("double", "single"):
+                    kind = named
+                elif (
+                    colon or kind is None or not named
+                ):  # a bare range goes with the kind before it: single:10,37
                     raise UsageError(
                         f"--blocks: cannot read {item.strip()!r}. Use 'double:RANGES' or 'single:RANGES', "
-                        "e.g. 'double:0-5,single:10,single:37', or 'all'."
+                        "e.g. 'double:0-5,single:10,37', or 'all'."
                     )
+                else:
+                    spec = named
                 upper = depth if kind == "double" else depth_single
                 (double if kind == "double" else single).update(
                     _parse_ranges(spec, upper, "blocks", f"{kind} blocks")

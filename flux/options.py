@@ -136,7 +136,7 @@ class RunOptions:
         if self.capture and self.streams == "txt" and self.should_decode_intermediates:
             raise UsageError(
                 "--streams txt keeps no image tokens, so the lens has nothing to decode: add "
-                "--should_decode_intermediates False, or capture --streams both."
+                "--should_decode_intermediates False, or capture --streams img or --streams both."
             )
         if self.analyze:
             from flux.analysis import check_extra

@@ -16,6 +16,7 @@ import shutil
 import struct
 import threading
 import time
+import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,7 @@ CAPTURE_KEYS = frozenset({"double_blocks", "single_blocks", "denoising_context",
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _size(n: float) -> str:
+def human_bytes(n: float) -> str:
     """Bytes as a short human figure: 2.00 GB, 12.3 MB, 4.6 kB (a tiny shard is not "0.00 GB")."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
@@ -66,10 +67,10 @@ def _is_disk_full(err: BaseException) -> bool:
 def _disk_full(path: Path, needed: int | Callable[[], int | None] | None) -> UserError:
     if callable(needed):
         needed = needed()
-    need = f" about {_size(needed)} is needed," if needed else ""
+    need = f" about {human_bytes(needed)} is needed," if needed else ""
     free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
     return UserError(
-        f"The disk holding {str(path.parent)!r} is full (or over quota):{need} {_size(free)} is free. "
+        f"The disk holding {str(path.parent)!r} is full (or over quota):{need} {human_bytes(free)} is free. "
         "Nothing half-written was left behind; free some space or choose another --output_dir."
     )
 
@@ -589,6 +590,12 @@ class SafetensorsSink:
 
 # -------------------------------------------------------------------------------------------- loading
 def _load_pt(path: Path) -> dict:
+    if not zipfile.is_zipfile(path):  # torch would say only that mmap needs its zip format
+        raise UserError(
+            f"{str(path)!r} is not a complete capture: a .pt capture is a torch zip archive, and this file "
+            f"({human_bytes(path.stat().st_size)}) is not one. It is empty, corrupt, cut short while being "
+            "written (was the run interrupted?), or another format."
+        )
     try:
         capture = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:

@@ -248,9 +248,12 @@ def load_direction(path: str | None) -> Tensor | None:
         else:
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
+        # torch's own text would suggest weights_only=False, i.e. running whatever code the file holds
+        why = "it holds pickled Python objects, not only tensors" if "weights_only" in str(e) else str(e)
         raise UsageError(
-            f"--direction {path!r} is not a readable tensor file ({type(e).__name__}: {e}). Save the "
-            "direction with torch.save(tensor, path) or safetensors' save_file."
+            f"--direction {path!r} is not a readable tensor file ({type(e).__name__}: "
+            f"{why.splitlines()[0][:200]}). Save the direction with torch.save(tensor, path) or safetensors' "
+            "save_file."
         ) from e
     if isinstance(obj, dict):
         tensors = [v for v in obj.values() if isinstance(v, Tensor)]

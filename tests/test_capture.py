@@ -146,9 +146,25 @@ def test_step_ranges(text, expected):
 
 
 @pytest.mark.parametrize(
+    ("text", "double", "single"),
+    [
+        ("single:0,2", (), (0, 2)),  # a bare range belongs to the kind before it
+        ("double:1,single:0-1,2", (1,), (0, 1, 2)),
+        ("double:0,1,single:2", (0, 1), (2,)),
+    ],
+)
+def test_block_lists_name_their_kind_once(text, double, single):
+    plan = CapturePlan.parse(text, None, "both", None, 2, 3, 10)
+    assert (plan.double, plan.single) == (double, single)
+
+
+@pytest.mark.parametrize(
     ("blocks", "steps", "streams", "dtype", "flag"),
     [
         ("triple:0", None, "both", None, "--blocks"),
+        ("0,double:1", None, "both", None, "--blocks"),  # a range before any kind
+        ("double:0,", None, "both", None, "--blocks"),  # not "all double blocks"
+        ("double:0,,1", None, "both", None, "--blocks"),
         ("double:0-9", None, "both", None, "--blocks"),
         ("double:x", None, "both", None, "--blocks"),
         (None, "5-2", "both", None, "--steps"),

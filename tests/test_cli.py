@@ -599,6 +599,26 @@ def test_replay_numbers_skip_what_a_deleted_image_left(tiny_run, tmp_path):
     assert (replays / "replay_0.json").read_bytes() == first and (replays / "replay_1.jpg").is_file()
 
 
+def test_a_direction_that_is_not_a_tensor_file_gets_no_advice_to_run_its_code(tiny_run, tmp_path, capsys):
+    pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
+    text = tmp_path / "direction.txt"
+    text.write_text("0.1 0.2 0.3")
+    argv = [
+        "sweep",
+        pt,
+        "--intervention",
+        "add",
+        "--direction",
+        str(text),
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    assert capture_sample.run(argv) == 2
+    err = capsys.readouterr().err
+    assert "is not a readable tensor file" in err and "weights_only=False" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep"])
 def test_every_command_names_a_missing_capture_or_a_metadata_file_alike(command, tiny_run, tmp_path, capsys):
     assert capture_sample.run([command, str(tmp_path / "nothing.pt")]) == 2
@@ -659,6 +679,31 @@ def test_single_dash_flags_are_read_and_checked_like_long_ones(monkeypatch, caps
     assert len(seen) == 2  # refused before the run started
     assert capture_sample.run(["--guidance", "-inf", "--model", "flux-tiny"]) == 2  # a value, not a flag
     assert seen[2][::2] == ("flux-tiny", "-inf")  # which validation then refuses as not a number
+
+
+@pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep"])
+def test_a_short_flag_is_the_one_its_help_offers(command, capsys):
+    """`-p` is --progress in every subcommand's help; the positional `path` does not make it ambiguous."""
+    module, _, name = capture_sample.COMMANDS[command].partition(":")
+    function = getattr(importlib.import_module(module), name)
+    with pytest.raises(SystemExit):
+        capture_sample.run([command, "--help"])
+    shown = capsys.readouterr()
+    assert "-p, --progress" in shown.out + shown.err
+    assert capture_sample.long_flags(function, ["x.pt", "-p", "False"], command) == [
+        "x.pt",
+        "--progress",
+        "False",
+    ]
+
+
+def test_the_size_estimate_is_printed_in_readable_units(tmp_path, capsys):
+    assert cli("--model", "flux-tiny", *SIZE, "--should_decode_intermediates", "False", "--output_dir",
+               str(tmp_path)) == 0  # fmt: skip
+    estimate = re.search(r"Estimated capture size: ([\d.]+) (kB|MB) \(pt\)", capsys.readouterr().err)
+    # flux-tiny at 64x48: 4 steps x (2 double blocks x (12 + 32) + 3 single blocks x 44) tokens x 64 x 4 bytes
+    blocks = 4 * (2 * (L + T) + 3 * (L + T)) * D * 4
+    assert estimate and blocks <= float(estimate[1]) * {"kB": 1e3, "MB": 1e6}[estimate[2]] < 2 * blocks
 
 
 def test_a_text_flag_without_a_value_does_not_swallow_the_next_flag(monkeypatch):

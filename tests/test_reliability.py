@@ -595,6 +595,7 @@ def _garbage(p: Path) -> None:
 
 PT_DAMAGE = {
     "truncated": (_truncate, "corrupt"),
+    "empty": (lambda p: p.write_bytes(b""), "is not a complete capture"),
     "a tensor, not a capture": (lambda p: torch.save(torch.zeros(3), p), "not a capture"),
     "a dict of other things": (lambda p: torch.save({"weight": torch.zeros(3)}, p), "not a capture"),
 }
