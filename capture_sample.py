@@ -341,8 +341,10 @@ def run(argv: list[str] | None = None) -> int:
                     f"{args[0]!r} is not a command. Did you mean `capture_sample.py {close[0]}`?"
                 )
         args = keep_text(command, long_flags(command, args, name))
-        if "--help" in args:  # (a text flag's value arrives quoted: `--prompt=--help` is a prompt)
-            args = ["--", "--help"]  # Fire would first call the command with the other flags: a whole run
+        # Help is help wherever it stands: Fire would first call the command with the other flags (a whole
+        # run). A text flag's value arrives quoted, so `--prompt=--help` and `--prompt -h` stay prompts.
+        if any(arg == "--help" or arg.startswith("--help=") for arg in args):
+            args = ["--", "--help"]
         check_flags(command, args, name)
         fire.Fire(checked(command, name), args, name=name)
     except UserError as e:

@@ -25,6 +25,7 @@ matplotlib and pandas are the `analysis` extra: they are imported inside the fun
 `import flux.analysis` works without them.
 """
 
+import hashlib
 import importlib
 import importlib.util
 import math
@@ -47,10 +48,11 @@ from flux.decode import (
     auto_batch_size,
     block_tokens,
     decode_latents,
+    jpeg_comment,
     latent_from,
+    lens_comment,
     lens_latent,
     lens_plan,
-    lens_target,
     lens_velocity,
     to_image,
 )
@@ -553,11 +555,27 @@ def _device(device: str | None) -> torch.device:
     return dev
 
 
+def sampler_image(meta: dict, capture_path: str | Path) -> Image.Image | None:
+    """The image the run wrote, if it can be found unchanged: at the path recorded in the metadata, or
+    where that name sits in the run's output folder (the capture's grandparent), with the SHA-256 the
+    metadata records (a deleted image's free name may have gone to another run's)."""
+    files = meta.get("files", {})
+    image, digest = files.get("image"), files.get("image_sha256")
+    if not image or not digest:
+        return None
+    for path in (Path(image), Path(os.path.abspath(capture_path)).parent.parent / Path(image).name):
+        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+    return None
+
+
 def lens_jpeg(jpeg_dir: str | Path, key: LensKey) -> Path | None:
-    """The lens's JPEG of `key` in `jpeg_dir` if it shows the x0 estimate, as the frames do; None if it is
-    missing, was decoded with another target, or predates the lens's comments."""
+    """The lens's JPEG of `key` in `jpeg_dir` if its comment says it shows that block and step's x0
+    estimate, as the frames do; None if it is missing, was decoded with another target (or copied from
+    another block's), or predates the lens's comments."""
     path = Path(jpeg_dir) / key.filename
-    return path if path.is_file() and lens_target(path) == "x0" else None
+    return path if path.is_file() and jpeg_comment(path) == lens_comment(key, "x0") else None
 
 
 def analyze(
@@ -603,6 +621,16 @@ def analyze(
         final_layer = load_model_final_layer(spec, weights_dir, dev, dtype)
     else:
         log("Only text tokens were captured (--streams txt): writing the norms only.")
+    # What the animation needs is loaded now, before anything is written: a missing AE fails here.
+    animate = animation and has_img
+    if animate:
+        keys = animation_keys(capture, pick_steps(list(meta["captured_steps"]), animation_steps))
+        jpegs = decoded_dir(path)
+        missing = [k for k in keys if lens_jpeg(jpegs, k) is None]
+        final_image = sampler_image(meta, path)  # else the final latent is decoded
+        ae = None
+        if missing or (final_image is None and capture["denoising_context"].get("final_latent") is not None):
+            ae = load_ae(spec, dev, None, weights_dir)
 
     with fresh_dir(base) as out:  # never reused; removed if nothing could be written
         df = block_metrics(capture, final_layer)
@@ -618,15 +646,7 @@ def analyze(
         written["norms"] = out / "norms.png"
         plot_norms(df, written["norms"])
 
-        if animation and has_img:
-            keys = animation_keys(capture, pick_steps(list(meta["captured_steps"]), animation_steps))
-            jpegs = decoded_dir(path)
-            missing = [k for k in keys if lens_jpeg(jpegs, k) is None]
-            ae = None
-            # The final frame is decoded from the stored final latent: the run's JPEG may have been moved, or
-            # replaced by another run's that took its free name.
-            if missing or capture["denoising_context"].get("final_latent") is not None:
-                ae = load_ae(spec, dev, None, weights_dir)
+        if animate:
             reused = len(keys) - len(missing)
             log(
                 f"Animation: {len(keys)} frames"
@@ -634,8 +654,9 @@ def analyze(
                 + (f", {len(missing)} to decode" if missing else "")
             )
             frames = render_frames(
-                capture, keys, final_layer=final_layer, ae=ae, jpeg_dir=jpegs, progress=progress
-            )
+                capture, keys, final_layer=final_layer, ae=ae, jpeg_dir=jpegs, final_image=final_image,
+                progress=progress,
+            )  # fmt: skip
             written["animation"] = write_gif(frames, out / "animation.gif", frame_ms)
             if mp4_available():
                 written["animation_mp4"] = write_mp4(frames, out / "animation.mp4", frame_ms)
@@ -668,7 +689,8 @@ def analyze_command(
             exists, given or default, is never written into: _1, _2, ... is added to its name.
         device: Torch device for the final layer and the decoder; cuda when available, else cpu.
         animation: Write the animation of the decoded blocks (default True). JPEGs the lens already wrote
-            under {capture folder}/decoded/{capture name}/ are reused; the rest are decoded.
+            under {capture folder}/decoded/{capture name}/ with the x0 target are reused (their comment says
+            so; older lenses' are not); the rest are decoded.
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; default as for
             generation (FLUX_MODEL/FLUX_AE if set, flux-tiny's generated repo, else the HF cache).
         animation_steps: How many captured steps the animation sweeps through the blocks, evenly spaced

@@ -94,20 +94,18 @@ class CapturePlan:
         if blocks is None or str(blocks).strip().lower() in ("all", "*", ""):
             double, single = set(range(depth)), set(range(depth_single))
         else:
-            kind = None
+            kind = None  # a bare range after a comma goes with the kind before it: single:10,37
             for item in str(blocks).split(","):
-                named, colon, spec = item.strip().partition(":")
-                if colon and named in ("double", "single"):
-                    kind = named
-                elif (
-                    colon or kind is None or not named
-                ):  # a bare range goes with the kind before it: single:10,37
+                named = re.fullmatch(r"\s*(double|single):(.+)", item)
+                if named:
+                    kind, spec = named[1], named[2]
+                elif kind is not None and re.fullmatch(r"\s*\d[\d:-]*\s*", item):
+                    spec = item
+                else:
                     raise UsageError(
                         f"--blocks: cannot read {item.strip()!r}. Use 'double:RANGES' or 'single:RANGES', "
-                        "e.g. 'double:0-5,single:10,37', or 'all'."
+                        "e.g. 'double:0-5,single:10,37', 'single:0-37:2' or 'single:all', or 'all' alone."
                     )
-                else:
-                    spec = named
                 upper = depth if kind == "double" else depth_single
                 (double if kind == "double" else single).update(
                     _parse_ranges(spec, upper, "blocks", f"{kind} blocks")

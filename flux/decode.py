@@ -74,12 +74,16 @@ def lens_comment(key: LensKey, target: str) -> str:
     return LENS_COMMENT.format(stream=key.stream, block=key.block, step=key.step, target=target)
 
 
-def lens_target(path: str | Path) -> str | None:
-    """The decode target a lens JPEG was written with (its comment), or None for any other image."""
+def jpeg_comment(path: str | Path) -> str:
+    """The text of a JPEG's comment ("" when it has none)."""
     with Image.open(path) as img:
         comment = img.info.get("comment", b"")
-    text = comment.decode("utf-8", "replace") if isinstance(comment, bytes) else str(comment)
-    head, _, target = text.rpartition(", target ")
+    return comment.decode("utf-8", "replace") if isinstance(comment, bytes) else str(comment)
+
+
+def lens_target(path: str | Path) -> str | None:
+    """The decode target a lens JPEG was written with (its comment), or None for any other image."""
+    head, _, target = jpeg_comment(path).rpartition(", target ")
     return target if head.startswith("flux lens: ") and target in TARGETS else None
 
 

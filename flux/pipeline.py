@@ -5,6 +5,7 @@ checks are in `flux.options` (`RunOptions` is re-exported here).
 """
 
 import contextlib
+import hashlib
 import itertools
 import math
 import platform
@@ -515,7 +516,11 @@ def generate(
             lambda tmp: save_jpeg(to_image(image[0]), tmp),
             start=next_image_index(out_dir),
         )
-        metadata.setdefault("files", {})["image"] = str(image_path)
+        files = metadata.setdefault("files", {})
+        files["image"], files["image_sha256"] = (
+            str(image_path),
+            hashlib.sha256(image_path.read_bytes()).hexdigest(),
+        )
         result = RunResult(image_path, None, None, metadata, image, timings=timings)
         if session is not None:
             context["final_latent"] = latent.cpu()

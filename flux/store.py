@@ -352,12 +352,15 @@ def new_dir(base: Path) -> Path:
 def fresh_dir(base: Path) -> Iterator[Path]:
     """`new_dir(base)` for the outputs written inside the block; removed again if that fails before writing
     anything, so a failed command leaves no empty folder (and the next run does not get `_1`)."""
+    made = [base, *(p for p in base.parents if not p.exists())]  # what new_dir may create, deepest first
     path = new_dir(base)
+    made[0] = path
     try:
         yield path
     except BaseException:
-        with contextlib.suppress(OSError):  # not empty: what was written stays, for the error to explain
-            path.rmdir()
+        for folder in made:  # rmdir fails on a folder with anything in it: what was written stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
 
 
@@ -392,9 +395,10 @@ def release_stem(folder: Path, stem: str) -> None:
 
 def beside_capture(path: str | Path, folder: str) -> tuple[Path, str]:
     """(`{the capture's folder}/{folder}`, the capture's stem `capture_{stamp}_{model}`): where the lens,
-    analyze, sweep and replay write by default. The path is resolved first, so `.` (run inside a
-    safetensors capture) names that capture, not its own folder as the parent."""
-    path = Path(path).expanduser().resolve()
+    analyze, sweep and replay write by default. The path is made absolute first, so `.` (run inside a
+    safetensors capture) names that capture, not its own folder as the parent; a symlink stays the name
+    and place the user gave (its target may be in someone else's read-only folder)."""
+    path = Path(os.path.abspath(Path(path).expanduser()))
     return path.parent / folder, path.stem if path.suffix == ".pt" else path.name
 
 
@@ -590,20 +594,23 @@ class SafetensorsSink:
 
 # -------------------------------------------------------------------------------------------- loading
 def _load_pt(path: Path) -> dict:
-    if not zipfile.is_zipfile(path):  # torch would say only that mmap needs its zip format
-        raise UserError(
-            f"{str(path)!r} is not a complete capture: a .pt capture is a torch zip archive, and this file "
-            f"({human_bytes(path.stat().st_size)}) is not one. It is empty, corrupt, cut short while being "
-            "written (was the run interrupted?), or another format."
-        )
+    zipped = zipfile.is_zipfile(path)  # torch's legacy (non-zip) format loads, but cannot be memory-mapped
     try:
-        capture = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        capture = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "pickle" in str(e).lower():
             raise UserError(
                 f"Refusing to load {str(path)!r}: it contains pickled Python objects, not only tensors. "
                 "Capture files are opened with weights_only=True, so code inside a file never runs; this "
                 "file was not written by this tool or has been tampered with."
+            ) from e
+        if isinstance(e, PermissionError):
+            raise UserError(f"Could not read the capture {str(path)!r}: permission denied.") from e
+        if not zipped:
+            raise UserError(
+                f"{str(path)!r} is not a complete capture: a .pt capture is a torch zip archive, and this "
+                f"file ({human_bytes(path.stat().st_size)}) is not one. It is empty, corrupt, cut short "
+                "while being written (was the run interrupted?), or another format."
             ) from e
         raise UserError(
             f"Could not read the capture {str(path)!r} ({type(e).__name__}: {e}). It is corrupt or "
@@ -689,7 +696,7 @@ def load_capture(path: str | Path) -> dict:
     `.pt` files are read with `weights_only=True` (memory-mapped); a file that pickles code is refused.
     Safetensors captures are lazy: block lists read a tensor from disk only when it is indexed.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         return _load_dir(path)
     if not path.exists():

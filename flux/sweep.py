@@ -6,6 +6,7 @@ SSIM on images mapped to [0, 1], and the MSE of the final latent tokens.
 """
 
 import csv
+import hashlib
 import importlib.util
 import math
 import sys
@@ -548,6 +549,12 @@ def replay_command(
         source=load_capture(source) if source is not None else None,
         direction=load_direction(direction),
     )
+    kinds = {iv.kind for iv in ivs}
+    for flag, given, kind in (("source", source, "patch"), ("direction", direction, "add")):
+        if given and kind not in kinds:  # the replay's record would name a file that played no part
+            raise UsageError(
+                f"--{flag} is used only by {kind}:... interventions, and --intervention names none."
+            )
     _check_before_loading(ivs, spec, capture)
     out = Path(output_dir) if output_dir else beside_capture(path, "replays")[0]
     check_output_dir(out)
@@ -582,7 +589,10 @@ def replay_command(
     )
     if result.capture is not None:
         capture_path = base.with_suffix(".pt")
-        result.capture["metadata"]["files"] = {"image": str(image_path), "capture": str(capture_path)}
+        digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
+        result.capture["metadata"]["files"] = {
+            "image": str(image_path), "image_sha256": digest, "capture": str(capture_path)
+        }  # fmt: skip
         atomic_write(capture_path, lambda tmp: torch_save(result.capture, tmp))
         record_meta["capture_file"] = str(capture_path)
         print(f"Capture:  {capture_path}")

@@ -602,6 +602,30 @@ def test_the_animation_shows_this_run_even_where_files_beside_it_do_not(tmp_path
     assert np.abs(final - genuine).mean() < 0.25 * np.abs(final - [0, 255, 0]).mean()
 
 
+def test_the_final_frame_is_the_runs_image_while_it_is_unchanged(captures, tmp_path, monkeypatch):
+    capture = captures["pt"]
+    meta = load_capture(capture)["metadata"]
+    image = Path(meta["files"]["image"])
+    with Image.open(image) as img:
+        expected = np.asarray(img.convert("RGB"))
+    assert np.array_equal(np.asarray(analysis.sampler_image(meta, capture)), expected)
+    # Looked for beside the capture too (the recorded path is relative to where the run started).
+    monkeypatch.chdir(tmp_path)
+    assert np.array_equal(
+        np.asarray(
+            analysis.sampler_image({**meta, "files": {**meta["files"], "image": image.name}}, capture)
+        ),
+        expected,
+    )
+    original = image.read_bytes()
+    try:
+        image.write_bytes(original[:-3] + bytes(3))  # the same name, other bytes
+        assert analysis.sampler_image(meta, capture) is None
+    finally:
+        image.write_bytes(original)
+    assert analysis.sampler_image({**meta, "files": {"image": str(image)}}, capture) is None  # no digest
+
+
 def test_a_bad_weights_dir_leaves_no_analysis_folder(captures, tmp_path):
     with pytest.raises(UsageError, match="--weights_dir"):
         analysis.analyze_command(str(captures["pt"]), output_dir=str(tmp_path / "a"), weights_dir="/nope")

@@ -151,6 +151,8 @@ def test_step_ranges(text, expected):
         ("single:0,2", (), (0, 2)),  # a bare range belongs to the kind before it
         ("double:1,single:0-1,2", (1,), (0, 1, 2)),
         ("double:0,1,single:2", (0, 1), (2,)),
+        ("double:1,single:1,0-2:2", (1,), (0, 1, 2)),  # strides too
+        ("single:all", (), (0, 1, 2)),
     ],
 )
 def test_block_lists_name_their_kind_once(text, double, single):
@@ -164,6 +166,8 @@ def test_block_lists_name_their_kind_once(text, double, single):
         ("triple:0", None, "both", None, "--blocks"),
         ("0,double:1", None, "both", None, "--blocks"),  # a range before any kind
         ("double:0,", None, "both", None, "--blocks"),  # not "all double blocks"
+        ("double:", None, "both", None, "--blocks"),
+        ("double:0,all", None, "both", None, "--blocks"),  # all double blocks, or every block? Say which.
         ("double:0,,1", None, "both", None, "--blocks"),
         ("double:0-9", None, "both", None, "--blocks"),
         ("double:x", None, "both", None, "--blocks"),

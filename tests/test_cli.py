@@ -472,6 +472,7 @@ def test_every_command_has_a_help_screen_listing_its_flags(command, capsys):
         ["sweep", "PT", "-h"],
         ["replay", "PT", "--help", "--step", "1"],
         ["analyze", "PT", "--help"],
+        ["decode", "PT", "--help=True"],
     ],
 )
 def test_help_anywhere_shows_help_and_runs_nothing(argv, tiny_run, tmp_path, monkeypatch, capsys):
@@ -548,6 +549,11 @@ def test_every_command_refuses_an_output_dir_it_cannot_make_before_loading(
         (["sweep", "PT", "--scale", "5"], "--scale applies only to --intervention add, not skip"),
         (["sweep", "PT", "--intervention", "zero", "--source", "PT"], "--source applies only to"),
         (["sweep", "PT", "--direction", "d.pt"], "--direction applies only to --intervention add"),
+        (["replay", "PT", "--source", "PT"], "--source is used only by patch:... interventions"),
+        (
+            ["replay", "PT", "--intervention", "skip:double:0", "--direction", "DIR"],
+            "--direction is used only by add:... interventions",
+        ),
     ],
 )
 def test_flags_that_cannot_apply_are_refused_before_loading(
@@ -556,9 +562,10 @@ def test_flags_that_cannot_apply_are_refused_before_loading(
     import flux.sweep
 
     monkeypatch.setattr(flux.sweep, "_load", lambda *a, **k: pytest.fail("a model was loaded"))
-    pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
+    files = {"PT": str(_only(tiny_run / "intermediates", "capture_*.pt")), "DIR": str(tmp_path / "d.pt")}
+    torch.save(torch.zeros(D), files["DIR"])
     out = tmp_path / "out"
-    assert capture_sample.run([pt if a == "PT" else a for a in argv] + ["--output_dir", str(out)]) == 2
+    assert capture_sample.run([files.get(a, a) for a in argv] + ["--output_dir", str(out)]) == 2
     assert message in capsys.readouterr().err and not out.exists()
 
 

@@ -22,7 +22,9 @@ from flux.store import (
     PtSink,
     SafetensorsSink,
     atomic_write,
+    beside_capture,
     claim_stem,
+    fresh_dir,
     next_free_index,
     publish_new,
 )
@@ -129,6 +131,46 @@ def test_a_lazy_capture_reads_its_shards_after_a_change_of_directory(model, tmp_
     (tmp_path / "st" / "step_0002.safetensors").unlink()
     with pytest.raises(UserError, match=r"step_0002.safetensors' is missing \(moved or deleted\)"):
         capture["single_blocks"]["block_0"][2]
+
+
+def test_a_pt_in_torchs_legacy_format_still_loads(model, tmp_path):
+    plan = CapturePlan.everything(model, NUM_STEPS)
+    pt, _ = _capture(model, lambda pool, meta: PtSink(tmp_path / "c.pt", pool), plan, limit=None)
+    capture = load_capture(pt)
+    legacy = tmp_path / "legacy.pt"
+    torch.save(capture, legacy, _use_new_zipfile_serialization=False)  # not a zip: cannot be memory-mapped
+    again = load_capture(legacy)
+    assert torch.equal(again["single_blocks"]["block_2"][1], capture["single_blocks"]["block_2"][1])
+
+
+def test_outputs_go_beside_the_capture_as_named(tmp_path, monkeypatch):
+    run = tmp_path / "run" / "intermediates"
+    run.mkdir(parents=True)
+    (run / "capture_x.pt").write_bytes(b"")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "my_capture.pt").symlink_to(run / "capture_x.pt")
+    # A symlink names the capture where the user put it (its target may be in a read-only folder).
+    assert beside_capture(tmp_path / "mine" / "my_capture.pt", "decoded") == (
+        tmp_path / "mine" / "decoded",
+        "my_capture",
+    )
+    (run / "capture_y").mkdir()
+    monkeypatch.chdir(run / "capture_y")
+    assert beside_capture(".", "sweeps") == (run / "sweeps", "capture_y")  # `.` inside a safetensors capture
+
+
+def test_fresh_dir_takes_back_only_the_empty_folders_it_made(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(KeyboardInterrupt), fresh_dir(tmp_path / "kept" / "a" / "b" / "out"):
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"] and not any((tmp_path / "kept").iterdir())
+    with pytest.raises(OSError), fresh_dir(tmp_path / "kept" / "a" / "out") as out:
+        (out / "half.csv").write_text("x")
+        raise OSError("disk full")
+    assert (tmp_path / "kept" / "a" / "out" / "half.csv").is_file()  # what was written stays
+    with fresh_dir(tmp_path / "kept" / "a" / "out") as out:
+        pass
+    assert out.name == "out_1" and out.is_dir()
 
 
 def test_interrupted_pt_capture_writes_nothing(model, tmp_path):
