@@ -431,6 +431,12 @@ def decode_capture(
     between_batches: called before each batch; it may raise to stop the lens (a failed capture write).
     """
     _check_target(target)
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(
+            f"batch_size must be a whole number >= 1 (or None for the default); got {batch_size!r}"
+        )
     meta, ctx = capture["metadata"], capture["denoising_context"]
     height, width = int(meta["height"]), int(meta["width"])
     if (batch := ctx["img_state"][0].shape[0]) != 1:

@@ -112,6 +112,8 @@ class Intervention:
                     f"Intervention steps must be step indices, e.g. (0, 1), or None; got {self.steps!r}."
                 )
             object.__setattr__(self, "steps", tuple(self.steps))
+            if not self.steps:
+                raise UsageError("Intervention steps=() names no step: pass step indices, or None for all.")
         if isinstance(self.source, (str, Path)):  # a path is the natural thing to pass in a notebook
             from flux.store import load_capture
 
@@ -134,10 +136,17 @@ class Intervention:
         return step in self.steps
 
     def check(
-        self, model: Flux, num_steps: int, txt_len: int, img_len: int, model_name: str | None = None
+        self,
+        model: Flux,
+        num_steps: int,
+        txt_len: int,
+        img_len: int,
+        model_name: str | None = None,
+        capture: dict | None = None,
     ) -> None:
         """Raise a UserError if this intervention cannot apply to `model` (named `model_name` in the
-        capture's metadata, when known) on a run of these sizes."""
+        capture's metadata, when known) on a run of these sizes (`capture`, when given: that run's, so a
+        patch source is also checked for its image size and schedule)."""
         depth = len(self.blocks_of(model))
         if not 0 <= self.block < depth:
             raise UsageError(f"{self.spec}: {self.stream} blocks go from 0 to {depth - 1}.")
@@ -158,7 +167,7 @@ class Intervention:
                     "or a (1, L, D) tensor of this run's sizes."
                 )
         if self.kind == "patch":
-            check_patch_source(self, txt_len, img_len, num_steps, model_name)
+            check_patch_source(self, txt_len, img_len, num_steps, model_name, capture)
 
     def blocks_of(self, model: Flux):
         return model.double_blocks if self.stream == "double" else model.single_blocks
@@ -243,10 +252,16 @@ def parse_interventions(
 
 
 def check_patch_source(
-    iv: Intervention, txt_len: int, img_len: int, num_steps: int, model_name: str | None = None
+    iv: Intervention,
+    txt_len: int,
+    img_len: int,
+    num_steps: int,
+    model_name: str | None = None,
+    capture: dict | None = None,
 ) -> None:
     """The source capture must be of the same model (`model_name`, when known) and hold this block, at these
-    steps, with the tokens patched, at equal sizes."""
+    steps, with the tokens patched, at equal sizes; given the run's `capture`, also at the same width and
+    height (not only as many image tokens) and on the same schedule (step k at the same noise level)."""
     if iv.source is None:
         raise UsageError(f"{iv.spec} needs a source capture (--source CAPTURE).")
     meta, ctx = iv.source["metadata"], iv.source["denoising_context"]
@@ -263,6 +278,23 @@ def check_patch_source(
             f"{txt_len} and {img_len}. Patching needs captures of the same model at the same width, height "
             f"and text length (source: {meta.get('model')} {meta.get('width')}x{meta.get('height')})."
         )
+    if capture is not None:
+        run = capture["metadata"]
+        source_size, run_size = (meta.get("width"), meta.get("height")), (run.get("width"), run.get("height"))
+        if source_size != run_size:
+            raise UserError(
+                f"{iv.spec}: the source capture is {source_size[0]}x{source_size[1]} and this run "
+                f"{run_size[0]}x{run_size[1]}: as many image tokens, but in another grid, so each would land "
+                "on another place. Patching needs captures of the same width and height."
+            )
+        source_times, run_times = timesteps_of(iv.source), timesteps_of(capture)
+        if source_times != run_times:
+            raise UserError(
+                f"{iv.spec}: the source capture ran another schedule ({len(source_times) - 1} steps, "
+                f"t = {', '.join(f'{t:.3f}' for t in source_times)}) than this run ({len(run_times) - 1} "
+                f"steps, t = {', '.join(f'{t:.3f}' for t in run_times)}), so its step k is at another noise "
+                "level. Patching needs captures of the same number of steps (and image size)."
+            )
     if f"block_{iv.block}" not in iv.source[f"{iv.stream}_blocks"]:
         raise UserError(f"{iv.spec}: the source capture did not capture {iv.stream} block {iv.block}.")
     captured = set(meta["captured_steps"])
@@ -326,7 +358,15 @@ class Intervener(HookSet):
         if iv.kind == "add":
             return img + iv.scale * iv.direction.to(img.device, img.dtype), txt
         if iv.kind == "fn":
-            new_img, new_txt = iv.fn(img, txt, self.step)
+            out = iv.fn(img, txt, self.step)
+            if not (
+                isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, Tensor) for t in out)
+            ):
+                raise UserError(
+                    f"{iv.spec}: fn must return the pair (img, txt) of tensors; it returned "
+                    f"{type(out).__name__}{f' of {len(out)}' if isinstance(out, (tuple, list)) else ''}."
+                )
+            new_img, new_txt = out
             if new_img.shape != img.shape or new_txt.shape != txt.shape:
                 raise UserError(
                     f"{iv.spec}: fn must return (img, txt) of shapes {tuple(img.shape)}, {tuple(txt.shape)}; "
@@ -353,7 +393,7 @@ def _like(src: Tensor | None, out: Tensor, iv: Intervention, what: str) -> Tenso
         raise UserError(
             f"{iv.spec}: the source capture's {what} tokens have shape {got}, the block's "
             f"{tuple(out.shape)}. "
-            "Patch between captures of the same model, size and text length."
+            "Patch between captures of the same model, width, height, steps and text length."
         )
     return src.to(out.device, out.dtype)
 
@@ -418,7 +458,12 @@ def replay(
         )
     txt_len, img_len = int(ctx["txt_seq_len"]), img.shape[1]
     for iv in interventions:
-        iv.check(model, num_steps, txt_len, img_len, meta.get("model"))
+        iv.check(model, num_steps, txt_len, img_len, meta.get("model"), capture)
+        if iv.steps is not None and not any(start <= k <= stop for k in iv.steps):
+            raise UsageError(
+                f"{iv.spec} applies at steps {format_steps(iv.steps)}, none of which this replay runs "
+                f"({start}..{stop}): it would never apply."
+            )
 
     recorder = steps = None
     if record is not None:

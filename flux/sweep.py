@@ -122,7 +122,7 @@ def sweep(
     txt_len = int(capture["denoising_context"]["txt_seq_len"])
     img_len = capture["denoising_context"]["img_state"][0].shape[1]
     for iv in ivs:  # fail before the first replay, not after an hour of them
-        iv.check(model, num_steps, txt_len, img_len, capture["metadata"].get("model"))
+        iv.check(model, num_steps, txt_len, img_len, capture["metadata"].get("model"), capture)
 
     # Steps before the first intervened one would replay exactly as stored: start both runs there.
     start = min(steps) if steps else 0
@@ -300,7 +300,7 @@ def _check_before_loading(interventions: Sequence[Intervention], spec, capture: 
     ctx = capture["denoising_context"]
     num_steps = len(timesteps_of(capture)) - 1
     for iv in interventions:
-        iv.check(shape_model, num_steps, int(ctx["txt_seq_len"]), ctx["img_ids"].shape[1], spec.name)
+        iv.check(shape_model, num_steps, int(ctx["txt_seq_len"]), ctx["img_ids"].shape[1], spec.name, capture)
 
 
 def _load(spec, device: torch.device, dtype: torch.dtype, weights_dir: str | None):
@@ -358,7 +358,8 @@ def sweep_command(
         steps: Steps at which the intervention applies, e.g. "0", "0-2" (default: all).
         tokens: img, txt or both, for zero and patch (default both; add uses img).
         scale: Multiplier of the direction for add (default 1).
-        source: The capture to patch from (same model, size and text length; e.g. another prompt).
+        source: The capture to patch from (same model, width, height, steps and text length; e.g. another
+            prompt or seed).
         direction: A .pt (or .safetensors) file holding one tensor of shape (D,) or (1, L, D), for add.
         output_dir: Folder for the results (default: beside the capture, as above). A folder that exists
             is never written into: _1, _2, ... is added to its name.

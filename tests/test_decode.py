@@ -224,6 +224,13 @@ def test_each_lens_jpeg_says_what_it_shows(model, ae, capture, tmp_path, target)
     assert lens_target(tmp_path / "grid_single.jpg") is None  # a contact sheet is not one block's image
 
 
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_a_batch_size_that_is_not_a_count_is_refused(model, ae, capture, tmp_path, batch_size):
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
+        decode_capture(capture, model.final_layer, ae, tmp_path, batch_size=batch_size, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
 def test_subset_of_steps(model, ae, tmp_path):
     capture = make_capture(model, keep_steps=[0, 2])
     assert len(capture["single_blocks"]["block_0"]) == 2

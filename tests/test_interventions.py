@@ -215,6 +215,26 @@ def test_patch_needs_matching_shapes(models, flow, captures, tmp_path):
     assert _no_hooks(flow)
 
 
+def test_a_patch_source_must_share_the_grid_and_the_schedule(models, flow, captures, tmp_path):
+    """As many tokens is not enough: 48x64 has 64x48's 12 image tokens in a 3x4 grid, where each would land
+    elsewhere; a 6-step run's step 1 is at another noise level than a 4-step run's."""
+    (_, cap), _ = captures
+    turned = load_capture(_capture(models, tmp_path / "turned", width=48, height=64))
+    longer = load_capture(_capture(models, tmp_path / "longer", num_steps=NUM_STEPS + 2))
+    for source, words in ((turned, "is 48x64 and this run 64x48"), (longer, "ran another schedule")):
+        with pytest.raises(UserError, match=words):
+            replay(flow, cap, interventions=[Intervention("patch", "double", 0, (1,), source=source)])
+    assert _no_hooks(flow)
+
+
+def test_an_intervention_the_replay_never_reaches_is_refused(flow, captures):
+    (_, cap), _ = captures
+    with pytest.raises(UsageError, match=r"applies at steps 0, none of which this replay runs \(2..3\)"):
+        replay(flow, cap, start=2, interventions=[Intervention("skip", "double", 0, (0,))])
+    with pytest.raises(UsageError, match="names no step"):
+        Intervention("skip", "double", 0, ())
+
+
 def test_add_direction(flow, captures):
     (_, cap), _ = captures
     d = torch.randn(flow.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -793,3 +813,8 @@ def test_an_fn_intervention_is_any_change_and_sees_the_step(flow, captures):
             cap,
             interventions=[Intervention("fn", "double", 0, fn=lambda img, txt, k: (img[:, :1], txt))],
         )
+    for wrong, what in ((lambda img, txt, k: img, "Tensor"), (lambda img, txt, k: None, "NoneType")):
+        with pytest.raises(
+            UserError, match=f"fn must return the pair \\(img, txt\\) of tensors; it returned {what}"
+        ):
+            replay(flow, cap, interventions=[Intervention("fn", "double", 0, fn=wrong)])
