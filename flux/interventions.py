@@ -508,12 +508,19 @@ def replay(
 
         for s in steps:
             s.wait()
-        new_meta = dict(
-            meta,
+        # The run's metadata (model, prompt, size, seed, flags it was made with), with what describes the
+        # stored tensors made true of this capture; the source's files and size estimate are not its own.
+        new_meta = {k: v for k, v in meta.items() if k not in ("files", "estimated_capture_bytes")}
+        new_meta.update(
             captured_steps=list(plan.steps),
             captured_blocks={"double": list(plan.double), "single": list(plan.single)},
             streams=plan.streams,
             capture_dtype=str(plan.dtype or img.dtype).removeprefix("torch."),
+            shapes={
+                k: list(v) for k, v in plan.keys_and_shapes(1, txt_len, img_len, model.hidden_size).items()
+            },
+            complete=stop == num_steps - 1,  # only then is there a final latent
+            steps_done=list(range(stop + 1)),
             interventions=[iv.spec for iv in interventions],
             replayed_steps=[start, stop],
         )

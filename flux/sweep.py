@@ -594,6 +594,7 @@ def replay_command(
         result.capture["metadata"]["files"] = {
             "image": str(image_path), "image_sha256": digest, "capture": str(capture_path)
         }  # fmt: skip
+        result.capture["metadata"]["format"] = "pt"
         atomic_write(capture_path, lambda tmp: torch_save(result.capture, tmp))
         record_meta["capture_file"] = str(capture_path)
         print(f"Capture:  {capture_path}")

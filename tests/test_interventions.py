@@ -1,6 +1,7 @@
 """Replays and interventions on flux-tiny captures, on the CPU in float32 (exact)."""
 
 import csv
+import hashlib
 import json
 import math
 
@@ -96,6 +97,27 @@ def test_replay_without_interventions_is_exact(flow, captures):
             result.capture["denoising_context"]["img_state"][step],
             cap["denoising_context"]["img_state"][step],
         )
+
+
+def test_a_recorded_replay_describes_itself_not_its_source(flow, captures):
+    (_, cap), _ = captures
+    plan = CapturePlan((0,), (2,), (2,), "img", torch.float16)
+    result = replay(flow, cap, start=1, stop=2, record=plan)
+    meta = result.capture["metadata"]
+    assert meta["shapes"] == {
+        "double_blocks.0.img": [1, 12, flow.hidden_size],
+        "single_blocks.2": [1, 12, flow.hidden_size],
+    }
+    assert result.capture["double_blocks"]["block_0"][0][0].shape == (1, 12, flow.hidden_size)
+    assert (
+        result.capture["single_blocks"]["block_2"][0].dtype == torch.float16
+        and meta["capture_dtype"] == "float16"
+    )
+    # Stopped before the last step: no final latent, so not complete; the context holds steps 0..2.
+    assert meta["complete"] is False and meta["steps_done"] == [0, 1, 2]
+    assert "final_latent" not in result.capture["denoising_context"]
+    assert "files" not in meta and "estimated_capture_bytes" not in meta  # the source's, not this capture's
+    assert meta["seed"] == cap["metadata"]["seed"] and meta["replayed_steps"] == [1, 2]
 
 
 def test_replay_from_a_later_step_and_a_single_step(flow, captures):
@@ -294,6 +316,9 @@ def test_replay_command_adds_a_per_token_direction_file(captures, tmp_path):
     assert torch.equal(got[:, t_len:], stored[:, t_len:] + -3.0 * d)
     assert torch.equal(got[:, :t_len], stored[:, :t_len])
     assert json.loads((tmp_path / "replay_0.json").read_text())["vs_stored_final"]["mse"] > 0
+    files = saved["metadata"]["files"]
+    assert files["capture"] == str(tmp_path / "replay_0.pt") and saved["metadata"]["format"] == "pt"
+    assert files["image_sha256"] == hashlib.sha256((tmp_path / "replay_0.jpg").read_bytes()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ hooks
