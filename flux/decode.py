@@ -12,9 +12,11 @@ unpacked and run through the VAE decoder in batches sized to the free device mem
 encodes and writes the JPEGs of the previous batch.
 """
 
+import contextlib
 import errno
 import io
 import math
+import operator
 import os
 import sys
 import time
@@ -92,13 +94,27 @@ def _check_target(target: str) -> None:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
 
 
+def as_indices(value: int | Iterable[int], what: str) -> list[int]:
+    """Indices as plain ints, from one index or an iterable of them (ints, numpy ints, integer tensors;
+    not bools, which are most likely a mistake)."""
+    try:
+        with contextlib.suppress(TypeError):
+            if not isinstance(value, bool):
+                return [operator.index(value)]
+        if any(isinstance(k, bool) for k in value):
+            raise TypeError
+        return [operator.index(k) for k in value]
+    except TypeError as e:
+        raise UsageError(f"{what} must be an index or a list of indices; got {value!r}.") from e
+
+
 def lens_plan(
     capture: dict, blocks: dict[str, Iterable[int]] | None = None, steps: Iterable[int] | None = None
 ) -> list[LensKey]:
     """The block outputs to decode, ordered by stream, block number, step; reads no tensors.
 
-    blocks: None for every captured block, or e.g. {"double": [0, 3], "single": [37]} (a stream left out
-    is skipped). steps: None for every captured step, or real step indices.
+    blocks: None for every captured block, or e.g. {"double": [0, 3], "single": 37} (a stream left out
+    is skipped). steps: None for every captured step, or real step indices (or one).
     """
     meta = capture["metadata"]
     if meta.get("streams", "both") == "txt":
@@ -109,13 +125,13 @@ def lens_plan(
     if blocks is not None and (unknown := sorted(set(blocks) - set(STREAMS))):
         raise UsageError(f"blocks keys must be 'double' and/or 'single'; got {unknown}.")
     captured_steps = list(meta["captured_steps"])
-    wanted_steps = captured_steps if steps is None else list(steps)
+    wanted_steps = captured_steps if steps is None else as_indices(steps, "steps")
     if missing := sorted(set(wanted_steps) - set(captured_steps)):
         raise UserError(f"Steps {missing} were not captured; this capture holds steps {captured_steps}.")
     plan = []
     for stream in STREAMS:
         captured = {int(name.removeprefix("block_")): name for name in capture[f"{stream}_blocks"]}
-        wanted = captured if blocks is None else blocks.get(stream, [])
+        wanted = captured if blocks is None else as_indices(blocks.get(stream, []), f"blocks[{stream!r}]")
         if missing := sorted(set(wanted) - set(captured)):
             raise UserError(
                 f"{stream} blocks {missing} were not captured; this capture holds {sorted(captured)}."

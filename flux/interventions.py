@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from flux.capture import CONTEXT_KEYS, BlockCapture, CapturePlan, HookSet, HostBufferPool
-from flux.decode import LensKey, block_tokens
+from flux.decode import LensKey, as_indices, block_tokens
 from flux.errors import UsageError, UserError
 from flux.model import Flux
 from flux.sampling import StepInfo, denoise
@@ -62,7 +62,8 @@ _SPEC_HELP = (
 # ------------------------------------------------------------------------------------- interventions
 @dataclass(frozen=True)
 class Intervention:
-    """One change to one block's output. steps: the step indices it applies at (None: every step).
+    """One change to one block's output. steps: the step indices it applies at (one index or several;
+    None: every step).
 
     source: a capture (as `flux.load_capture` returns, or its path) for `patch`; direction: a tensor for
     `add`; fn: for kind "fn" (Python only), any change: `fn(img, txt, step) -> (img, txt)` gets the block's
@@ -105,13 +106,8 @@ class Intervention:
         if self.kind != "add" and self.scale != 1.0:
             raise UsageError(f"*SCALE only applies to add, not to {self.kind}.")
         if self.steps is not None:
-            if isinstance(self.steps, int) or not all(
-                isinstance(k, int) and not isinstance(k, bool) for k in self.steps
-            ):
-                raise UsageError(
-                    f"Intervention steps must be step indices, e.g. (0, 1), or None; got {self.steps!r}."
-                )
-            object.__setattr__(self, "steps", tuple(self.steps))
+            steps = as_indices(self.steps, "Intervention steps (e.g. (0, 1), or None for all)")
+            object.__setattr__(self, "steps", tuple(steps))
             if not self.steps:
                 raise UsageError("Intervention steps=() names no step: pass step indices, or None for all.")
         if isinstance(self.source, (str, Path)):  # a path is the natural thing to pass in a notebook

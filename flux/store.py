@@ -424,6 +424,12 @@ class LazyList(Sequence):
     def __repr__(self) -> str:
         return f"LazyList(len={self._n})"
 
+    def __reduce__(self):  # pickle would fail on the reader function, naming only a lambda
+        raise TypeError(
+            "A lazy list of a safetensors capture cannot be pickled (e.g. by torch.save): make it a list "
+            "first, list(...), which reads its tensors from disk."
+        )
+
 
 def nest_blocks(
     meta: dict, get: Callable[[int, str], Tensor], lazy: bool

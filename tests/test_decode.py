@@ -30,7 +30,7 @@ from flux.decode import (
     to_image,
     to_uint8,
 )
-from flux.errors import UserError
+from flux.errors import UsageError, UserError
 from flux.model import Flux
 from flux.sampling import denoise, get_noise, get_schedule, prepare, unpack
 
@@ -167,6 +167,17 @@ def test_plan_rejects_what_was_not_captured(capture):
         lens_plan(capture, blocks={"single": [9]})
     with pytest.raises(ValueError, match="target"):
         next(block_latents(capture, torch.nn.Identity(), "x1"))
+
+
+def test_plan_takes_indices_as_a_notebook_has_them(capture):
+    """One index or many; ints, numpy ints or integer tensors: the same keys. Anything else: a clear error."""
+    expected = lens_plan(capture, blocks={"single": [2]}, steps=[0, 1])
+    assert [(k.stream, k.block, k.step) for k in expected] == [("single", 2, 0), ("single", 2, 1)]
+    for blocks, steps in (({"single": 2}, torch.arange(2)), ({"single": np.int64(2)}, np.arange(2))):
+        assert lens_plan(capture, blocks=blocks, steps=steps) == expected
+    assert lens_plan(capture, blocks={"single": torch.tensor(2)}, steps=1) == expected[1:]
+    with pytest.raises(UsageError, match=r"steps must be an index or a list of indices; got 0\.5"):
+        lens_plan(capture, steps=0.5)
 
 
 def _files(out_dir):

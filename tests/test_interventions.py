@@ -785,7 +785,8 @@ def test_a_bad_direction_file_is_a_usage_error_naming_the_flag(captures, tmp_pat
 
 
 def test_notebook_mistakes_get_clear_errors(models, captures):
-    """What a notebook is likely to pass: a model in another dtype, a path as source, an int as steps."""
+    """What a notebook is likely to pass: a model in another dtype, a path as source, one index or numpy
+    indices as steps (fine), a bool (refused)."""
     import flux
     from flux.loading import load_flow_model
 
@@ -794,8 +795,10 @@ def test_notebook_mistakes_get_clear_errors(models, captures):
     with pytest.raises(UserError, match="load it in the capture's dtype"):
         replay(bf16, capture)
     assert Intervention("patch", "double", 0, source=str(path)).source["metadata"] == capture["metadata"]
-    with pytest.raises(UsageError, match="steps must be step indices"):
-        Intervention("skip", "double", 0, steps=0)
+    assert Intervention("skip", "double", 0, steps=0).steps == (0,)
+    assert Intervention("skip", "double", 0, steps=np.arange(2)).steps == (0, 1)
+    with pytest.raises(UsageError, match=r"steps \(e.g. \(0, 1\), or None for all\) must be an index"):
+        Intervention("skip", "double", 0, steps=True)
     assert Intervention("skip", "double", 0, steps=[1, 0]).steps == (1, 0)
     with pytest.raises(UsageError, match="'double' and/or 'single'"):
         flux.decode.lens_plan(capture, blocks={"singel": [0]})

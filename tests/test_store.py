@@ -101,6 +101,9 @@ def test_pt_and_safetensors_load_to_identical_tensors(model, tmp_path):
     for key in ("y", "txt", "final_latent"):
         assert torch.equal(a["denoising_context"][key], b["denoising_context"][key])
     assert isinstance(b["single_blocks"]["block_0"], LazyList)
+    with pytest.raises(TypeError, match=r"make it a list first, list\(...\)"):
+        torch.save(b["single_blocks"], io.BytesIO())
+    torch.save({name: list(steps) for name, steps in b["single_blocks"].items()}, io.BytesIO())
     assert pool.allocated <= 2  # the writer reused at most two host buffer sets for three steps
 
 
