@@ -117,11 +117,14 @@ def default_output_dir(path: str | Path) -> Path:
 
 
 def decoded_dir(path: str | Path) -> Path:
-    """Where the lens wrote this capture's JPEGs: `{capture parent}/decoded/{capture stem}/`."""
+    """Where the lens wrote this capture's JPEGs: `{capture parent}/decoded/{capture stem}/` beside the path
+    as given or, for a symlink, beside its target (where the lens of the run itself went)."""
     from flux.store import beside_capture
 
-    folder, stem = beside_capture(path, "decoded")
-    return folder / stem
+    beside_link, beside_target = (
+        Path.joinpath(*beside_capture(p, "decoded")) for p in (path, Path(path).resolve())
+    )
+    return beside_target if not beside_link.is_dir() and beside_target.is_dir() else beside_link
 
 
 def latest_capture(folder: str | Path = "output/intermediates") -> Path:

@@ -96,7 +96,7 @@ class CapturePlan:
         else:
             kind = None  # a bare range after a comma goes with the kind before it: single:10,37
             for item in str(blocks).split(","):
-                named = re.fullmatch(r"\s*(double|single):(.+)", item)
+                named = re.fullmatch(r"\s*(double|single):\s*(\S.*)", item)
                 if named:
                     kind, spec = named[1], named[2]
                 elif kind is not None and re.fullmatch(r"\s*\d[\d:-]*\s*", item):

@@ -96,14 +96,17 @@ def _check_target(target: str) -> None:
 
 def as_indices(value: int | Iterable[int], what: str) -> list[int]:
     """Indices as plain ints, from one index or an iterable of them (ints, numpy ints, integer tensors;
-    not bools, which are most likely a mistake)."""
+    not bools or a boolean mask, which are most likely a mistake)."""
+
+    def index(k) -> int:
+        if isinstance(k, bool) or getattr(k, "dtype", None) in (torch.bool, np.bool_):
+            raise TypeError("a bool is not an index")
+        return operator.index(k)
+
     try:
         with contextlib.suppress(TypeError):
-            if not isinstance(value, bool):
-                return [operator.index(value)]
-        if any(isinstance(k, bool) for k in value):
-            raise TypeError
-        return [operator.index(k) for k in value]
+            return [index(value)]
+        return [index(k) for k in list(value)]
     except TypeError as e:
         raise UsageError(f"{what} must be an index or a list of indices; got {value!r}.") from e
 
@@ -447,12 +450,16 @@ def decode_capture(
     between_batches: called before each batch; it may raise to stop the lens (a failed capture write).
     """
     _check_target(target)
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise ValueError(
-            f"batch_size must be a whole number >= 1 (or None for the default); got {batch_size!r}"
-        )
+    if batch_size is not None:
+        try:
+            count = None if isinstance(batch_size, bool) else operator.index(batch_size)  # numpy ints too
+        except TypeError:
+            count = None
+        if count is None or count < 1:
+            raise ValueError(
+                f"batch_size must be a whole number >= 1 (or None for the default); got {batch_size!r}"
+            )
+        batch_size = count
     meta, ctx = capture["metadata"], capture["denoising_context"]
     height, width = int(meta["height"]), int(meta["width"])
     if (batch := ctx["img_state"][0].shape[0]) != 1:

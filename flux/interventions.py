@@ -513,7 +513,8 @@ def replay(
             streams=plan.streams,
             capture_dtype=str(plan.dtype or img.dtype).removeprefix("torch."),
             shapes={
-                k: list(v) for k, v in plan.keys_and_shapes(1, txt_len, img_len, model.hidden_size).items()
+                k: list(v)
+                for k, v in plan.keys_and_shapes(img.shape[0], txt_len, img_len, model.hidden_size).items()
             },
             complete=stop == num_steps - 1,  # only then is there a final latent
             steps_done=list(range(stop + 1)),

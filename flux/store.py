@@ -340,11 +340,14 @@ def new_dir(base: Path) -> Path:
     never both take it) and never an existing folder."""
     for n in range(10_000):
         path = base if n == 0 else base.with_name(f"{base.name}_{n}")
-        try:
-            path.mkdir(parents=True)
-            return path
-        except FileExistsError:
-            continue
+        for _ in range(3):  # a parent made here may be taken back by a failed run's fresh_dir meanwhile
+            try:
+                path.mkdir(parents=True)
+                return path
+            except FileExistsError:
+                break
+            except FileNotFoundError:
+                continue
     raise RuntimeError(f"no free output folder next to {base}")
 
 
@@ -423,6 +426,12 @@ class LazyList(Sequence):
 
     def __repr__(self) -> str:
         return f"LazyList(len={self._n})"
+
+    def __copy__(self) -> "LazyList":
+        return LazyList(self._n, self._get)
+
+    def __deepcopy__(self, memo) -> "LazyList":  # each read makes new tensors: nothing is shared
+        return LazyList(self._n, self._get)
 
     def __reduce__(self):  # pickle would fail on the reader function, naming only a lambda
         raise TypeError(
@@ -614,9 +623,9 @@ def _load_pt(path: Path) -> dict:
             raise UserError(f"Could not read the capture {str(path)!r}: permission denied.") from e
         if not zipped:
             raise UserError(
-                f"{str(path)!r} is not a complete capture: a .pt capture is a torch zip archive, and this "
-                f"file ({human_bytes(path.stat().st_size)}) is not one. It is empty, corrupt, cut short "
-                "while being written (was the run interrupted?), or another format."
+                f"{str(path)!r} is not a complete capture: this file ({human_bytes(path.stat().st_size)}) is "
+                "neither a torch zip archive, as captures are, nor a torch file in the legacy format. It is "
+                "empty, corrupt, cut short while being written (was the run interrupted?), or another format."
             ) from e
         raise UserError(
             f"Could not read the capture {str(path)!r} ({type(e).__name__}: {e}). It is corrupt or "
@@ -699,7 +708,8 @@ def _load_dir(directory: Path) -> dict:
 def load_capture(path: str | Path) -> dict:
     """Open a capture (`.pt` file or safetensors directory) as the documented nested dict.
 
-    `.pt` files are read with `weights_only=True` (memory-mapped); a file that pickles code is refused.
+    `.pt` files are read with `weights_only=True` (memory-mapped; a file in torch's legacy non-zip format is
+    read whole); a file that pickles code is refused.
     Safetensors captures are lazy: block lists read a tensor from disk only when it is indexed.
     """
     path = Path(path).expanduser()

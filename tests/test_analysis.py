@@ -626,6 +626,17 @@ def test_the_final_frame_is_the_runs_image_while_it_is_unchanged(captures, tmp_p
     assert analysis.sampler_image({**meta, "files": {"image": str(image)}}, capture) is None  # no digest
 
 
+def test_the_lens_of_a_symlinked_capture_is_found_beside_its_target(tmp_path):
+    run = tmp_path / "run" / "intermediates"
+    (run / "decoded" / "capture_x").mkdir(parents=True)
+    (run / "capture_x.pt").write_bytes(b"")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "latest.pt").symlink_to(run / "capture_x.pt")
+    assert analysis.decoded_dir(tmp_path / "links" / "latest.pt") == run / "decoded" / "capture_x"
+    (tmp_path / "links" / "decoded" / "latest").mkdir(parents=True)  # a lens decoded through the link
+    assert analysis.decoded_dir(tmp_path / "links" / "latest.pt") == tmp_path / "links" / "decoded" / "latest"
+
+
 def test_a_bad_weights_dir_leaves_no_analysis_folder(captures, tmp_path):
     with pytest.raises(UsageError, match="--weights_dir"):
         analysis.analyze_command(str(captures["pt"]), output_dir=str(tmp_path / "a"), weights_dir="/nope")

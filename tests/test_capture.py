@@ -167,6 +167,7 @@ def test_block_lists_name_their_kind_once(text, double, single):
         ("0,double:1", None, "both", None, "--blocks"),  # a range before any kind
         ("double:0,", None, "both", None, "--blocks"),  # not "all double blocks"
         ("double:", None, "both", None, "--blocks"),
+        ("double: ", None, "both", None, "--blocks"),
         ("double:0,all", None, "both", None, "--blocks"),  # all double blocks, or every block? Say which.
         ("double:0,,1", None, "both", None, "--blocks"),
         ("double:0-9", None, "both", None, "--blocks"),

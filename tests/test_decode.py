@@ -176,6 +176,9 @@ def test_plan_takes_indices_as_a_notebook_has_them(capture):
     for blocks, steps in (({"single": 2}, torch.arange(2)), ({"single": np.int64(2)}, np.arange(2))):
         assert lens_plan(capture, blocks=blocks, steps=steps) == expected
     assert lens_plan(capture, blocks={"single": torch.tensor(2)}, steps=1) == expected[1:]
+    assert lens_plan(capture, blocks={"single": [2]}, steps=(k for k in range(2))) == expected  # a generator
+    with pytest.raises(UsageError, match="steps must be an index or a list of indices"):
+        lens_plan(capture, steps=torch.tensor([True, False]))  # a mask is not a list of steps
     with pytest.raises(UsageError, match=r"steps must be an index or a list of indices; got 0\.5"):
         lens_plan(capture, steps=0.5)
 

@@ -1,5 +1,6 @@
 """Capture files: atomic writes, unique names, both formats, lazy loading, incomplete runs, bad files."""
 
+import copy
 import errno
 import io
 import json
@@ -104,6 +105,9 @@ def test_pt_and_safetensors_load_to_identical_tensors(model, tmp_path):
     with pytest.raises(TypeError, match=r"make it a list first, list\(...\)"):
         torch.save(b["single_blocks"], io.BytesIO())
     torch.save({name: list(steps) for name, steps in b["single_blocks"].items()}, io.BytesIO())
+    lazy = b["single_blocks"]["block_0"]
+    for copied in (copy.copy(lazy), copy.deepcopy(b["single_blocks"])["block_0"]):
+        assert len(copied) == NUM_STEPS and torch.equal(copied[1], lazy[1])
     assert pool.allocated <= 2  # the writer reused at most two host buffer sets for three steps
 
 
