@@ -25,7 +25,6 @@ matplotlib and pandas are the `analysis` extra: they are imported inside the fun
 `import flux.analysis` works without them.
 """
 
-import hashlib
 import importlib
 import importlib.util
 import math
@@ -562,12 +561,14 @@ def sampler_image(meta: dict, capture_path: str | Path) -> Image.Image | None:
     """The image the run wrote, if it can be found unchanged: at the path recorded in the metadata, or
     where that name sits in the run's output folder (the capture's grandparent), with the SHA-256 the
     metadata records (a deleted image's free name may have gone to another run's)."""
+    from flux.store import file_sha256
+
     files = meta.get("files", {})
     image, digest = files.get("image"), files.get("image_sha256")
     if not image or not digest:
         return None
     for path in (Path(image), Path(os.path.abspath(capture_path)).parent.parent / Path(image).name):
-        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+        if path.is_file() and file_sha256(path) == digest:
             with Image.open(path) as img:
                 return img.convert("RGB")
     return None

@@ -94,19 +94,20 @@ def _check_target(target: str) -> None:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
 
 
+def _index(k) -> int:
+    """`k` as an int: an int, numpy int or one-element integer tensor; a TypeError for anything else,
+    bools included (most likely a mistake, such as a boolean mask)."""
+    if isinstance(k, bool) or getattr(k, "dtype", None) in (torch.bool, np.bool_):
+        raise TypeError("a bool is not an index")
+    return operator.index(k)
+
+
 def as_indices(value: int | Iterable[int], what: str) -> list[int]:
-    """Indices as plain ints, from one index or an iterable of them (ints, numpy ints, integer tensors;
-    not bools or a boolean mask, which are most likely a mistake)."""
-
-    def index(k) -> int:
-        if isinstance(k, bool) or getattr(k, "dtype", None) in (torch.bool, np.bool_):
-            raise TypeError("a bool is not an index")
-        return operator.index(k)
-
+    """Indices as plain ints, from one index or an iterable of them (see `_index`)."""
     try:
         with contextlib.suppress(TypeError):
-            return [index(value)]
-        return [index(k) for k in list(value)]
+            return [_index(value)]
+        return [_index(k) for k in list(value)]
     except TypeError as e:
         raise UsageError(f"{what} must be an index or a list of indices; got {value!r}.") from e
 
@@ -452,7 +453,7 @@ def decode_capture(
     _check_target(target)
     if batch_size is not None:
         try:
-            count = None if isinstance(batch_size, bool) else operator.index(batch_size)  # numpy ints too
+            count = _index(batch_size)  # numpy ints too
         except TypeError:
             count = None
         if count is None or count < 1:

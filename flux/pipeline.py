@@ -5,7 +5,6 @@ checks are in `flux.options` (`RunOptions` is re-exported here).
 """
 
 import contextlib
-import hashlib
 import itertools
 import math
 import platform
@@ -44,6 +43,7 @@ from flux.store import (
     SafetensorsSink,
     beside_capture,
     claim_stem,
+    file_sha256,
     fresh_dir,
     next_free_index,
     publish_new,
@@ -516,11 +516,7 @@ def generate(
             lambda tmp: save_jpeg(to_image(image[0]), tmp),
             start=next_image_index(out_dir),
         )
-        files = metadata.setdefault("files", {})
-        files["image"], files["image_sha256"] = (
-            str(image_path),
-            hashlib.sha256(image_path.read_bytes()).hexdigest(),
-        )
+        metadata.setdefault("files", {}).update(image=str(image_path), image_sha256=file_sha256(image_path))
         result = RunResult(image_path, None, None, metadata, image, timings=timings)
         if session is not None:
             context["final_latent"] = latent.cpu()

@@ -6,6 +6,7 @@ reader never sees half a file. Names are claimed exclusively, so concurrent runs
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import mmap
@@ -37,6 +38,11 @@ CAPTURE_KEYS = frozenset({"double_blocks", "single_blocks", "denoising_context",
 
 
 # ---------------------------------------------------------------------------------------------- files
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a (small) file's bytes, in hex: how the metadata names the run's image."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def human_bytes(n: float) -> str:
     """Bytes as a short human figure: 2.00 GB, 12.3 MB, 4.6 kB (a tiny shard is not "0.00 GB")."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):

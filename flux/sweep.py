@@ -6,7 +6,6 @@ SSIM on images mapped to [0, 1], and the MSE of the final latent tokens.
 """
 
 import csv
-import hashlib
 import importlib.util
 import math
 import sys
@@ -519,6 +518,7 @@ def replay_command(
     from flux.store import (
         atomic_write,
         beside_capture,
+        file_sha256,
         load_capture,
         next_free_index,
         publish_new,
@@ -590,9 +590,8 @@ def replay_command(
     )
     if result.capture is not None:
         capture_path = base.with_suffix(".pt")
-        digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
         result.capture["metadata"]["files"] = {
-            "image": str(image_path), "image_sha256": digest, "capture": str(capture_path)
+            "image": str(image_path), "image_sha256": file_sha256(image_path), "capture": str(capture_path)
         }  # fmt: skip
         result.capture["metadata"]["format"] = "pt"
         atomic_write(capture_path, lambda tmp: torch_save(result.capture, tmp))
