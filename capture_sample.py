@@ -80,8 +80,10 @@ def main(
         steps: Which steps to capture, e.g. "0,3", "0-49:5" (start-stop:stride) (default: all).
         streams: Tokens to keep from each block output: both (default), img or txt.
         capture_dtype: bf16, fp16 or fp32 for captured block outputs; default: the model's dtype
-            (bf16 for the published models, fp32 for flux-tiny).
-        force: Capture even when the estimated size exceeds the free disk space.
+            (bf16 for the published models, fp32 for flux-tiny). fp16 stores the published models'
+            largest activations (over 65504) as inf.
+        force: Capture even when the estimated size exceeds the free disk space (or, for .pt, the host
+            memory).
         should_decode_intermediates: Decode every captured block output as if it were the last (the lens),
             writing JPEGs and labelled grids under intermediates/decoded/ (default True).
         decode_target: What the lens shows: x0 (default; the clean image each block predicts) or next (the

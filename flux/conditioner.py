@@ -90,9 +90,14 @@ def load_text_embedder(
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
     model_cls = T5EncoderModel if kind == "t5" else CLIPTextModel
+    # CLIP: the class both reference pipelines name (BFL's and diffusers'); under transformers 4 it is the
+    # Python tokenizer, which AutoTokenizer would replace with the Rust one, and the two differ on some
+    # text (CJK characters). T5: the repo's tokenizer.json (diffusers' T5TokenizerFast; BFL's slow T5
+    # tokenizer needs sentencepiece). Under transformers 5 both classes are the Rust tokenizers.
+    tokenizer_cls = AutoTokenizer if kind == "t5" else CLIPTokenizer
     local = _local_dir(source)
     if local is None:
         # Fetch (or find in the cache) just the two subfolders, then load from disk like any local copy.
@@ -121,7 +126,7 @@ def load_text_embedder(
 
     what = f"{kind.upper()} tokenizer"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(*tokenizer_args, **tokenizer_kwargs)
+        tokenizer = tokenizer_cls.from_pretrained(*tokenizer_args, **tokenizer_kwargs)
         what = f"{kind.upper()} text encoder"
         model, info = model_cls.from_pretrained(
             *model_args, **model_kwargs, **{_DTYPE_KWARG: dtype}, output_loading_info=True

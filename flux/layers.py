@@ -18,11 +18,13 @@ def timestep_embedding(t: Tensor, dim: int, max_period: int = 10_000, time_facto
     """Sinusoidal embedding of t (B,) -> (B, dim), cosines first.
 
     The x1000 happens in t's own dtype (bf16 in the sampler, so 1000 * t is rounded there); the frequencies
-    and the trigonometry run in float32, and the result is cast back to t's dtype.
+    and the trigonometry run in float32, and the result is cast back to t's dtype. The frequencies are
+    computed on the CPU and then moved, as the reference does: a GPU's exp may differ from the CPU's in the
+    last bit, which can flip a bf16 value of the embedding.
     """
     t = time_factor * t
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
     args = t[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:

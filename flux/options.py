@@ -128,7 +128,12 @@ class RunOptions:
                 )
         if self.compile_decoder is not None and not isinstance(self.compile_decoder, bool):
             raise UsageError(f"--compile_decoder is a switch; got {self.compile_decoder!r}.")
-        self.plan()  # parses --blocks/--steps/--streams/--capture_dtype
+        if self.plan().dtype == torch.float16 and compute_dtype(spec) == torch.bfloat16:
+            self.warnings.append(
+                "warning: --capture_dtype fp16 holds magnitudes up to 65504; with the published weights some "
+                "text-token and single-block outputs exceed that (diffusers clips them for fp16), and they "
+                "would be stored as inf. bf16, the default here, takes the same space and holds them."
+            )
         if self.capture:
             self._check_capture_fits()
         elif self.analyze:
@@ -147,7 +152,8 @@ class RunOptions:
     def _check_capture_fits(self) -> None:
         """Refuse, before anything loads, a capture that the disk (or, for .pt, host memory) cannot hold."""
         needed = self.estimated_capture_bytes()
-        check_disk_space(_existing_parent(Path(self.output_dir)), needed, self.force)
+        smaller_dtype = (self.plan().dtype or compute_dtype(self.spec)).itemsize > 2
+        check_disk_space(_existing_parent(Path(self.output_dir)), needed, self.force, smaller_dtype)
         if self.format == "pt":
             # A .pt capture lives in host buffers until the end; pinned (CUDA) buffers are allocated in
             # power-of-two sizes, up to twice what they hold.
@@ -261,12 +267,15 @@ def model_host_bytes(spec: ModelSpec) -> int:
     return flow_bytes + ae_bytes + (0 if spec.name == "flux-tiny" else TEXT_ENCODER_BYTES)
 
 
-def check_disk_space(folder: Path, needed: int, force: bool) -> None:
+def check_disk_space(folder: Path, needed: int, force: bool, smaller_dtype: bool = False) -> None:
+    """Refuse a capture of `needed` bytes that `folder`'s disk cannot hold (unless `force`);
+    `smaller_dtype`: the capture is in 4-byte floats, so --capture_dtype bf16 would halve it."""
     free = shutil.disk_usage(folder).free
     if needed > free and not force:
         raise UserError(
             f"The capture needs about {needed / 1e9:.2f} GB but {str(folder)!r} has {free / 1e9:.2f} GB "
             "free. "
             "Capture fewer blocks or steps (--blocks, --steps, --streams img), a smaller size, "
-            "--capture_dtype fp16/bf16, another --output_dir, or pass --force to try anyway."
+            f"{'--capture_dtype bf16 (half the bytes), ' if smaller_dtype else ''}"
+            "another --output_dir, or pass --force to try anyway."
         )

@@ -238,6 +238,20 @@ def test_guidance_on_schnell_warns_before_loading(tmp_path, monkeypatch, capsys)
     assert warning in err and err.index(warning) < err.index("stopped where the models would load")
 
 
+def test_fp16_capture_of_a_published_model_warns_of_overflow(tmp_path):
+    from flux.options import RunOptions
+
+    def warnings(model, dtype):
+        opts = RunOptions(model=model, capture_dtype=dtype, output_dir=str(tmp_path), device="cpu")
+        return [w for w in opts.validate().warnings if "65504" in w]
+
+    assert len(warnings("flux-schnell", "fp16")) == 1 and len(warnings("flux-dev", "fp16")) == 1
+    assert "stored as inf" in warnings("flux-schnell", "fp16")[0]
+    # bf16 (the default) holds the range; flux-tiny's small activations fit fp16.
+    assert warnings("flux-schnell", "bf16") == warnings("flux-schnell", None) == []
+    assert warnings("flux-tiny", "fp16") == []
+
+
 @pytest.mark.parametrize(
     ("model", "steps", "t5_tokens", "guidance", "shift"),
     [  # ../shared/flux_reference.md: the reference CLI's defaults
@@ -369,7 +383,13 @@ def test_capture_larger_than_the_disk_is_refused_before_loading(monkeypatch, tmp
     monkeypatch.setattr(flux.options.shutil, "disk_usage", lambda p: real(p)._replace(free=10))
     out = tmp_path / "o"
     assert cli("--model", "flux-tiny", *SIZE, "--output_dir", str(out)) == 1
-    assert "--force" in capsys.readouterr().err and not out.exists()
+    err = capsys.readouterr().err
+    assert "--force" in err and not out.exists()
+    # flux-tiny captures float32 by default, so bf16 would halve it; a bf16 capture is not told so.
+    assert "--capture_dtype bf16 (half the bytes)" in err
+    assert cli("--model", "flux-tiny", *SIZE, "--capture_dtype", "bf16", "--output_dir", str(out)) == 1
+    err = capsys.readouterr().err
+    assert "needs about" in err and "--capture_dtype" not in err and not out.exists()
     # --force goes ahead on the user's word: the estimate is what was refused, not the write.
     assert cli("--model", "flux-tiny", *SIZE, "--force", "--should_decode_intermediates", "False",
                "--output_dir", str(out)) == 0  # fmt: skip

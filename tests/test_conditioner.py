@@ -84,6 +84,22 @@ def test_truncation_of_long_prompt(t5, clip):
     assert clip_ids[0, -1].item() == clip.tokenizer.eos_token_id
 
 
+def test_clip_tokenizer_is_the_class_the_reference_names(clip):
+    # BFL's and diffusers' pipelines load CLIPTokenizer. Under transformers 4 that is the Python tokenizer,
+    # which AutoTokenizer would swap for the Rust one; they differ on CJK text (each character a word).
+    import transformers
+
+    assert type(clip.tokenizer) is transformers.CLIPTokenizer
+    reference = transformers.CLIPTokenizer.from_pretrained(clip.tokenizer.name_or_path)
+    for prompt in ("a red cube", "日本の猫"):
+        assert (
+            clip.tokenize([prompt])[0].tolist()
+            == reference(
+                prompt, padding="max_length", max_length=SPEC.clip_max_length, truncation=True
+            ).input_ids
+        )
+
+
 def test_clip_pools_the_first_end_of_text_token(clip):
     prompts = ["a cat", "a photo of a green tree in the city", "zzz qq"]
     vec = clip(prompts)
@@ -175,7 +191,7 @@ def test_our_bugs_stay_loud(monkeypatch, repo):
     def bug(*args, **kwargs):
         raise KeyError("a bug of ours")
 
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", bug)
+    monkeypatch.setattr(transformers.CLIPTokenizer, "from_pretrained", bug)
     with pytest.raises(KeyError):
         load_text_embedder("clip", repo, "text_encoder", "tokenizer", 77, "cpu", None)
 

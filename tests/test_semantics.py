@@ -137,6 +137,25 @@ def test_timestep_embedding_scales_in_input_dtype(t, s_bf16):
     assert_close(emb32[0].double(), hand_embedding(1000 * t, 256), atol=1e-3, rtol=0)
 
 
+def test_timestep_frequencies_are_computed_on_the_cpu():
+    # The reference builds the frequencies on the CPU and moves them to t's device (a GPU's exp can differ
+    # in the last bit). With t on the meta device, any exp that runs elsewhere than the CPU shows up here.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    devices = []
+
+    class RecordExp(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.exp:
+                devices.append(args[0].device.type)
+            return func(*args, **(kwargs or {}))
+
+    with RecordExp():
+        emb = timestep_embedding(torch.tensor([0.5], device="meta"), 8)
+    assert emb.device.type == "meta" and emb.shape == (1, 8)
+    assert devices == ["cpu"]
+
+
 def test_conditioning_sums_time_guidance_and_vector():
     model = tiny_flux()
     t, g = 0.625, 3.5
