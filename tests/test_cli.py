@@ -253,15 +253,15 @@ def test_fp16_capture_of_a_published_model_warns_of_overflow(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("model", "steps", "t5_tokens", "guidance", "shift"),
-    [  # ../shared/flux_reference.md: the reference CLI's defaults
-        ("flux-schnell", 4, 256, None, False),
-        ("flux-dev", 50, 512, 2.5, True),
-        ("flux-dev-krea", 50, 512, 2.5, True),
+    ("model", "steps", "t5_tokens", "guidance", "shift", "repo", "flow"),
+    [  # ../shared/flux_reference.md: the reference CLI's defaults and the hub's repos and file names
+        ("flux-schnell", 4, 256, None, False, "FLUX.1-schnell", "flux1-schnell.safetensors"),
+        ("flux-dev", 50, 512, 2.5, True, "FLUX.1-dev", "flux1-dev.safetensors"),
+        ("flux-dev-krea", 50, 512, 2.5, True, "FLUX.1-Krea-dev", "flux1-krea-dev.safetensors"),
     ],
 )
 def test_each_published_model_runs_with_the_reference_defaults(
-    model, steps, t5_tokens, guidance, shift, tmp_path
+    model, steps, t5_tokens, guidance, shift, repo, flow, tmp_path
 ):
     from flux.configs import get_spec
     from flux.pipeline import RunOptions
@@ -274,6 +274,7 @@ def test_each_published_model_runs_with_the_reference_defaults(
         assert opts.guidance == guidance
     assert spec.text_repo_id == "black-forest-labs/FLUX.1-schnell"  # T5 and CLIP for all three
     assert (spec.gated, spec.repo_ae) == (model != "flux-schnell", "ae.safetensors")
+    assert (spec.repo_id, spec.repo_flow) == (f"black-forest-labs/{repo}", flow)
 
 
 def test_unwritable_output_dir_is_refused(tmp_path):
