@@ -31,6 +31,7 @@ TOKENS is img, txt or both (default both; `add` takes img only). STEPS uses the 
 
 import contextlib
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,6 +49,13 @@ from flux.sampling import StepInfo, denoise
 KINDS = ("skip", "zero", "patch", "add")
 STREAMS = ("double", "single")
 TOKENS = ("img", "txt", "both")
+
+
+def default_tokens(kind: str) -> str:
+    """The tokens an intervention of `kind` changes when none are named: `add` the image tokens only."""
+    return "img" if kind == "add" else "both"
+
+
 _SPEC = re.compile(
     r"(?P<kind>\w+):(?P<stream>\w+):(?P<block>\d+)(?::(?P<tokens>\w+))?"
     r"(?:@(?P<steps>[^*]+))?(?:\*(?P<scale>[-+0-9.eE]+))?"
@@ -92,14 +100,16 @@ class Intervention:
         elif self.kind not in KINDS:
             raise UsageError(f"Unknown intervention {self.kind!r}: use one of {', '.join(KINDS)}.")
         if self.tokens is None:
-            object.__setattr__(self, "tokens", "img" if self.kind == "add" else "both")
+            object.__setattr__(self, "tokens", default_tokens(self.kind))
         if self.stream not in STREAMS:
             raise UsageError(f"Intervention stream must be double or single; got {self.stream!r}.")
         if self.tokens not in TOKENS:
             raise UsageError(f"Intervention tokens must be img, txt or both; got {self.tokens!r}.")
         if self.kind == "skip" and self.tokens != "both":
             raise UsageError(
-                "skip bypasses the whole block; to keep some tokens' input use zero:...:img/txt."
+                "skip bypasses the whole block, all its tokens; to keep only some tokens' input, use zero "
+                "with img or txt tokens (zero:double:3:img in a spec; --intervention zero --tokens img in "
+                "a sweep)."
             )
         if self.kind == "add" and self.tokens != "img":
             raise UsageError("add changes image tokens only: leave TOKENS out or write img.")
@@ -418,6 +428,25 @@ def timesteps_of(capture: dict) -> list[float]:
     return [float(t) for t in capture["metadata"]["timesteps"]]
 
 
+def check_steps_replayed(interventions: Sequence[Intervention], start: int, stop: int) -> None:
+    """Refuse an intervention at a step before `start` (the replay begins from the stored latent, which that
+    step made without it), or one at none of the steps start..stop. Steps after `stop` are just not reached.
+    """
+    for iv in interventions:
+        early = [k for k in iv.steps or () if k < start]
+        if early:
+            raise UsageError(
+                f"{iv.spec} applies at steps {format_steps(early)}, before step {start}, where this replay "
+                f"begins from the stored latent, which those steps made without it: replay from step "
+                f"{min(early)}, or name steps from {start} on."
+            )
+        if iv.steps is not None and not any(start <= k <= stop for k in iv.steps):
+            raise UsageError(
+                f"{iv.spec} applies at steps {format_steps(iv.steps)}, none of which this replay runs "
+                f"({start}..{stop}): it would never apply."
+            )
+
+
 @torch.inference_mode()
 def replay(
     model: Flux,
@@ -455,11 +484,7 @@ def replay(
     txt_len, img_len = int(ctx["txt_seq_len"]), img.shape[1]
     for iv in interventions:
         iv.check(model, num_steps, txt_len, img_len, meta.get("model"), capture)
-        if iv.steps is not None and not any(start <= k <= stop for k in iv.steps):
-            raise UsageError(
-                f"{iv.spec} applies at steps {format_steps(iv.steps)}, none of which this replay runs "
-                f"({start}..{stop}): it would never apply."
-            )
+    check_steps_replayed(interventions, start, stop)
 
     recorder = steps = None
     if record is not None:
@@ -500,6 +525,7 @@ def replay(
     x0 = info.img + (0.0 - info.t_curr) * info.pred  # as the lens forms it (flux.decode)
     result = ReplayResult(latent, x0, start, stop, applied=list(intervener.applied))
     if recorder is not None:
+        from flux.pipeline import package_versions
         from flux.store import assemble
 
         for s in steps:
@@ -519,7 +545,13 @@ def replay(
             complete=stop == num_steps - 1,  # only then is there a final latent
             steps_done=list(range(stop + 1)),
             interventions=[iv.spec for iv in interventions],
+            applied=[list(pair) for pair in result.applied],
             replayed_steps=[start, stop],
+            # When and where this capture was made; the run it replays keeps its own under source_run.
+            source_run={k: meta.get(k) for k in ("timestamp", "device", "versions")},
+            timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            device=str(device),
+            versions=package_versions(),
         )
         new_ctx = {k: v for k, v in ctx.items() if k not in (*CONTEXT_KEYS, "final_latent")}
         if stop == num_steps - 1:

@@ -81,17 +81,35 @@ def _disk_full(path: Path, needed: int | Callable[[], int | None] | None) -> Use
     )
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (/proc), else set and restored."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
 def atomic_write(
     path: Path, write: Callable[[Path], None], needed: int | Callable[[], int | None] | None = None
 ) -> Path:
     """Call write(tmp) on a temporary name beside `path`, then rename it to `path` (replacing it).
 
-    A full disk becomes a UserError naming the folder and `needed` bytes (or what `needed()` returns, asked
-    only then), whatever the writer raised.
+    The file gets the permissions of any new file (0o666 less the umask): safetensors 0.8 creates its
+    files readable by their owner alone, which would lock a shared capture's tensors away from the others
+    who can read its index.json. A full disk becomes a UserError naming the folder and `needed` bytes (or
+    what `needed()` returns, asked only then), whatever the writer raised.
     """
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
@@ -664,11 +682,14 @@ class _Shards:
             if path not in self.handles:
                 self.handles[path] = safe_open(str(path), framework="pt", device="cpu")
             return self.handles[path].get_tensor(key)
-        except FileNotFoundError as e:
-            raise UserError(
-                f"Could not read {key!r}: the shard {str(path)!r} is missing (moved or deleted), though the "
-                "capture's index.json lists its step as written."
-            ) from e
+        except (FileNotFoundError, PermissionError) as e:  # safetensors 0.8 says "not found" for both
+            why = (
+                "is not readable (permission denied)"
+                if path.exists()
+                else "is missing (moved or deleted), though the capture's index.json lists its step as "
+                "written"
+            )
+            raise UserError(f"Could not read {key!r}: the shard {str(path)!r} {why}.") from e
         except (SafetensorError, OSError) as e:
             raise UserError(f"Could not read {key!r} from {str(path)!r}: {e}. The shard is corrupt.") from e
 
@@ -702,6 +723,8 @@ def _load_dir(directory: Path) -> dict:
             with safe_open(str(context_path), framework="pt", device="cpu") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     ctx[key] = f.get_tensor(key)
+        except (FileNotFoundError, PermissionError) as e:  # it exists: safetensors 0.8 says "not found"
+            raise UserError(f"Could not read {str(context_path)!r}: permission denied.") from e
         except (SafetensorError, OSError) as e:
             raise UserError(f"Could not read {str(context_path)!r}: {e}. The file is corrupt.") from e
     # Context keys written by this version; captures made before `pred` was recorded simply lack it.

@@ -27,6 +27,8 @@ from flux.interventions import (
     KINDS,
     TOKENS,
     Intervention,
+    check_steps_replayed,
+    default_tokens,
     format_steps,
     parse_interventions,
     parse_steps,
@@ -451,10 +453,10 @@ def sweep_command(
             capture,
             kind=intervention,
             steps=format_steps(step_set),
-            tokens=tokens,
+            tokens=tokens or default_tokens(intervention),
             scale=scale,
             source=str(Path(source).resolve()) if source else None,
-            direction=direction,
+            direction=str(Path(direction).resolve()) if direction else None,
             reference="unmodified replay on this device",
             replay_device=str(flow.img_in.weight.device),
             rows=[
@@ -557,6 +559,7 @@ def replay_command(
                 f"--{flag} is used only by {kind}:... interventions, and --intervention names none."
             )
     _check_before_loading(ivs, spec, capture)
+    check_steps_replayed(ivs, step or 0, num_steps - 1 if until is None else until)
     out = Path(output_dir) if output_dir else beside_capture(path, "replays")[0]
     check_output_dir(out)
     flow, ae = _load(spec, device, dtype, weights_dir)  # only now that every flag has been checked
@@ -583,8 +586,8 @@ def replay_command(
         replayed_steps=[result.start, result.stop],
         interventions=[iv.spec for iv in ivs],
         source=str(Path(source).resolve()) if source else None,
-        direction=direction,
-        applied=len(result.applied),
+        direction=str(Path(direction).resolve()) if direction else None,
+        applied=[list(pair) for pair in result.applied],  # [spec, step] of every change made
         image=str(image_path),
         vs_stored_final={"mse": float(mse(image, stored)[0]), "psnr": float(psnr(image, stored)[0])},
     )

@@ -118,6 +118,10 @@ def test_a_recorded_replay_describes_itself_not_its_source(flow, captures):
     assert "final_latent" not in result.capture["denoising_context"]
     assert "files" not in meta and "estimated_capture_bytes" not in meta  # the source's, not this capture's
     assert meta["seed"] == cap["metadata"]["seed"] and meta["replayed_steps"] == [1, 2]
+    # Made now, here: the replayed run's time, device and versions are kept apart.
+    assert meta["source_run"] == {k: cap["metadata"][k] for k in ("timestamp", "device", "versions")}
+    assert meta["timestamp"] >= cap["metadata"]["timestamp"] and meta["device"] == "cpu"
+    assert meta["interventions"] == [] and meta["applied"] == []
 
 
 def test_replay_from_a_later_step_and_a_single_step(flow, captures):
@@ -251,8 +255,16 @@ def test_a_patch_source_must_share_the_grid_and_the_schedule(models, flow, captu
 
 def test_an_intervention_the_replay_never_reaches_is_refused(flow, captures):
     (_, cap), _ = captures
-    with pytest.raises(UsageError, match=r"applies at steps 0, none of which this replay runs \(2..3\)"):
-        replay(flow, cap, start=2, interventions=[Intervention("skip", "double", 0, (0,))])
+    with pytest.raises(UsageError, match=r"applies at steps 3, none of which this replay runs \(0..1\)"):
+        replay(flow, cap, stop=1, interventions=[Intervention("skip", "double", 0, (3,))])
+    # A step before the first replayed one made the stored latent the replay starts from, without it: the
+    # replay could not apply it, so it is refused, wholly or partly before.
+    for steps, early in (((0,), "0"), ((1, 2, 3), "1"), ((0, 1, 3), "0-1")):
+        with pytest.raises(UsageError, match=f"applies at steps {early}, before step 2, where this replay"):
+            replay(flow, cap, start=2, interventions=[Intervention("skip", "double", 0, steps)])
+    # Steps after the last replayed one are simply not reached; what was applied says so.
+    result = replay(flow, cap, start=1, stop=2, interventions=[Intervention("skip", "double", 0, (2, 3))])
+    assert result.applied == [("skip:double:0@2-3", 2)]
     with pytest.raises(UsageError, match="names no step"):
         Intervention("skip", "double", 0, ())
 
@@ -303,14 +315,16 @@ def test_add_a_per_token_direction(flow, captures):
     assert not torch.equal(add.latent, ctx["final_latent"])
 
 
-def test_replay_command_adds_a_per_token_direction_file(captures, tmp_path):
+def test_replay_command_adds_a_per_token_direction_file(captures, tmp_path, monkeypatch):
     (path, cap), _ = captures
     ctx = cap["denoising_context"]
     t_len, img_len = int(ctx["txt_seq_len"]), ctx["img_state"][0].shape[1]
     d = torch.randn(1, img_len, 64, generator=torch.Generator().manual_seed(4))  # flux-tiny: D = 64
     torch.save(d, tmp_path / "direction.pt")
-    replay_command(str(path), intervention="add:single:2@1*-3", direction=str(tmp_path / "direction.pt"),
+    monkeypatch.chdir(tmp_path)  # a relative path is recorded as the file it names
+    replay_command(str(path), intervention="add:single:2@1*-3", direction="direction.pt",
                    output_dir=str(tmp_path), save_capture=True, device="cpu", progress=False)  # fmt: skip
+    assert json.loads((tmp_path / "replay_0.json").read_text())["direction"] == str(tmp_path / "direction.pt")
     saved = load_capture(tmp_path / "replay_0.pt")
     got, stored = _stored(saved, "single", 2, 1), _stored(cap, "single", 2, 1)
     assert torch.equal(got[:, t_len:], stored[:, t_len:] + -3.0 * d)
@@ -596,6 +610,7 @@ def test_sweep_writes_ranked_rows_chart_and_sheet(captures, tmp_path):
     record = json.loads((out / "sweep.json").read_text())
     assert {r["intervention"] for r in record["rows"]} == {r["intervention"] for r in rows}
     assert "skip:double:0@all" in {r["intervention"] for r in rows}
+    assert record["tokens"] == "both"  # what skip changes, though --tokens was left out
     assert (out / "single_block_2.jpg").is_file()
 
 
@@ -680,7 +695,9 @@ def test_replay_and_sweep_read_a_safetensors_capture_like_the_pt_one(models, flo
                       output_dir=str(tmp_path / name / "sweep"), device="cpu", progress=False)  # fmt: skip
     records = [json.loads((tmp_path / name / "replay_0.json").read_text()) for name in ("pt", "st")]
     assert records[0]["vs_stored_final"] == records[1]["vs_stored_final"]
-    assert records[0]["vs_stored_final"]["mse"] > 0 and [r["applied"] for r in records] == [3, 3]
+    assert records[0]["vs_stored_final"]["mse"] > 0
+    applied = [["skip:single:1@0-1", 0], ["skip:single:1@0-1", 1], ["zero:double:0:img@2", 2]]
+    assert records[0]["applied"] == records[1]["applied"] == applied
     assert (tmp_path / "pt" / "replay_0.jpg").read_bytes() == (tmp_path / "st" / "replay_0.jpg").read_bytes()
     sweeps = [tmp_path / name / "sweep" for name in ("pt", "st")]
     assert (sweeps[0] / "sweep.csv").read_text() == (sweeps[1] / "sweep.csv").read_text()
@@ -707,6 +724,10 @@ def test_commands_check_their_flags_before_loading_any_model(captures, monkeypat
         replay_command(str(path), step=7)
     with pytest.raises(UsageError):
         replay_command(str(path), intervention="skip:triple:0")
+    with pytest.raises(UsageError, match="before step 2"):
+        replay_command(str(path), step=2, intervention="skip:double:0@1-3")
+    with pytest.raises(UsageError, match="none of which this replay runs"):
+        replay_command(str(path), until=1, intervention="skip:double:0@3")
 
 
 def test_a_mismatched_patch_source_is_refused_before_loading(models, captures, tmp_path, monkeypatch):

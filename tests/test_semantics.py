@@ -487,6 +487,10 @@ def test_prepare():
     assert torch.equal(inp["img_ids"], img_ids_for(2, 4, 6))
     assert torch.equal(inp["txt"], txt.expand(2, -1, -1)) and torch.equal(inp["vec"], vec.expand(2, -1))
     assert torch.equal(inp["txt_ids"], torch.zeros(2, 5, 3))
+    # Positions stay float32 when the model runs in bf16, as in the reference (docs/capture_format.md).
+    bf16 = prepare(img.bfloat16(), txt.bfloat16(), vec.bfloat16())
+    assert bf16["img"].dtype == bf16["txt"].dtype == torch.bfloat16
+    assert bf16["img_ids"].dtype == bf16["txt_ids"].dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------------

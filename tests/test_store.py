@@ -126,6 +126,43 @@ def test_interrupted_safetensors_capture_keeps_finished_steps(model, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_capture_files_get_the_permissions_of_any_new_file(model, tmp_path):
+    # safetensors 0.8 creates its files 0o600: a capture shared with a group would show its index.json to
+    # the group and hide its tensors. Every file gets 0o666 less the umask, like any other new file.
+    plan = CapturePlan.everything(model, NUM_STEPS)
+    old = os.umask(0o027)
+    try:
+        (tmp_path / "st").mkdir()
+        _capture(model, lambda pool, meta: SafetensorsSink(tmp_path / "st", pool, meta), plan)
+        _capture(model, lambda pool, meta: PtSink(tmp_path / "c.pt", pool), plan, limit=None)
+    finally:
+        os.umask(old)
+    files = [*(tmp_path / "st").iterdir(), tmp_path / "c.pt"]
+    assert len(files) == NUM_STEPS + 3  # the shards, context.safetensors, index.json, the .pt
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o640" for f in files}
+
+
+def test_an_unreadable_shard_is_called_unreadable(model, tmp_path, monkeypatch):
+    import flux.store
+
+    plan = CapturePlan.everything(model, NUM_STEPS)
+    _capture(model, lambda pool, meta: SafetensorsSink(tmp_path, pool, meta), plan)
+
+    def not_permitted(path, *args, **kwargs):  # what safetensors 0.8 raises for a file it may not open
+        raise FileNotFoundError(f"No such file or directory: {path}")
+
+    monkeypatch.setattr(flux.store, "safe_open", not_permitted)
+    with pytest.raises(UserError, match=r"context.safetensors': permission denied"):
+        load_capture(tmp_path)
+    (tmp_path / "context.safetensors").unlink()
+    capture = load_capture(tmp_path)
+    with pytest.raises(UserError, match=r"step_0000.safetensors' is not readable \(permission denied\)"):
+        capture["single_blocks"]["block_0"][0]
+    (tmp_path / "step_0001.safetensors").unlink()
+    with pytest.raises(UserError, match=r"step_0001.safetensors' is missing \(moved or deleted\)"):
+        capture["single_blocks"]["block_0"][1]
+
+
 def test_a_lazy_capture_reads_its_shards_after_a_change_of_directory(model, tmp_path, monkeypatch):
     plan = CapturePlan.everything(model, NUM_STEPS)
     (tmp_path / "st").mkdir()
