@@ -32,9 +32,10 @@ Figures are medians over --repeats runs after --warmup runs (for `naive`, which 
 longest, one eager decode at that size stands in for its warm-up runs, unless --skip_decode). The
 measured runs take the modes in turn, round after round, so drift of the machine falls on all of them
 alike; before each run the disk's dirty pages are flushed and garbage is collected, so no run pays for
-the last one's leftovers. Every file goes under --output_dir and is deleted as soon as its run is
-measured. Step times at 256 and 512 px are bound by the CPU launching kernels (about as long at both
-sizes), so they vary more from run to run than the GPU-bound ones at 1024 px: --repeats 5 or more there.
+the last one's leftovers. Every file goes into a new folder under --output_dir and is deleted as soon as
+its run is measured (the folder at the end). Step times at 256 and 512 px are bound by the CPU launching
+kernels (about as long at both sizes), so they vary more from run to run than the GPU-bound ones at
+1024 px: --repeats 5 or more there.
 """
 
 import argparse
@@ -577,7 +578,9 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="torch CPU threads (default: 1 on CPU, steadier on a shared machine; torch's own on CUDA)",
     )
-    parser.add_argument("--output_dir", default=None, help="default: a temporary folder, deleted after")
+    parser.add_argument(
+        "--output_dir", default=None, help="where a temporary folder is made, deleted after (default: /tmp)"
+    )
     parser.add_argument("--no_compile", action="store_true", help="pt's lens without torch.compile")
     parser.add_argument("--skip_decode", action="store_true", help="measure capture and save only")
     parser.add_argument("--disk_test_mb", type=int, default=None, help="default: 1024 on CUDA, 128 on CPU")
@@ -624,9 +627,11 @@ def main() -> None:
     txt = torch.randn(1, spec.t5_max_length, spec.params.context_in_dim, generator=gen).to(device, dtype)
     y = torch.randn(1, spec.params.vec_in_dim, generator=gen).to(device, dtype)
 
-    own_dir = args.output_dir is None
-    out = Path(tempfile.mkdtemp(prefix="bench_capture_") if own_dir else args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # A folder of this run's own, also under --output_dir: a run killed by `timeout` skips its clean-up, and
+    # its leftovers (capture_st/, naive_decoded/) must not be in the next run's way.
+    if args.output_dir is not None:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix="bench_capture_", dir=args.output_dir))
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} thread(s))"
     weights = "random weights" if args.random_weights else "real weights"
     info = {
@@ -694,8 +699,7 @@ def main() -> None:
                 Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
             print("\n".join(table_rows(size, results, disk_Bps)), flush=True)
     finally:
-        if own_dir:
-            shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ whole capture and to give it back, and two workloads timed alone and while anoth
 buffers (with the pinning's own time beside each): a launch-bound loop of small kernels (as the sampler is
 at 256 and 512 px) and 64 MB copies from pageable host memory to the device (as loading a checkpoint's
 tensors is). `capture_sample.py` pins while the models load: the second says what that costs the loading;
-the first whether pinning beside the first steps could be free too. On a CPU there is
+the first whether pinning beside the first steps could be free too. Both are medians; what slows a
+workload beside the pinning may be the driver's lock or the pinning thread holding Python's GIL, which the
+CLI's loading would meet alike. On a CPU there is
 nothing to pin: the script runs its bookkeeping on pageable memory and says so.
 """
 
@@ -51,6 +53,10 @@ def allocator_conf(mode: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- one process
+def median(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2]
+
+
 def pin(shapes: dict, dtypes: dict, steps: int, cuda: bool):
     """(the pool of `steps` full buffer sets, pinned on CUDA; seconds it took)."""
     from flux.capture import HostBufferPool
@@ -126,12 +132,13 @@ def measure_size(flow, spec, size: int, steps: int, x, host, x_load, cuda: bool)
             times.append(work())
         thread.join()
         free(result.pop("pool"))
-        return sorted(times)[len(times) // 2], result["s"]
+        return median(times), result["s"]
 
     launch = lambda: launches(x, cuda)
     load = lambda: load_chunk(host, x_load, cuda)
     launch(), load()  # warm
-    launch_alone, load_alone = min(launch() for _ in range(3)), min(load() for _ in range(3))
+    # The median, as beside_pinning takes: a minimum against a median would show a slowdown that is none.
+    launch_alone, load_alone = median([launch() for _ in range(9)]), median([load() for _ in range(9)])
     pool, pin_s = pin(shapes, dtypes, steps, cuda)
     held = stats().get("allocated_bytes.current") if stats is not None else None
     free_s = free(pool)

@@ -9,22 +9,26 @@
 #                                     # 256 px (5 rounds), then 1024 px
 #   bash benchmarks/gpu_check.sh checks   # stage 1 without the lens benchmark
 #
-# Run stage 2 straight after stage 1: an idle machine is handed back within a minute, and a fresh one costs
+# Run stage 2 straight after stage 1: an idle machine is handed back after 30 s, and a fresh one costs
 # its start and inductor's warm cache. On an H200 (2026-11-27) stage 1 took 3 minutes, `checks` plus the
 # capture benchmark in one call 6; stage 2 now also times pinning and the .pt write (about 1 minute more).
-# Their timeouts allow 9.6 and 9.7 minutes (a device call may run 10). With the machine's start, both stages
+# Their timeouts allow 9.8 and 9.7 minutes (a device call may run 10). With the machine's start, both stages
 # fit one session's 15 minutes; if stage 1 ran long, run stage 2 with fewer sizes by hand.
 #
 # flux-tiny (used by the correctness checks) is generated on first use with the machine's transformers;
 # to skip that, copy ~/.cache/flux-intermediate-representation/flux-tiny-v2 to output/flux-tiny-v2 (git
 # ignores output/) and carry it along.
 #
-# Logs and JSON go to $OUT (or /tmp/gpu_check).
+# Logs and JSON go to $OUT (or /tmp/gpu_check). The checkout travels without .git: pass the commit measured,
+# e.g. `COMMIT=$(git rev-parse --short HEAD)` worked out here and written into the command, to name it in
+# gpu.txt.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 if [ -d output/flux-tiny-v2 ]; then export FLUX_TINY_DIR="$PWD/output/flux-tiny-v2"; fi
 OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
+echo "commit: ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo 'not given (COMMIT=...)')}" \
+    | tee -a "$OUT/gpu.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/gpu.txt"
 
 rc=0
@@ -32,7 +36,7 @@ rc=0
 checks() {
     # Preflight (seconds): the packages our code imports, and whether torch.compile works here at all
     # (inductor needs a C compiler and Triton; without them the lens decodes uncompiled and says so).
-    timeout 45 python3 -c "import einops, numpy, PIL, safetensors, tqdm, torch; print('torch', torch.__version__)
+    timeout 60 python3 -c "import einops, numpy, PIL, safetensors, tqdm, torch; print('torch', torch.__version__)
 f = torch.compile(lambda x: x.sin() + 1)
 print('torch.compile works:', bool(f(torch.ones(8, device='cuda')).sum() > 0))" 2>&1 | tee -a "$OUT/gpu.txt" \
         || rc=1
@@ -59,9 +63,11 @@ decode_bench() {
 pinning_bench() {
     # Seconds to pin a whole capture's host buffers with cudaHostAlloc (torch's default) and with
     # cudaHostRegister after 8 or 16 threads map the pages, and whether pinning beside a launch-bound loop
-    # slows it: the .pt path's setup, a third of its run at 256 px (about 40 s in all).
-    timeout 120 python3 benchmarks/bench_pinning.py --json "$OUT/pinning.json" 2>&1 | tee "$OUT/pinning.txt" \
-        || rc=1
+    # slows it: the .pt path's setup, a third of its run at 256 px (a minute or two; the JSON is rewritten
+    # after each mode, so a timeout loses only the modes not yet run).
+    # 256 and 1024 px only: each mode pins about 9 GB three times (512 px lies between them).
+    timeout 120 python3 benchmarks/bench_pinning.py --sizes 256 1024 --json "$OUT/pinning.json" 2>&1 \
+        | tee "$OUT/pinning.txt" || rc=1
     # The .pt write: torch.save's inline CRC32s against ours, filled in on this machine's cores (seconds).
     timeout 40 python3 benchmarks/bench_save.py --output_dir "$PWD/output" 2>&1 | tee -a "$OUT/pinning.txt" || rc=1
 }
