@@ -46,6 +46,8 @@ STREAMS = ("double", "single")
 CPU_BATCH = 8  # CPU convolutions gain little from bigger batches, and progress stays visible
 MAX_CUDA_BATCH = 64  # past this a bigger batch barely helps, and JPEG writing overlaps less
 MAX_CELL = 256  # longest side of a contact-sheet thumbnail, in pixels
+MAX_SHEET = 16_384  # longest side of a contact sheet: JPEG stops at 65,535, most viewers far sooner
+LABEL_SPACE = 52  # pixels a column label needs ("step 12" over "(t=0.96)")
 # Contact-sheet layout, in pixels: row-label column, column-label band, space after each cell, space
 # before the final image's column.
 LABEL_W, LABEL_H, PAD, FINAL_GAP = 56, 28, 4, 16
@@ -352,6 +354,16 @@ def cell_size(width: int, height: int, max_cell: int = MAX_CELL) -> tuple[int, i
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def sheet_cell(width: int, height: int, n_rows: int, n_cols: int, final: bool = True) -> tuple[int, int]:
+    """The thumbnail size of a contact sheet of n_rows x n_cols images of width x height (and the final
+    image): `cell_size`'s, made smaller where the sheet would pass MAX_SHEET pixels (over 60 steps)."""
+    for max_cell in range(MAX_CELL, 0, -1):
+        cell = cell_size(width, height, max_cell)
+        if max(grid_size(n_rows, n_cols, *cell, final)) <= MAX_SHEET:
+            return cell
+    raise ValueError(f"a contact sheet of {n_rows} x {n_cols} images cannot fit {MAX_SHEET} pixels")
+
+
 def grid_size(n_rows: int, n_cols: int, cell_w: int, cell_h: int, final: bool = True) -> tuple[int, int]:
     """Pixel (width, height) of a contact sheet.
 
@@ -380,7 +392,10 @@ def make_grid(
         sheet.paste(thumb, (LABEL_W + col * (cell_w + PAD), LABEL_H + row * (cell_h + PAD)))
     for row, label in enumerate(row_labels):
         draw.text((2, LABEL_H + row * (cell_h + PAD) + cell_h // 2 - 6), label, fill="black", font=font)
+    every = math.ceil(LABEL_SPACE / (cell_w + PAD))  # narrow cells (many steps): label every n-th column
     for col, label in enumerate(col_labels):
+        if col % every:
+            continue
         if draw.textlength(label, font=font) > cell_w:
             label = label.replace(" (", "\n(")  # "step k" over "(t=...)" when the cell is narrow
         draw.multiline_text((LABEL_W + col * (cell_w + PAD), 2), label, fill="black", font=font)
@@ -482,7 +497,10 @@ def decode_capture(
             batch_size = stable_batch_size(ae.params, height, width, batch_size)
     h_lat, w_lat = latent_size(height, width)
     scale = 2 ** (len(ae.params.ch_mult) - 1)
-    cell = cell_size(w_lat * scale, h_lat * scale)
+    blocks = {stream: {key.block for key in plan if key.stream == stream} for stream in STREAMS}
+    steps = {stream: {key.step for key in plan if key.stream == stream} for stream in STREAMS}
+    n_rows, n_cols = max(map(len, blocks.values())), max(map(len, steps.values()))
+    cell = sheet_cell(w_lat * scale, h_lat * scale, n_rows, n_cols, final_image is not None or decode_final)
 
     sizes = chunk_sizes(n, batch_size)
 

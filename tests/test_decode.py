@@ -26,7 +26,9 @@ from flux.decode import (
     grid_size,
     lens_plan,
     load_final_layer,
+    make_grid,
     save_jpeg,
+    sheet_cell,
     to_image,
     to_uint8,
 )
@@ -361,6 +363,20 @@ def test_save_jpeg_writes_quality_95_without_chroma_subsampling(tmp_path):
     assert (tmp_path / "a.jpg").read_bytes() == expected.getvalue()
     with Image.open(tmp_path / "a.jpg") as read:
         assert read.layer == [(1, 1, 1, 0), (2, 1, 1, 1), (3, 1, 1, 1)]  # no channel subsampled
+
+
+@pytest.mark.parametrize(("steps", "cell"), [(4, 256), (50, 256), (100, 157), (1000, 12)])
+def test_contact_sheets_of_many_steps_shrink_their_cells_to_stay_viewable(steps, cell, tmp_path):
+    # Width of a sheet of n steps and the final image, with c-pixel cells: 56 + n (c + 4) + 16 + c + 4;
+    # the biggest c <= 256 that keeps it within 16,384 pixels is (16,384 - 76 - 4 n) / (n + 1), rounded down.
+    assert cell == min(256, (16_384 - 76 - 4 * steps) // (steps + 1))
+    assert sheet_cell(1024, 1024, 38, steps) == (cell, cell)
+    assert sheet_cell(1024, 512, 38, steps) == (cell, round(cell / 2))
+    cells = {(r, c): Image.new("RGB", (cell, cell)) for r in range(2) for c in range(steps)}
+    labels = [f"step {k} (t=0.50)" for k in range(steps)]
+    sheet = make_grid(cells, ["block 0", "block 1"], labels, (cell, cell), Image.new("RGB", (cell, cell)))
+    assert max(sheet.size) <= 16_384  # JPEG's limit is 65,535; 1,000 steps of 256 px cells made 260,332
+    save_jpeg(sheet, tmp_path / "sheet.jpg")
 
 
 def test_sizes():
