@@ -331,12 +331,14 @@ class CaptureSession:
         num_steps: int,
         device: torch.device | None = None,
         pool: HostBufferPool | None = None,
+        context: dict | None = None,
     ) -> "CaptureSession":
         """Prepare a capture into `path` (a `.pt` file, or a directory created here for safetensors).
 
         `device` is where sampling will run (default: where `flow` is now; with --offload the model is still
         on the CPU at this point, so pass the run's device). `pool`: its host buffers if already allocated
         (`buffers`, called with the same dimensions, e.g. while the models load); allocated here otherwise.
+        `context`: the run's context known before sampling, which a safetensors capture writes at once.
         """
         device = device if device is not None else next(flow.parameters()).device
         shapes, dtypes = BlockCapture.shapes_for(flow, plan, 1, txt_len, img_len, dtype)
@@ -349,7 +351,7 @@ class CaptureSession:
         step_bytes = sum(math.prod(s) * dtypes[k].itemsize for k, s in shapes.items())
         if fmt == "safetensors":
             path.mkdir()
-            sink = SafetensorsSink(path, pool, metadata)
+            sink = SafetensorsSink(path, pool, metadata, context)
         else:
             sink = PtSink(path, pool, step_bytes * len(plan.steps))
         return cls(BlockCapture(flow, plan, pool, txt_len), sink, path)
@@ -478,7 +480,7 @@ def generate(
         )
         session = CaptureSession.open(
             models.flow, plan, opts.format, path, txt_len, img_len, dtype, metadata, opts.num_steps, device,
-            pool,
+            pool, context,
         )  # fmt: skip
 
     models.flow.to(device)  # back from the CPU if offloaded, or parked by an earlier run's VAE work

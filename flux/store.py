@@ -7,6 +7,7 @@ reader never sees half a file. Names are claimed exclusively, so concurrent runs
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import math
 import mmap
@@ -547,7 +548,10 @@ class SafetensorsSink:
     disk falls behind. `index.json` says which steps are on disk and whether the run completed.
     """
 
-    def __init__(self, directory: Path, pool: HostBufferPool, metadata: dict):
+    def __init__(self, directory: Path, pool: HostBufferPool, metadata: dict, context: dict | None = None):
+        """`context`: the run's context as far as it is known before sampling (all but `final_latent`),
+        written at once, so that a run killed without a chance to clean up (SIGKILL, the OOM killer) still
+        leaves steps that decode and replay."""
         self.dir, self.pool = directory, pool
         self.index: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
@@ -562,12 +566,21 @@ class SafetensorsSink:
         self.write_seconds = 0.0
         self.error: BaseException | None = None
         self.queue: queue.Queue[StepBuffers | None] = queue.Queue()
+        if context:
+            self._write_context(context)
         write_json(self.dir / "index.json", self.index)
         self.thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
         self.thread.start()
 
     def _write_index(self) -> None:
         write_json(self.dir / "index.json", self.index)
+
+    def _write_context(self, context: dict) -> None:
+        """context.safetensors (its tensors) and the index's "context" (the rest); the index is written by
+        the caller."""
+        tensors = {k: v.contiguous() for k, v in context.items() if isinstance(v, Tensor)}
+        atomic_write(self.dir / "context.safetensors", lambda tmp: save_file(tensors, tmp), _nbytes(tensors))
+        self.index["context"] = {k: v for k, v in context.items() if not isinstance(v, Tensor)}
 
     def _run(self) -> None:
         while (step := self.queue.get()) is not None:
@@ -610,10 +623,8 @@ class SafetensorsSink:
     def finish(self, context: dict, metadata: dict) -> Path:
         self._drain()
         self._raise_if_failed()
-        tensors = {k: v.contiguous() for k, v in context.items() if isinstance(v, Tensor)}
-        atomic_write(self.dir / "context.safetensors", lambda tmp: save_file(tensors, tmp), _nbytes(tensors))
+        self._write_context(context)
         self.index["metadata"] = metadata
-        self.index["context"] = {k: v for k, v in context.items() if not isinstance(v, Tensor)}
         self.index["complete"] = True
         self._write_index()
         return self.dir
@@ -622,11 +633,7 @@ class SafetensorsSink:
         """Write what is queued, keep the index marked incomplete; returns the steps on disk."""
         self._drain()
         if context:
-            tensors = {k: v.contiguous() for k, v in context.items() if isinstance(v, Tensor)}
-            atomic_write(
-                self.dir / "context.safetensors", lambda tmp: save_file(tensors, tmp), _nbytes(tensors)
-            )
-            self.index["context"] = {k: v for k, v in context.items() if not isinstance(v, Tensor)}
+            self._write_context(context)
         self._write_index()
         return list(self.index["steps_done"])
 
@@ -694,14 +701,24 @@ class _Shards:
             raise UserError(f"Could not read {key!r} from {str(path)!r}: {e}. The shard is corrupt.") from e
 
 
+def _context_from(meta: dict) -> dict:
+    """The non-tensor context of a run, as far as its metadata holds it."""
+    ctx = {k: meta[k] for k in ("txt_seq_len", "guidance") if k in meta}
+    if "timesteps" in meta:
+        ctx["timestep_pairs"] = [list(pair) for pair in itertools.pairwise(meta["timesteps"])]
+    return ctx
+
+
 def _load_dir(directory: Path) -> dict:
     index_path = directory / "index.json"
     try:
         index = json.loads(index_path.read_text())
         version = index.get("schema_version")
         done, complete = sorted(index["steps_done"]), bool(index["complete"])
-        ctx: dict[str, Any] = dict(index.get("context", {}))
         meta = dict(index["metadata"], complete=complete, steps_done=done)
+        # A run killed before it could write its context (by a version that wrote it only at the end)
+        # still has what the lens needs of it in its metadata.
+        ctx: dict[str, Any] = dict(index.get("context") or _context_from(meta))
         # Touch every key used below now, so a damaged index is one clear error, not a KeyError later.
         meta["captured_blocks"]["double"], meta["captured_blocks"]["single"], list(meta["captured_steps"])
     except FileNotFoundError as e:

@@ -602,6 +602,23 @@ def test_a_text_only_capture_is_refused_by_decode_before_loading(tmp_path, monke
     assert not (tmp_path / "intermediates" / "decoded").exists()
 
 
+def test_a_capture_killed_before_writing_its_context_still_decodes(tmp_path, capsys):
+    """Versions before the context was written up front left none when killed outright: the lens takes
+    what it needs of it (text length, schedule) from the metadata."""
+    assert cli("--model", "flux-tiny", *SIZE, "--format", "safetensors", "--should_decode_intermediates",
+               "False", "--output_dir", str(tmp_path)) == 0  # fmt: skip
+    capture = _only(tmp_path / "intermediates", "capture_*")
+    index = json.loads((capture / "index.json").read_text())
+    del index["context"]
+    index["complete"] = False
+    (capture / "index.json").write_text(json.dumps(index))
+    (capture / "context.safetensors").unlink()
+    assert capture_sample.run(["decode", str(capture), "--output_dir", str(tmp_path / "lens"),
+                               "--progress", "False"]) == 0  # fmt: skip
+    assert len(list((tmp_path / "lens").glob("*_block_*_step_*.jpg"))) == 5 * 4  # flux-tiny's 5 blocks
+    capsys.readouterr()
+
+
 def test_a_command_that_fails_leaves_no_empty_folder(tmp_path, capsys):
     """A shard deleted after the run: decode and analyze fail on it, and leave no folder that would push
     the next run's output to `_1`."""

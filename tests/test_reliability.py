@@ -180,6 +180,9 @@ SUBPROCESS_RUNS = {  # test name -> {run name: args}
     "test_interrupt_during_sampling[safetensors-SIGINT]": {"run": [*LONG, "--format", "safetensors"]},
     "test_interrupt_during_sampling[safetensors-SIGTERM]": {"run": [*LONG, "--format", "safetensors"]},
     "test_interrupt_during_sampling[pt-SIGINT]": {"run": LONG},
+    "test_a_safetensors_capture_killed_outright_still_decodes_and_replays": {
+        "run": [*LONG, "--format", "safetensors"]
+    },
     "test_interrupt_during_the_lens_leaves_only_complete_jpegs": {"run": LENS},
     "test_two_runs_in_one_folder_at_once_keep_their_own_files": {
         "a": [*TINY, "--seed", "1", "--num_steps", "2"],
@@ -289,6 +292,31 @@ def test_interrupt_during_sampling(subprocess_runs, request, fmt, sig, rc_expect
     assert len(ctx["img_state"]) == len(ctx["vec"]) == len(done)
     assert ctx["txt"].shape == (1, 32, TINY_PARAMS.context_in_dim)  # the context is saved on the way out
     assert ctx["y"].shape == (1, TINY_PARAMS.vec_in_dim)
+
+
+def test_a_safetensors_capture_killed_outright_still_decodes_and_replays(subprocess_runs, request, capsys):
+    """SIGKILL (the OOM killer's signal) gives no chance to clean up: the context written before the first
+    step is what lets the finished steps decode and replay."""
+    run = subprocess_runs[request.node.name]["run"]
+    run.wait_until(lambda: len(_steps_on_disk(run.out) or []) >= 2, "2 steps on disk")
+    assert run.stop(signal.SIGKILL)[0] == -signal.SIGKILL
+    directory = only(run.out / "intermediates", "capture_*_flux-tiny")
+    capture = load_capture(directory)
+    done = capture["metadata"]["steps_done"]
+    assert capture["metadata"]["complete"] is False and len(done) >= 2
+    ctx = capture["denoising_context"]
+    assert ctx["txt"].shape == (1, 32, TINY_PARAMS.context_in_dim) and ctx["txt_seq_len"] == 32
+    assert "final_latent" not in ctx
+    assert capture_sample.run(["decode", str(directory), "--progress", "False"]) == 0
+    lens = only(run.out / "intermediates" / "decoded", "capture_*")
+    assert len(list(lens.glob("*_block_*_step_*.jpg"))) == N_BLOCKS * len(done)
+    capsys.readouterr()
+    # Replaying the finished steps needs the text embeddings, ids and guidance: they were on disk already.
+    from flux.interventions import replay
+    from flux.loading import load_flow_model
+
+    flow = load_flow_model(get_spec("flux-tiny"), "cpu", torch.float32)
+    assert torch.equal(replay(flow, capture, 0, 1).latent, ctx["img_state"][2])
 
 
 def test_two_runs_in_one_folder_at_once_keep_their_own_files(subprocess_runs, request):
