@@ -38,6 +38,7 @@ from flux.errors import UsageError, UserError
 from flux.layers import LastLayer
 from flux.loading import read_flow_tensors, read_tensors
 from flux.model import FluxParams
+from flux.options import available_host_memory
 from flux.sampling import latent_size, unpack
 from flux.store import atomic_write
 
@@ -305,9 +306,14 @@ def free_gpu_bytes(device: torch.device) -> int:
 
 
 def auto_batch_size(params: AutoEncoderParams, height: int, width: int, device: torch.device) -> int:
-    """Images per VAE decoder call: what fits in 70% of the free GPU memory, or a fixed size on CPU."""
+    """Images per VAE decoder call: what fits in 70% of the free GPU memory; on the CPU, CPU_BATCH where
+    half the available host memory holds that many (a 1024 px image takes gigabytes: a laptop decoding a
+    capture on its CPU must not be pushed into swap or the OOM killer), else fewer, one at least."""
     if device.type != "cuda":
-        return CPU_BATCH
+        available = available_host_memory()
+        if available is None:
+            return CPU_BATCH
+        return max(1, min(CPU_BATCH, available // 2 // decoder_bytes_per_image(params, height, width)))
     free = free_gpu_bytes(device)
     return max(1, min(MAX_CUDA_BATCH, int(0.7 * free) // decoder_bytes_per_image(params, height, width)))
 

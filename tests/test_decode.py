@@ -379,6 +379,20 @@ def test_contact_sheets_of_many_steps_shrink_their_cells_to_stay_viewable(steps,
     save_jpeg(sheet, tmp_path / "sheet.jpg")
 
 
+def test_the_cpu_lens_batch_fits_half_the_host_memory(monkeypatch):
+    from flux.configs import FULL_AE_PARAMS
+
+    cpu = torch.device("cpu")
+    # The full VAE's widest activation at 1024 px: 256 channels at full resolution, 8 float32 copies.
+    per_image = 8 * 4 * 256 * 1024 * 1024
+    for available, batch in ((40e9, int(20e9 // per_image)), (1e9, 1), (None, 8), (1e12, 8)):
+        monkeypatch.setattr(flux.decode, "available_host_memory", lambda a=available: a and int(a))
+        assert flux.decode.auto_batch_size(FULL_AE_PARAMS, 1024, 1024, cpu) == batch
+    assert int(20e9 // per_image) == 2  # the case above is a real limit, neither 1 nor 8
+    monkeypatch.setattr(flux.decode, "available_host_memory", lambda: int(40e9))
+    assert flux.decode.auto_batch_size(FULL_AE_PARAMS, 256, 256, cpu) == 8  # small images: the usual batch
+
+
 def test_sizes():
     assert cell_size(64, 48) == (64, 48)
     assert cell_size(1024, 768) == (256, 192)
