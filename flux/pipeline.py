@@ -92,7 +92,7 @@ class Models:
 
     def decode(self, tokens: Tensor, height: int, width: int) -> Tensor:
         """Latent tokens (B, L, 64) -> image (B, 3, H, W) in about [-1, 1], float32."""
-        from flux.decode import decode_latents
+        from flux.decode import decode_latents, decoder_bytes_per_image
 
         try:
             # With --offload only the decoder visits the GPU, as in the reference.
@@ -107,6 +107,14 @@ class Models:
             "(in float32, slower).",
             file=sys.stderr,
         )
+        need, available = decoder_bytes_per_image(self.spec.ae_params, height, width), available_host_memory()
+        if available is not None and need > available:
+            print(
+                f"warning: that may take up to {need / 1e9:.0f} GB of host memory, and {available / 1e9:.0f} "
+                "GB is available; should the system stop this process, a --format safetensors capture keeps "
+                "its finished steps (`capture_sample.py decode` shows them).",
+                file=sys.stderr,
+            )
         _empty_cache(self.device)
         self.ae.decoder.cpu()
         image = decode_latents(tokens.cpu(), self.ae, height, width).float()
@@ -503,6 +511,12 @@ def generate(
                 _empty_cache(device)
         timings["sampling_s"] = time.perf_counter() - start
 
+        if session is not None and isinstance(session.sink, SafetensorsSink):
+            # The streamed steps' host buffers (pinned; 30 GB a set at 4096 px) go back before the VAE
+            # wants memory: models parked in host RAM for it, or its decode on the CPU if the GPU is full.
+            session.sink.wait_for_steps()
+            session.capture.pool.drain()
+            _free_pinned_memory()
         models.make_room_for_vae(opts.height, opts.width)
         image = models.decode(latent, opts.height, opts.width)
         if lens and models.decoder_stranded:  # the lens would run out of GPU memory too, after the save

@@ -617,8 +617,15 @@ class SafetensorsSink:
         self.queue.put(step)
 
     def _drain(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        if self.thread.is_alive():  # once only: finish or abort may follow wait_for_steps
+            self.queue.put(None)
+            self.thread.join()
+
+    def wait_for_steps(self) -> None:
+        """Block until every queued step is on disk, its buffers back in the pool (which the caller may then
+        empty); the context and the index's last word are still to come, from `finish` or `abort`."""
+        self._drain()
+        self._raise_if_failed()
 
     def finish(self, context: dict, metadata: dict) -> Path:
         self._drain()

@@ -616,7 +616,7 @@ def test_the_writer_buffer_sets_are_let_go_once_the_capture_is_written(model, tm
     assert load_capture(tmp_path / "st")["metadata"]["steps_done"] == list(range(NUM_STEPS))
 
 
-def test_a_streamed_capture_holds_no_host_buffers_while_the_lens_runs(tmp_path, monkeypatch):
+def test_a_streamed_capture_holds_no_host_buffers_from_the_final_decode_on(tmp_path, monkeypatch):
     import gc
     import weakref
 
@@ -631,22 +631,29 @@ def test_a_streamed_capture_holds_no_host_buffers_while_the_lens_runs(tmp_path, 
         made.extend(weakref.ref(t) for t in tensors.values())
         return tensors
 
-    alive_at_the_lens = []
+    alive_at_the_lens, alive_at_the_image = [], []
     decode_saved = flux.pipeline.decode_saved
+    decode_image = flux.pipeline.Models.decode
 
     def lens(*args, **kwargs):
         gc.collect()
         alive_at_the_lens.append(sum(ref() is not None for ref in made))
         return decode_saved(*args, **kwargs)
 
+    def image(*args, **kwargs):  # the final image's VAE decode, which may need the memory (4096 px)
+        gc.collect()
+        alive_at_the_image.append(sum(ref() is not None for ref in made))
+        return decode_image(*args, **kwargs)
+
     monkeypatch.setattr(HostBufferPool, "_new", tracked)
     monkeypatch.setattr(flux.pipeline, "decode_saved", lens)
+    monkeypatch.setattr(flux.pipeline.Models, "decode", image)
     opts = RunOptions(
         model="flux-tiny", width=64, height=48, seed=1, device="cpu", format="safetensors",
         output_dir=str(tmp_path),
     ).validate()  # fmt: skip
     result = generate(load_models(opts.spec, "cpu", progress=False), opts, progress=False)
-    assert made and alive_at_the_lens == [0]
+    assert made and alive_at_the_image == alive_at_the_lens == [0]
     assert len(list(result.decoded_dir.glob("*_block_*_step_*.jpg"))) == (2 + 3) * 4
 
 
@@ -695,6 +702,7 @@ def test_a_final_decode_that_runs_out_of_gpu_memory_falls_back_to_the_cpu(tmp_pa
     """Sampling is done by then, so the image and the capture must still be written. (The first decode
     raises the error CUDA would; on this CPU-only machine the fallback decodes exactly like a normal run.)"""
     import flux.decode
+    import flux.pipeline
     from flux.pipeline import RunOptions, generate, load_models
 
     opts = RunOptions(
@@ -715,9 +723,16 @@ def test_a_final_decode_that_runs_out_of_gpu_memory_falls_back_to_the_cpu(tmp_pa
     monkeypatch.setattr(flux.decode, "decode_latents", first_call_runs_out)
     opts.output_dir = str(tmp_path / "fallback")
     result = generate(models, opts, progress=False)
-    assert len(calls) == 2 and "decoding it on the CPU instead" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert len(calls) == 2 and "decoding it on the CPU instead" in err and "warning" not in err
     assert result.image_path.read_bytes() == plain.image_path.read_bytes()
     assert load_capture(result.capture_path)["metadata"]["seed"] == 3
+    # Where the host has less memory than one image's decode may take, the run says what is at stake.
+    monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: 1000)
+    calls.clear()
+    opts.output_dir = str(tmp_path / "tight")
+    generate(models, opts, progress=False)
+    assert "and 0 GB is available; should the system stop this process" in capsys.readouterr().err
 
 
 def test_a_decoder_move_back_cut_short_by_gpu_memory_leaves_it_whole_on_the_cpu(monkeypatch):
