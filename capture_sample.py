@@ -354,7 +354,8 @@ def run(argv: list[str] | None = None) -> int:
         return e.exit_code
     except torch.cuda.OutOfMemoryError as e:
         print(
-            "error: the GPU ran out of memory. Try --offload (models visit the GPU one at a time), a "
+            "error: the GPU ran out of memory. Try --offload if it is not on (models visit the GPU one at a "
+            "time), a "
             "smaller --width/--height, a smaller --decode_batch_size, capturing less (--blocks, --steps, "
             "--streams img), or, for the lens of a saved capture, `decode CAPTURE --device cpu`. "
             f"({' '.join(str(e).split())[:200]})",

@@ -105,6 +105,7 @@ class RunOptions:
                 f"--decode_target must be one of {', '.join(DECODE_TARGETS)}; got {self.decode_target!r}."
             )
         self.device = str(check_device(self.device))
+        check_gpu_fits(spec, torch.device(self.device), self.offload)
         if self.weights_dir is not None:
             from flux.loading import check_weights_dir
 
@@ -255,16 +256,46 @@ def available_host_memory() -> int | None:
 TEXT_ENCODER_BYTES = 9_800_000_000
 
 
-def model_host_bytes(spec: ModelSpec) -> int:
-    """Host memory the models of `spec` take when they live on the CPU (--device cpu, or --offload)."""
+def model_bytes(spec: ModelSpec) -> dict[str, int]:
+    """Bytes of the weights of `spec`'s models as loaded: "flow", "ae" and "text" (T5 + CLIP)."""
     from flux.autoencoder import AutoEncoder
     from flux.model import Flux
 
     with torch.device("meta"):
         flow, ae = Flux(spec.params), AutoEncoder(spec.ae_params)
-    flow_bytes = sum(p.numel() for p in flow.parameters()) * compute_dtype(spec).itemsize
-    ae_bytes = sum(p.numel() for p in ae.parameters()) * 4  # the AE checkpoint is float32
-    return flow_bytes + ae_bytes + (0 if spec.name == "flux-tiny" else TEXT_ENCODER_BYTES)
+    return {
+        "flow": sum(p.numel() for p in flow.parameters()) * compute_dtype(spec).itemsize,
+        "ae": sum(p.numel() for p in ae.parameters()) * 4,  # the AE checkpoint is float32
+        "text": 0 if spec.name == "flux-tiny" else TEXT_ENCODER_BYTES,
+    }
+
+
+def model_host_bytes(spec: ModelSpec) -> int:
+    """Host memory the models of `spec` take when they live on the CPU (--device cpu, or --offload)."""
+    return sum(model_bytes(spec).values())
+
+
+def check_gpu_fits(spec: ModelSpec, device: torch.device, offload: bool) -> None:
+    """Refuse, before a minute of loading, models that cannot fit the GPU's memory, counting its whole
+    memory (what other processes hold may be given back): all the models at once, as they load, or with
+    --offload, which moves each to the GPU only while it runs, the largest, the flow model, alone."""
+    if device.type != "cuda":
+        return
+    total = torch.cuda.mem_get_info(device)[1]
+    sizes = model_bytes(spec)
+    gpu = f"this GPU's {total / 1e9:.1f} GB ({torch.cuda.get_device_name(device)})"
+    if sizes["flow"] > total:
+        raise UserError(
+            f"{spec.name}'s flow model alone takes {sizes['flow'] / 1e9:.1f} GB, more than {gpu}: it "
+            "cannot run on this GPU, even with --offload. Use a GPU with more memory, or --device cpu (slow)."
+        )
+    together = sum(sizes.values())
+    if not offload and together > total:
+        raise UserError(
+            f"{spec.name}'s models take {together / 1e9:.1f} GB together (the flow model "
+            f"{sizes['flow'] / 1e9:.1f} GB, T5 and CLIP {sizes['text'] / 1e9:.1f} GB), more than {gpu}. "
+            "Pass --offload: each model then visits the GPU only while it runs."
+        )
 
 
 def check_disk_space(folder: Path, needed: int, force: bool, smaller_dtype: bool = False) -> None:

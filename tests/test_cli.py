@@ -15,7 +15,8 @@ sys.path.insert(0, str(ROOT))
 
 import capture_sample  # noqa: E402
 from flux import load_capture  # noqa: E402
-from flux.configs import TINY_PARAMS  # noqa: E402
+from flux.configs import TINY_PARAMS, get_spec  # noqa: E402
+from flux.errors import UserError  # noqa: E402
 
 SIZE = ["--width", "64", "--height", "48"]  # 4x3 = 12 image tokens
 T = 32  # flux-tiny's T5 length
@@ -236,6 +237,34 @@ def test_guidance_on_schnell_warns_before_loading(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err
     warning = "warning: flux-schnell has no guidance input; --guidance 4 is ignored."
     assert warning in err and err.index(warning) < err.index("stopped where the models would load")
+
+
+@pytest.mark.parametrize(
+    ("total_gb", "offload", "refused"),
+    [
+        (80, False, None),  # an H100: all of flux-schnell's 33.9 GB of weights at once
+        (24, False, "Pass --offload"),  # an RTX 4090: not all at once...
+        (24, True, None),  # ...but the 23.8 GB flow model alone
+        (16, True, "cannot run on this GPU, even with --offload"),
+    ],
+)
+def test_models_that_cannot_fit_the_gpu_are_refused_before_loading(total_gb, offload, refused, monkeypatch):
+    import flux.options
+
+    # Weights as loaded: 11,891,178,560 flow parameters in bf16, 83,819,683 AE parameters in float32, and
+    # T5-XXL + CLIP-L in bf16 (9.8 GB).
+    assert sum(flux.options.model_bytes(get_spec("flux-schnell")).values()) == 2 * 11_891_178_560 + (
+        4 * 83_819_683 + 9_800_000_000
+    )
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (0, int(total_gb * 1e9)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a test GPU")
+    check = lambda: flux.options.check_gpu_fits(get_spec("flux-schnell"), torch.device("cuda"), offload)
+    if refused is None:
+        check()
+    else:
+        with pytest.raises(UserError, match=refused):
+            check()
+    flux.options.check_gpu_fits(get_spec("flux-schnell"), torch.device("cpu"), False)  # a CPU: no check
 
 
 def test_fp16_capture_of_a_published_model_warns_of_overflow(tmp_path):
