@@ -165,10 +165,11 @@ class RunOptions:
                 available -= model_host_bytes(self.spec)  # the models will live in host memory too
             # (If the models alone do not fit, loading them fails with its own message; nothing to add here.)
             if available is not None and 0 < available < held / 0.8 and not self.force:
+                rounded = " (its pinned buffers rounded up to powers of two)" if held > needed else ""
                 raise UserError(
                     f"A .pt capture is held in host memory until the run ends: this one needs up to "
-                    f"{held / 1e9:.1f} GB and {max(available, 0) / 1e9:.1f} GB is available beside the "
-                    "models. Use --format "
+                    f"{held / 1e9:.1f} GB{rounded}, over 80% of the {max(available, 0) / 1e9:.1f} GB "
+                    "available beside the models. Use --format "
                     "safetensors (streamed to disk, a few steps in memory), capture less (--blocks, --steps, "
                     "--streams img), or pass --force to try anyway."
                 )
