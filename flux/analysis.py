@@ -15,7 +15,8 @@ prediction is recovered from the sampler's Euler update `(img_state[k+1] - img_s
 a few percent in bf16 over 50 steps. Cosine similarity and
 relative L2 distance `|a - b| / |b|` are taken over the whole latent (batch, tokens and channels flattened),
 in float64. Stream norms are the mean and the largest L2 norm of the image and text tokens of each block
-output, computed without any weights.
+output, computed without any weights; the text norms cover all T positions, T5's padding included (most of
+them for a short prompt), and `txt_prompt_norm_*` only the prompt's own tokens (`metadata["t5_tokens"]`).
 
 Everything is returned as one long pandas DataFrame (columns `COLUMNS`, one row per block, step and
 metric), with `depth` running continuously through the network: double blocks 0..18, then single blocks
@@ -25,6 +26,7 @@ matplotlib and pandas are the `analysis` extra: they are imported inside the fun
 `import flux.analysis` works without them.
 """
 
+import glob
 import importlib
 import importlib.util
 import math
@@ -61,12 +63,14 @@ from flux.layers import LastLayer
 COLUMNS = ("stream", "block", "depth", "step", "t", "metric", "value")
 SIMILARITY_METRICS = ("pred_cosine", "pred_rel_l2", "x0_cosine", "x0_rel_l2")
 NORM_METRICS = ("img_norm_mean", "img_norm_max", "txt_norm_mean", "txt_norm_max")
+PROMPT_NORM_METRICS = ("txt_prompt_norm_mean", "txt_prompt_norm_max")  # the prompt's tokens, not padding
 FAMILIES = {"cosine": "cosine similarity", "rel_l2": "relative L2 distance"}
 PANELS = {"pred": "velocity vs. the model's prediction", "x0": "x0 estimate vs. the final latent"}
 REL_L2_CAP = 2.0  # heatmap colours saturate here: beyond twice the reference's norm the detail is noise
 FIGSIZE, DPI = (10.0, 6.0), 100  # every figure: 1000 x 600 pixels
 ANNOTATE_CELLS = 120  # heatmaps with at most this many cells print their values
 FRAME_SIDE = 256  # longest side of an animation frame's image, in pixels (the label band comes on top)
+FRAME_MIN_WIDTH = 112  # the widest label line ("(the sampler's output)") needs about 104 pixels
 LABEL_BAND = 30  # pixels of label above each animation frame
 EXTRA_HINT = (
     "install the analysis extra: uv sync --extra analysis "
@@ -124,6 +128,19 @@ def decoded_dir(path: str | Path) -> Path:
         Path.joinpath(*beside_capture(p, "decoded")) for p in (path, Path(path).resolve())
     )
     return beside_target if not beside_link.is_dir() and beside_target.is_dir() else beside_link
+
+
+def lens_folder(path: str | Path, keys: list[LensKey]) -> tuple[Path, list[LensKey]]:
+    """The lens folder of this capture holding the most of `keys` as x0 JPEGs, the run's own (`decoded_dir`)
+    or a later `decode`'s (`{stem}_1`, ...), and the keys it lacks."""
+    own = decoded_dir(path)
+    best, best_missing = own, list(keys)
+    for folder in (own, *sorted(own.parent.glob(f"{glob.escape(own.name)}_*"))):
+        if folder.is_dir():
+            missing = [k for k in keys if lens_jpeg(folder, k) is None]
+            if len(missing) < len(best_missing):
+                best, best_missing = folder, missing
+    return best, best_missing
 
 
 def latest_capture(folder: str | Path = "output/intermediates") -> Path:
@@ -213,6 +230,7 @@ def block_metrics(capture: dict, final_layer: LastLayer | None = None, *, norms:
         print("This capture holds only text tokens (--streams txt): no similarity metrics.", file=sys.stderr)
     reference, ref_block = _reference_source(capture)
     final_latent = ctx.get("final_latent")
+    n_prompt = len(meta.get("t5_tokens") or ())  # text positions after these are T5's padding
     steps = list(meta["captured_steps"])
     keys = [
         LensKey(stream, int(name.removeprefix("block_")), step, position)
@@ -249,6 +267,10 @@ def block_metrics(capture: dict, final_layer: LastLayer | None = None, *, norms:
                         token_norms = tokens.float().norm(dim=-1)
                         values[f"{name}_norm_mean"] = token_norms.mean().item()
                         values[f"{name}_norm_max"] = token_norms.max().item()
+                if txt is not None and 0 < n_prompt <= txt.shape[1]:
+                    prompt_norms = txt[:, :n_prompt].float().norm(dim=-1)
+                    values["txt_prompt_norm_mean"] = prompt_norms.mean().item()
+                    values["txt_prompt_norm_max"] = prompt_norms.max().item()
             depth = depth_of(key.stream, key.block, n_double)
             rows += [(key.stream, key.block, depth, step, t_curr, m, v) for m, v in values.items()]
     df = pd.DataFrame(rows, columns=list(COLUMNS))
@@ -347,7 +369,7 @@ def plot_heatmap(
         ax.set_title(PANELS[panel], fontsize=10)
     axes[0].set_ylabel("block (D: double-stream, S: single-stream; red line: where they meet)")
     fig.colorbar(image, ax=list(axes), label=FAMILIES[family], extend=extend)
-    fig.suptitle(f"{FAMILIES[family]} to the model's final output, per block and step")
+    fig.suptitle(f"{FAMILIES[family]} to what the model produced, per block and step")
     if path is not None:
         save_figure(fig, path)
     return fig
@@ -396,8 +418,10 @@ def plot_norms(df, path: str | Path | None = None, *, figsize=FIGSIZE, dpi: int 
     if len(steps) <= 8:
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside right upper", title="step", fontsize=7, title_fontsize=7)
-    else:
-        fig.colorbar(ScalarMappable(norm, cmap), ax=axes.ravel().tolist(), label="step (position)")
+    else:  # a colour bar over the steps' positions, labelled with the steps themselves
+        bar = fig.colorbar(ScalarMappable(norm, cmap), ax=axes.ravel().tolist(), label="step")
+        at = _ticks(len(steps), 8)
+        bar.set_ticks(at, labels=[str(int(steps[i][0])) for i in at])
     fig.suptitle("How large the residual streams grow, per block output and step")
     if path is not None:
         save_figure(fig, path)
@@ -408,7 +432,8 @@ def plot_norms(df, path: str | Path | None = None, *, figsize=FIGSIZE, dpi: int 
 
 
 def pick_steps(steps: list[int], most: int) -> list[int]:
-    """At most `most` of `steps`, evenly spaced, first and last included (all of them when most <= 0)."""
+    """At most `most` of `steps`, evenly spaced, first and last included (the last alone when most == 1;
+    all of them when most <= 0)."""
     if most <= 0 or most >= len(steps):
         return list(steps)
     if most == 1:
@@ -431,9 +456,13 @@ def frame_size(width: int, height: int, side: int = FRAME_SIDE) -> tuple[int, in
 
 
 def label_frame(img: Image.Image, lines: list[str], size: tuple[int, int]) -> Image.Image:
-    """The image resized to `size` under a white band holding the label lines."""
-    frame = Image.new("RGB", (size[0], size[1] + LABEL_BAND), "white")
-    frame.paste(img.convert("RGB").resize(size, Image.Resampling.BICUBIC), (0, LABEL_BAND))
+    """The image resized to `size` under a white band holding the label lines; a narrow image (a tall
+    picture) is centred in a frame FRAME_MIN_WIDTH wide, so the labels fit."""
+    width = max(size[0], FRAME_MIN_WIDTH)
+    frame = Image.new("RGB", (width, size[1] + LABEL_BAND), "white")
+    frame.paste(
+        img.convert("RGB").resize(size, Image.Resampling.BICUBIC), ((width - size[0]) // 2, LABEL_BAND)
+    )
     ImageDraw.Draw(frame).multiline_text(
         (4, 2), "\n".join(lines), fill="black", font=ImageFont.load_default()
     )
@@ -488,12 +517,12 @@ def render_frames(
                 images.update((k, to_image(x)) for k, x in zip(chunk, decoded))
                 bar.update(len(chunk))
     size = frame_size(width, height, side)
-    n_steps = int(meta["num_steps"])
     frames = []
     for key in keys:
         t = float(ctx["timestep_pairs"][key.step][0])
         depth = depth_of(key.stream, key.block, n_double)
-        lines = [f"step {key.step + 1}/{n_steps}  t={t:.2f}", f"{key.stream} {key.block}  (depth {depth})"]
+        # Steps from 0, as in metrics.csv, the heatmaps and the lens file names.
+        lines = [f"step {key.step}  t={t:.2f}", f"{key.stream} {key.block}  (depth {depth})"]
         frames.append(label_frame(images[key], lines, size))
     if None in images:
         frames.append(label_frame(images[None], ["final image", "(the sampler's output)"], size))
@@ -613,6 +642,11 @@ def analyze(
     dev = _device(device)
     capture = load_capture(path)
     meta = capture["metadata"]
+    if not meta["captured_steps"]:
+        raise UserError(
+            f"No captured step of {str(path)!r} reached the disk (the run stopped before its first): "
+            "there is nothing to analyse."
+        )
     n_double_blocks(meta)  # an unknown model fails here, before anything loads
     spec = get_spec(meta["model"])
     check_weights_dir(spec, weights_dir)
@@ -629,8 +663,7 @@ def analyze(
     animate = animation and has_img
     if animate:
         keys = animation_keys(capture, pick_steps(list(meta["captured_steps"]), animation_steps))
-        jpegs = decoded_dir(path)
-        missing = [k for k in keys if lens_jpeg(jpegs, k) is None]
+        jpegs, missing = lens_folder(path, keys)
         final_image = sampler_image(meta, path)  # else the final latent is decoded
         ae = None
         if missing or (final_image is None and capture["denoising_context"].get("final_latent") is not None):
@@ -652,10 +685,12 @@ def analyze(
 
         if animate:
             reused = len(keys) - len(missing)
+            last = "the run's image" if final_image is not None else "the final latent decoded"
             log(
                 f"Animation: {len(keys)} frames"
                 + (f", {reused} from the lens in {jpegs}" if reused else "")
                 + (f", {len(missing)} to decode" if missing else "")
+                + f"; the last frame is {last}"
             )
             frames = render_frames(
                 capture, keys, final_layer=final_layer, ae=ae, jpeg_dir=jpegs, final_image=final_image,
@@ -698,7 +733,7 @@ def analyze_command(
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; default as for
             generation (FLUX_MODEL/FLUX_AE if set, flux-tiny's generated repo, else the HF cache).
         animation_steps: How many captured steps the animation sweeps through the blocks, evenly spaced
-            with the first and last included (default 8; 0 for all).
+            with the first and last included (default 8; 1: the last alone; 0 for all).
         frame_ms: Milliseconds per animation frame (default 120); the final image is held 1.5 s (the MP4: the
             nearest whole number of frames).
         progress: Show a progress bar over the animation frames that need decoding (default True).

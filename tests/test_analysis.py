@@ -36,6 +36,7 @@ CSV_HEADER = "stream,block,depth,step,t,metric,value"
 METRICS = {
     "pred_cosine", "pred_rel_l2", "x0_cosine", "x0_rel_l2",
     "img_norm_mean", "img_norm_max", "txt_norm_mean", "txt_norm_max",
+    "txt_prompt_norm_mean", "txt_prompt_norm_max",
 }  # fmt: skip
 FIGURES = ["metrics.csv", "heatmap_cosine.png", "heatmap_rel_l2.png", "norms.png", "animation.gif"]
 HOLD_MS = 1500  # the final image is held 1.5 s
@@ -225,6 +226,13 @@ def test_values_match_formulas_worked_out_here(captures, metrics, final_layer):
     txt_norms = np.linalg.norm(single[:n_txt], axis=-1)
     assert _value(df, "single", 1, step, "txt_norm_mean") == pytest.approx(txt_norms.mean(), rel=1e-5)
     assert _value(df, "single", 1, step, "txt_norm_max") == pytest.approx(txt_norms.max(), rel=1e-5)
+    # The prompt's own tokens (up to </s>), without T5's padding after them.
+    n_prompt = len(capture["metadata"]["t5_tokens"])
+    assert 0 < n_prompt < n_txt
+    prompt = txt_norms[:n_prompt]
+    assert _value(df, "single", 1, step, "txt_prompt_norm_mean") == pytest.approx(prompt.mean(), rel=1e-5)
+    assert _value(df, "single", 1, step, "txt_prompt_norm_max") == pytest.approx(prompt.max(), rel=1e-5)
+    assert prompt.mean() != pytest.approx(txt_norms.mean(), rel=1e-3)  # the padding does count there
 
 
 def test_reference_falls_back_for_captures_without_the_recorded_prediction(captures, metrics, final_layer):
@@ -287,7 +295,10 @@ def test_plots_are_pngs_of_figsize_times_dpi(metrics, tmp_path):
 
 def test_heatmap_needs_similarity_metrics(captures):
     df = analysis.block_metrics(load_capture(captures["pt"]))  # norms only: no final layer
-    assert set(df.metric) == {"img_norm_mean", "img_norm_max", "txt_norm_mean", "txt_norm_max"}
+    assert set(df.metric) == {"img_norm_mean", "img_norm_max", "txt_norm_mean", "txt_norm_max"} | {
+        "txt_prompt_norm_mean",
+        "txt_prompt_norm_max",
+    }
     with pytest.raises(UserError, match="no cosine similarity"):
         analysis.plot_heatmap(df, "cosine")
 
@@ -345,6 +356,75 @@ def test_frames_reuse_the_lens_jpegs(captures, tmp_path):
     (tmp_path / key.filename).unlink()
     with pytest.raises(ValueError, match="1 frames need decoding"):
         analysis.render_frames(capture, keys, jpeg_dir=tmp_path, final_image=final)
+
+
+def test_frames_of_tall_pictures_leave_room_for_their_labels():
+    # A 256x1024 picture animates 64 pixels wide: its frame widens to FRAME_MIN_WIDTH, the picture centred.
+    size = analysis.frame_size(256, 1024)
+    assert size == (64, 256)
+    frame = analysis.label_frame(Image.new("RGB", (256, 1024), "red"), ["(the sampler's output)"], size)
+    assert frame.size == (112, 256 + analysis.LABEL_BAND)
+    assert frame.getpixel((24 + 32, 200)) == (255, 0, 0) and frame.getpixel((10, 200)) == (255, 255, 255)
+    wide = analysis.label_frame(Image.new("RGB", (256, 256), "red"), ["x"], analysis.frame_size(256, 256))
+    assert wide.size == (256, 256 + analysis.LABEL_BAND)  # wide enough already: unchanged
+
+
+def test_frame_labels_count_steps_from_0_like_everything_else(captures, monkeypatch, tmp_path):
+    capture = load_capture(captures["pt"])
+    keys = analysis.animation_keys(capture, [1, 3])
+    keys = keys[:1] + keys[-1:]
+    for key in keys:  # frames the lens wrote, so nothing is decoded
+        comment = f"flux lens: {key.stream} block {key.block}, step {key.step}, target x0"
+        Image.new("RGB", (SIZE, SIZE)).save(tmp_path / key.filename, comment=comment)
+    drawn = []
+    monkeypatch.setattr(analysis, "label_frame", lambda img, lines, size: drawn.append(lines))
+    analysis.render_frames(capture, keys, jpeg_dir=tmp_path, final_image=Image.new("RGB", (SIZE, SIZE)))
+    t1, t3 = (float(capture["denoising_context"]["timestep_pairs"][k][0]) for k in (1, 3))
+    assert drawn[0][0] == f"step 1  t={t1:.2f}" and drawn[1][0] == f"step 3  t={t3:.2f}"
+
+
+def test_the_norms_colour_bar_names_the_captured_steps(tmp_path):
+    steps = list(range(0, 50, 5))  # ten steps: a colour bar, not a legend
+    rows = [
+        ("double", 0, 0, k, 1 - k / 50, m, 1.0 + k) for k in steps for m in ("img_norm_mean", "img_norm_max")
+    ]
+    df = analysis.require("pandas").DataFrame(rows, columns=CSV_HEADER.split(","))
+    fig = analysis.plot_norms(df)
+    bar = fig.axes[-1]
+    labels = [t.get_text() for t in bar.get_yticklabels()]
+    assert labels == ["0", "10", "20", "30", "40"]  # steps, at every other position (not 0, 2, 4, 6, 8)
+
+
+def test_a_capture_with_no_step_on_disk_is_refused_before_any_folder(captures, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "capture"
+    shutil.copytree(captures["safetensors"], copy)
+    index = json.loads((copy / "index.json").read_text())
+    index.update(steps_done=[], complete=False)
+    (copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="No captured step"):
+        analysis.analyze(copy, tmp_path / "analysis", device="cpu", progress=False)
+    assert not (tmp_path / "analysis").exists()
+
+
+def test_the_lens_of_a_later_decode_is_reused_too(captures, tmp_path):
+    capture = load_capture(captures["pt"])
+    keys = analysis.animation_keys(capture)
+    link = tmp_path / "intermediates" / "capture_x.pt"
+    link.parent.mkdir()
+    link.symlink_to(captures["pt"])
+    own = tmp_path / "intermediates" / "decoded" / "capture_x"
+    later = own.with_name("capture_x_1")
+    for folder, target in ((own, "next"), (later, "x0")):  # the run's lens showed `next`; decode made x0
+        folder.mkdir(parents=True)
+        for key in keys:
+            comment = f"flux lens: {key.stream} block {key.block}, step {key.step}, target {target}"
+            Image.new("RGB", (SIZE, SIZE)).save(folder / key.filename, comment=comment)
+    assert analysis.lens_folder(link, keys) == (later, [])
+    (later / keys[0].filename).unlink()
+    assert analysis.lens_folder(link, keys) == (later, keys[:1])
 
 
 # ----------------------------------------------------------------------------------------------- command
