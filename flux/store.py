@@ -87,8 +87,8 @@ _UMASK_LOCK = threading.Lock()
 
 def _umask() -> int:
     """The process's umask, read without changing it where Linux allows (/proc), else set and restored."""
-    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
-        for line in status:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     with _UMASK_LOCK:
