@@ -520,7 +520,11 @@ def decode_capture(
             try:
                 decoder = torch.compile(ae.decoder, dynamic=False)
                 warm_up(batch_size, decoder)
+            except torch.cuda.OutOfMemoryError:
+                raise  # not the compiler's fault: the batch does not fit, eagerly either
             except Exception as e:  # no C compiler or Triton, an inductor bug: any of them, decode eagerly
+                if "out of memory" in str(e).lower():  # the compiler's wrapping of the same
+                    raise torch.cuda.OutOfMemoryError(str(e)) from e
                 print(
                     f"Compiling the VAE decoder failed, so it runs uncompiled ({type(e).__name__}: {e}).",
                     file=sys.stderr,

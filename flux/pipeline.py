@@ -486,12 +486,21 @@ def generate(
             },
             files={"capture": str(path), "metadata": str(metadata_path_for(stem, inter_dir))},
         )
-        session = CaptureSession.open(
-            models.flow, plan, opts.format, path, txt_len, img_len, dtype, metadata, opts.num_steps, device,
-            pool, context,
-        )  # fmt: skip
-
-    models.flow.to(device)  # back from the CPU if offloaded, or parked by an earlier run's VAE work
+    try:
+        if opts.capture:
+            session = CaptureSession.open(
+                models.flow, plan, opts.format, path, txt_len, img_len, dtype, metadata, opts.num_steps,
+                device, pool, context,
+            )  # fmt: skip
+        models.flow.to(device)  # back from the CPU if offloaded, or parked by an earlier run's VAE work
+    except BaseException:  # nothing was captured yet: take back the name and the folder made for it
+        if session is not None:
+            session.sink.abort()
+        if stem is not None:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            release_stem(inter_dir, stem)
+        raise
     start = time.perf_counter()
     # Until the capture is complete, any exception (Ctrl-C, SIGTERM, a full disk while writing the image or
     # the capture) stops the writer, leaves what reached the disk valid and says what it is; the capture's

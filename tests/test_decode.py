@@ -481,6 +481,22 @@ def test_compile_defaults_to_where_it_pays_and_one_shape_per_image_size():
     assert stable_batch_size(FULL_AE_PARAMS, 1024, 1024, limit=1) == 1
 
 
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError, RuntimeError])
+def test_a_compile_that_runs_out_of_memory_is_not_called_a_compiler_failure(
+    model, ae, capture, tmp_path, monkeypatch, capsys, error
+):
+    def compile_out_of_memory(module, **kwargs):
+        def compiled(*args, **kw):  # RuntimeError: as inductor wraps an error raised while autotuning
+            raise error("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"Tried to allocate 8\.00 GiB"):
+        decode_capture(capture, model.final_layer, ae, tmp_path / "lens", compile=True, progress=False)
+    assert "runs uncompiled" not in capsys.readouterr().err
+
+
 def test_a_failing_compile_falls_back_to_the_eager_decoder(model, ae, capture, tmp_path, monkeypatch, capsys):
     def broken_compile(module, **kwargs):
         def compiled(*args, **kw):

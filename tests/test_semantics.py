@@ -497,6 +497,25 @@ def test_prepare():
 # Autoencoder scale and shift (section 2.2)
 
 
+def test_the_autoencoder_gives_the_same_values_with_and_without_gradients():
+    # Without gradients its swish runs in place (a buffer fewer); with them, autograd needs the input kept.
+    from flux.configs import TINY_AE_PARAMS
+
+    torch.manual_seed(0)
+    ae = AutoEncoder(TINY_AE_PARAMS).eval()
+    z = torch.randn(1, TINY_AE_PARAMS.z_channels, 8, 6)
+    with torch.inference_mode():
+        fast = ae.decode(z)
+    z.requires_grad_(True)
+    slow = ae.decode(z)
+    assert torch.equal(fast, slow.detach())
+    slow.square().mean().backward()  # an in-place swish here would fail: "modified by an inplace operation"
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    image = torch.randn(1, 3, 32, 24)
+    with torch.no_grad():
+        assert torch.equal(ae.encode(image), ae.encode(image.clone().requires_grad_(True)))
+
+
 class _Constant(nn.Module):
     def __init__(self, value: Tensor):
         super().__init__()

@@ -698,6 +698,27 @@ def test_room_is_made_for_the_vae_text_encoders_first(free_gb, parked, monkeypat
     assert models.make_room_for_vae(2048, 2048) == []
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_a_run_that_fails_before_its_first_step_leaves_no_capture_behind(tmp_path, monkeypatch, fmt):
+    """E.g. the flow model cannot return to the GPU (--offload on a small one): no folder, no claimed name."""
+    from flux.pipeline import RunOptions, generate, load_models
+
+    opts = RunOptions(
+        model="flux-tiny", width=64, height=48, seed=1, device="cpu", format=fmt, output_dir=str(tmp_path),
+    ).validate()  # fmt: skip
+    models = load_models(opts.spec, "cpu", progress=False)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 23.78 GiB")
+
+    monkeypatch.setattr(models.flow, "to", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        generate(models, opts, progress=False)
+    inter = tmp_path / "intermediates"
+    assert sorted(p.name for p in inter.iterdir()) == []  # no capture, claim, metadata or lens
+    assert not list(tmp_path.glob("img_*.jpg"))
+
+
 def test_a_final_decode_that_runs_out_of_gpu_memory_falls_back_to_the_cpu(tmp_path, monkeypatch, capsys):
     """Sampling is done by then, so the image and the capture must still be written. (The first decode
     raises the error CUDA would; on this CPU-only machine the fallback decodes exactly like a normal run.)"""
