@@ -82,35 +82,24 @@ def _disk_full(path: Path, needed: int | Callable[[], int | None] | None) -> Use
     )
 
 
-_UMASK_LOCK = threading.Lock()
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux allows (/proc), else set and restored."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    with _UMASK_LOCK:
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return mask
-
-
 def atomic_write(
     path: Path, write: Callable[[Path], None], needed: int | Callable[[], int | None] | None = None
 ) -> Path:
     """Call write(tmp) on a temporary name beside `path`, then rename it to `path` (replacing it).
 
-    The file gets the permissions of any new file (0o666 less the umask): safetensors 0.8 creates its
-    files readable by their owner alone, which would lock a shared capture's tensors away from the others
-    who can read its index.json. A full disk becomes a UserError naming the folder and `needed` bytes (or
-    what `needed()` returns, asked only then), whatever the writer raised.
+    The file gets the permissions of any new file in that folder (as the umask or a default ACL makes
+    them): safetensors 0.8 creates its files readable by their owner alone, which would lock a shared
+    capture's tensors away from those who can read its index.json. A full disk becomes a UserError naming
+    the folder and `needed` bytes (or what `needed()` returns, asked only then), whatever the writer raised.
     """
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        mode = os.stat(tmp).st_mode & 0o777  # what a new file gets here
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        if os.stat(tmp).st_mode & 0o777 != mode:  # a writer that made its own file, owner-only
+            with contextlib.suppress(OSError):  # a filesystem without modes: nothing to put back
+                os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)

@@ -5,12 +5,15 @@ import errno
 import io
 import json
 import os
+import shutil
 import struct
+import subprocess
 import threading
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from flux import load_capture
 from flux.capture import BlockCapture, CapturePlan, HostBufferPool
@@ -28,6 +31,7 @@ from flux.store import (
     fresh_dir,
     next_free_index,
     publish_new,
+    write_json,
 )
 
 NUM_STEPS = 3
@@ -140,6 +144,25 @@ def test_capture_files_get_the_permissions_of_any_new_file(model, tmp_path):
     files = [*(tmp_path / "st").iterdir(), tmp_path / "c.pt"]
     assert len(files) == NUM_STEPS + 3  # the shards, context.safetensors, index.json, the .pt
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o640" for f in files}
+
+
+@pytest.mark.skipif(shutil.which("setfacl") is None, reason="setfacl (the acl package) is not installed")
+def test_a_folder_shared_by_a_default_acl_keeps_sharing_the_capture_files(tmp_path):
+    # A default ACL, not the umask, decides a new file's mode in such a folder: a team's shared folder. The
+    # files of a capture (here one from safetensors, which makes its own file owner-only) follow the folder.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    done = subprocess.run(["setfacl", "-d", "-m", "u::rw,g::rw,o::-,m::rw", str(shared)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"this filesystem takes no ACLs: {done.stderr.decode().strip()}")
+    old = os.umask(0o077)
+    try:
+        atomic_write(shared / "a.safetensors", lambda tmp: save_file({"x": torch.zeros(2)}, tmp))
+        write_json(shared / "index.json", {"x": 1})
+    finally:
+        os.umask(old)
+    for name in ("a.safetensors", "index.json"):
+        assert oct((shared / name).stat().st_mode & 0o777) == "0o660", name  # group rw, as the ACL says
 
 
 def test_an_unreadable_shard_is_called_unreadable(model, tmp_path, monkeypatch):
