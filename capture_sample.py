@@ -89,7 +89,7 @@ def main(
         decode_target: What the lens shows: x0 (default; the clean image each block predicts) or next (the
             latent one Euler step later).
         decode_batch_size: Images per VAE decoder call in the lens; default: set by the image size within
-            the free GPU memory (8 on CPU). 1 decodes one at a time.
+            the free GPU memory (on CPU 8, fewer where half the RAM cannot hold 8). 1 decodes one at a time.
         compile_decoder: torch.compile the VAE decoder for the lens; default: on CUDA when eager decoding
             would take over a minute (the compiled graph is cached on disk, so only the first run per image
             size pays ~30 s), never on CPU.
@@ -179,7 +179,8 @@ def decode(
             given or default, is never written into: _1, _2, ... is added to its name.
         decode_target: x0 (default; each block's clean-image estimate) or next (the one-step latent).
         device: Torch device; cuda when available, else cpu.
-        decode_batch_size: Images per decoder call; default: set by the image size (8 on CPU).
+        decode_batch_size: Images per decoder call; default: set by the image size (on CPU 8, fewer where
+            half the RAM cannot hold 8).
         compile_decoder: torch.compile the decoder; default: on CUDA where it pays, never on CPU.
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; default as for capture.
         progress: Show a progress bar over decoded images (default True).

@@ -63,7 +63,6 @@ from flux.layers import LastLayer
 COLUMNS = ("stream", "block", "depth", "step", "t", "metric", "value")
 SIMILARITY_METRICS = ("pred_cosine", "pred_rel_l2", "x0_cosine", "x0_rel_l2")
 NORM_METRICS = ("img_norm_mean", "img_norm_max", "txt_norm_mean", "txt_norm_max")
-PROMPT_NORM_METRICS = ("txt_prompt_norm_mean", "txt_prompt_norm_max")  # the prompt's tokens, not padding
 FAMILIES = {"cosine": "cosine similarity", "rel_l2": "relative L2 distance"}
 PANELS = {"pred": "velocity vs. the model's prediction", "x0": "x0 estimate vs. the final latent"}
 REL_L2_CAP = 2.0  # heatmap colours saturate here: beyond twice the reference's norm the detail is noise
@@ -132,10 +131,19 @@ def decoded_dir(path: str | Path) -> Path:
 
 def lens_folder(path: str | Path, keys: list[LensKey]) -> tuple[Path, list[LensKey]]:
     """The lens folder of this capture holding the most of `keys` as x0 JPEGs, the run's own (`decoded_dir`)
-    or a later `decode`'s (`{stem}_1`, ...), and the keys it lacks."""
+    or a later `decode`'s (`{stem}_1`, ...), and the keys it lacks. A folder named like that which is
+    another capture's lens (two runs started in one second: `{stem}_{4 hex digits}`) is not this one's."""
     own = decoded_dir(path)
+    captures = own.parent.parent  # decoded/ sits beside the captures
     best, best_missing = own, list(keys)
     for folder in (own, *sorted(own.parent.glob(f"{glob.escape(own.name)}_*"))):
+        name = folder.name
+        if folder != own and (
+            not name.removeprefix(f"{own.name}_").isdigit()
+            or (captures / name).exists()
+            or (captures / f"{name}.pt").exists()
+        ):
+            continue
         if folder.is_dir():
             missing = [k for k in keys if lens_jpeg(folder, k) is None]
             if len(missing) < len(best_missing):
@@ -685,12 +693,17 @@ def analyze(
 
         if animate:
             reused = len(keys) - len(missing)
-            last = "the run's image" if final_image is not None else "the final latent decoded"
+            if final_image is not None:
+                last = "the last frame is the run's image"
+            elif capture["denoising_context"].get("final_latent") is not None:
+                last = "the last frame is the final latent decoded"
+            else:
+                last = "no final frame (the run was cut short)"
             log(
                 f"Animation: {len(keys)} frames"
                 + (f", {reused} from the lens in {jpegs}" if reused else "")
                 + (f", {len(missing)} to decode" if missing else "")
-                + f"; the last frame is {last}"
+                + f"; {last}"
             )
             frames = render_frames(
                 capture, keys, final_layer=final_layer, ae=ae, jpeg_dir=jpegs, final_image=final_image,

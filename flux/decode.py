@@ -466,7 +466,7 @@ def decode_capture(
 
     device: where the VAE decodes (default: where ae.decoder is; it is moved there otherwise).
     batch_size: images per decoder call (default on CUDA: a power of two set by the image size within what
-    the free memory allows, see `stable_batch_size`; CPU_BATCH on CPU); 1 decodes one at a time.
+    the free memory allows, see `stable_batch_size`; on CPU `auto_batch_size`'s); 1 decodes one at a time.
     compile: torch.compile the decoder (default: on CUDA where it pays, see `compile_pays`). final_image:
     the sampler's image for the sheets; by default final_latent is decoded along with the blocks.
     between_batches: called before each batch; it may raise to stop the lens (a failed capture write).

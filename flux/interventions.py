@@ -428,6 +428,14 @@ def timesteps_of(capture: dict) -> list[float]:
     return [float(t) for t in capture["metadata"]["timesteps"]]
 
 
+MADE = (
+    "timestamp",
+    "device",
+    "device_name",
+    "versions",
+)  # a capture's metadata on when and where it was made
+
+
 def check_steps_replayed(interventions: Sequence[Intervention], start: int, stop: int) -> None:
     """Refuse an intervention at a step before `start` (the replay begins from the stored latent, which that
     step made without it), or one at none of the steps start..stop. Steps after `stop` are just not reached.
@@ -525,7 +533,7 @@ def replay(
     x0 = info.img + (0.0 - info.t_curr) * info.pred  # as the lens forms it (flux.decode)
     result = ReplayResult(latent, x0, start, stop, applied=list(intervener.applied))
     if recorder is not None:
-        from flux.pipeline import package_versions
+        from flux.pipeline import device_name, package_versions
         from flux.store import assemble
 
         for s in steps:
@@ -547,10 +555,12 @@ def replay(
             interventions=[iv.spec for iv in interventions],
             applied=[list(pair) for pair in result.applied],
             replayed_steps=[start, stop],
-            # When and where this capture was made; the run it replays keeps its own under source_run.
-            source_run={k: meta.get(k) for k in ("timestamp", "device", "versions")},
+            # When and where this capture was made; the run first captured keeps its own under source_run
+            # (a replay of a replay names that run, not the replay in between).
+            source_run=meta.get("source_run") or {k: meta.get(k) for k in MADE},
             timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             device=str(device),
+            device_name=device_name(device),
             versions=package_versions(),
         )
         new_ctx = {k: v for k, v in ctx.items() if k not in (*CONTEXT_KEYS, "final_latent")}

@@ -4,6 +4,7 @@ Attribute names are the checkpoint's key names (`img_attn.qkv`, `img_mlp.0`, `ad
 published state dict loads without any renaming.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -12,6 +13,15 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from flux.math import attention, rope
+
+
+@functools.lru_cache(maxsize=16)
+def _frequencies(half: int, max_period: int, device: torch.device) -> Tensor:
+    """exp(-ln(max_period) * i / half) for i < half, computed on the CPU and moved once per device: a
+    copy to the GPU at every call would wait for the GPU to finish its queue (twice per step). Made outside
+    inference mode, so that the cached tensor also serves code that records gradients."""
+    with torch.inference_mode(False):
+        return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(device)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: int = 10_000, time_factor: float = 1000.0) -> Tensor:
@@ -24,7 +34,7 @@ def timestep_embedding(t: Tensor, dim: int, max_period: int = 10_000, time_facto
     """
     t = time_factor * t
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+    freqs = _frequencies(half, max_period, t.device)
     args = t[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:

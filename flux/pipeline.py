@@ -412,6 +412,11 @@ class RunResult:
     timings: dict = field(default_factory=dict)
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's architecture: what ran a capture, for its metadata."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+
+
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -664,7 +669,7 @@ def run_metadata(
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "dtype": str(models.dtype).removeprefix("torch."),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+        "device_name": device_name(device),
         "versions": package_versions(),
         "flags": {k: v for k, v in asdict(opts).items() if k != "warnings"},
         "txt_seq_len": txt_len,

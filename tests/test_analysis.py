@@ -425,6 +425,16 @@ def test_the_lens_of_a_later_decode_is_reused_too(captures, tmp_path):
     assert analysis.lens_folder(link, keys) == (later, [])
     (later / keys[0].filename).unlink()
     assert analysis.lens_folder(link, keys) == (later, keys[:1])
+    # Another capture's lens is never this one's: a run started in the same second (capture_x_1a2b), even
+    # one whose suffix happens to be all digits (capture_x_2024), and a folder of another kind.
+    for other in ("capture_x_1a2b", "capture_x_2024", "capture_x_best"):
+        folder = own.with_name(other)
+        folder.mkdir()
+        for key in keys:
+            comment = f"flux lens: {key.stream} block {key.block}, step {key.step}, target x0"
+            Image.new("RGB", (SIZE, SIZE)).save(folder / key.filename, comment=comment)
+    (link.parent / "capture_x_2024.pt").write_bytes(b"")
+    assert analysis.lens_folder(link, keys) == (later, keys[:1])
 
 
 # ----------------------------------------------------------------------------------------------- command

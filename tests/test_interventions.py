@@ -4,6 +4,7 @@ import csv
 import hashlib
 import json
 import math
+import platform
 
 import numpy as np
 import pytest
@@ -119,8 +120,19 @@ def test_a_recorded_replay_describes_itself_not_its_source(flow, captures):
     assert "files" not in meta and "estimated_capture_bytes" not in meta  # the source's, not this capture's
     assert meta["seed"] == cap["metadata"]["seed"] and meta["replayed_steps"] == [1, 2]
     # Made now, here: the replayed run's time, device and versions are kept apart.
-    assert meta["source_run"] == {k: cap["metadata"][k] for k in ("timestamp", "device", "versions")}
+    made = ("timestamp", "device", "device_name", "versions")
+    assert meta["source_run"] == {k: cap["metadata"][k] for k in made}
     assert meta["timestamp"] >= cap["metadata"]["timestamp"] and meta["device"] == "cpu"
+    # The device that replayed it (a capture made on another machine would name that one).
+    relabelled = {**cap, "metadata": {**cap["metadata"], "device": "cuda:0", "device_name": "NVIDIA H200"}}
+    again = replay(flow, relabelled, start=1, stop=2, record=plan).capture["metadata"]
+    assert (again["device"], again["device_name"]) == ("cpu", platform.machine())
+    assert again["source_run"]["device_name"] == "NVIDIA H200"
+    # A replay of that replay still names the run first captured.
+    assert (
+        replay(flow, result.capture, start=1, stop=2, record=plan).capture["metadata"]["source_run"]
+        == (meta["source_run"])
+    )
     assert meta["interventions"] == [] and meta["applied"] == []
 
 

@@ -142,6 +142,9 @@ def test_timestep_frequencies_are_computed_on_the_cpu():
     # in the last bit). With t on the meta device, any exp that runs elsewhere than the CPU shows up here.
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    import flux.layers
+
+    flux.layers._frequencies.cache_clear()  # they are computed once per device, then reused
     devices = []
 
     class RecordExp(TorchDispatchMode):
@@ -152,8 +155,15 @@ def test_timestep_frequencies_are_computed_on_the_cpu():
 
     with RecordExp():
         emb = timestep_embedding(torch.tensor([0.5], device="meta"), 8)
+        timestep_embedding(torch.tensor([0.25], device="meta"), 8)
     assert emb.device.type == "meta" and emb.shape == (1, 8)
-    assert devices == ["cpu"]
+    assert devices == ["cpu"]  # once: the second call reuses them
+    # Made under inference mode (as in the sampler), they still serve a forward that records gradients.
+    with torch.inference_mode():
+        timestep_embedding(torch.tensor([0.5]), 6)
+    t = torch.tensor([0.5], requires_grad=True)
+    timestep_embedding(t, 6).sum().backward()
+    assert t.grad is not None
 
 
 def test_conditioning_sums_time_guidance_and_vector():
