@@ -3,7 +3,7 @@
     uv run python scripts/make_docs_figures.py
 
 Captures "a red cube" (seed 1, 256x256, 4 steps) into a temporary folder, runs the analysis on it and
-copies the plots to docs/: heatmap_flux_tiny.png (relative L2 distance to the final output) and
+copies the plots to docs/: heatmap_flux_tiny.png (relative L2 distance to what the model produced) and
 norms_flux_tiny.png (token norms of the image and text streams).
 """
 
