@@ -319,9 +319,9 @@ def test_help_documents_every_flag(capsys):
         capture_sample.run(["--help"])
     captured = capsys.readouterr()
     shown = " ".join((captured.out + captured.err).split())
-    doc = capture_sample.main.__doc__
+    doc = inspect.cleandoc(capture_sample.main.__doc__)  # Python 3.13 dedents docstrings itself
     for name in inspect.signature(capture_sample.main).parameters:
-        entry = re.search(rf"\n        {name}: (.+)", doc)
+        entry = re.search(rf"\n    {name}: (.+)", doc)
         assert entry, f"{name} has no Args entry"
         assert " ".join(entry[1].split()[:6]) in shown, f"--help does not explain --{name}"
 
