@@ -97,7 +97,8 @@ def main(
             extra); the same as running the `analyze` command on the capture.
         weights_dir: A local directory laid out like the model's hub repo, or "hub" to force the Hugging Face
             cache; either overrides FLUX_MODEL/FLUX_AE/FLUX_TEXT_ENCODERS (a folder without the text
-            encoders leaves them to FLUX_TEXT_ENCODERS). Default: those if set, else the HF cache.
+            encoders leaves them to FLUX_TEXT_ENCODERS); by default those variables if set, else the HF
+            cache.
         progress: Show progress bars (default True).
     """
     from flux.pipeline import RunOptions, buffers_while_loading, generate, load_models
@@ -176,7 +177,7 @@ def decode(
     Args:
         path: A capture: a .pt file or a safetensors capture directory.
         output_dir: Where to write; default {capture folder}/decoded/{capture stem}. A folder that exists,
-            given or default, is never written into: _1, _2, ... is added to its name.
+            given or default, is never written into; _1, _2, ... is added to its name.
         decode_target: x0 (default; each block's clean-image estimate) or next (the one-step latent).
         device: Torch device; cuda when available, else cpu.
         decode_batch_size: Images per decoder call; default: set by the image size (on CPU 8, fewer where

@@ -738,7 +738,7 @@ def analyze_command(
     Args:
         path: A capture: a capture_*.pt file or a safetensors capture directory.
         output_dir: Where to write; default {capture folder}/analysis/{capture name}/. A folder that
-            exists, given or default, is never written into: _1, _2, ... is added to its name.
+            exists, given or default, is never written into; _1, _2, ... is added to its name.
         device: Torch device for the final layer and the decoder; cuda when available, else cpu.
         animation: Write the animation of the decoded blocks (default True). JPEGs the lens already wrote
             under {capture folder}/decoded/{capture name}/ with the x0 target are reused (their comment says
@@ -746,7 +746,7 @@ def analyze_command(
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; default as for
             generation (FLUX_MODEL/FLUX_AE if set, flux-tiny's generated repo, else the HF cache).
         animation_steps: How many captured steps the animation sweeps through the blocks, evenly spaced
-            with the first and last included (default 8; 1: the last alone; 0 for all).
+            with the first and last included (default 8; 1 for the last alone; 0 for all).
         frame_ms: Milliseconds per animation frame (default 120); the final image is held 1.5 s (the MP4: the
             nearest whole number of frames).
         progress: Show a progress bar over the animation frames that need decoding (default True).

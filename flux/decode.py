@@ -362,7 +362,7 @@ def cell_size(width: int, height: int, max_cell: int = MAX_CELL) -> tuple[int, i
 
 def sheet_cell(width: int, height: int, n_rows: int, n_cols: int, final: bool = True) -> tuple[int, int]:
     """The thumbnail size of a contact sheet of n_rows x n_cols images of width x height (and the final
-    image): `cell_size`'s, made smaller where the sheet would pass MAX_SHEET pixels (over 60 steps)."""
+    image): `cell_size`'s, made smaller where the sheet would pass MAX_SHEET pixels (from 62 steps on)."""
     for max_cell in range(MAX_CELL, 0, -1):
         cell = cell_size(width, height, max_cell)
         if max(grid_size(n_rows, n_cols, *cell, final)) <= MAX_SHEET:

@@ -397,7 +397,7 @@ def claim_stem(folder: Path, model: str, prefix: str = "capture") -> str:
         )
         if not taken:
             try:
-                fd = os.open(folder / f".{stem}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                fd = os.open(folder / f".{stem}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
                 os.close(fd)
                 return stem
             except FileExistsError:

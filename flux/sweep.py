@@ -363,7 +363,7 @@ def sweep_command(
             prompt or seed).
         direction: A .pt (or .safetensors) file holding one tensor of shape (D,) or (1, L, D), for add.
         output_dir: Folder for the results (default: beside the capture, as above). A folder that exists
-            is never written into: _1, _2, ... is added to its name.
+            is never written into; _1, _2, ... is added to its name.
         device: Torch device; cuda when available, else cpu. Exact replays need the capture's device.
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; as for generation.
         progress: Show progress bars (default True).

@@ -321,9 +321,10 @@ def test_help_documents_every_flag(capsys):
     shown = " ".join((captured.out + captured.err).split())
     doc = inspect.cleandoc(capture_sample.main.__doc__)  # Python 3.13 dedents docstrings itself
     for name in inspect.signature(capture_sample.main).parameters:
-        entry = re.search(rf"\n    {name}: (.+)", doc)
+        # The entry: its first line and the more indented lines that continue it.
+        entry = re.search(rf"\n    {name}: (.+(?:\n        .+)*)", doc)
         assert entry, f"{name} has no Args entry"
-        assert " ".join(entry[1].split()[:6]) in shown, f"--help does not explain --{name}"
+        assert " ".join(entry[1].split()) in shown, f"--help does not show all of --{name}'s entry"
 
 
 def test_cuda_out_of_memory_names_offload_and_smaller_sizes(monkeypatch, tmp_path, capsys):
@@ -506,10 +507,15 @@ def test_every_command_has_a_help_screen_listing_its_flags(command, capsys):
     shown = shown.out + shown.err
     module, _, name = capture_sample.COMMANDS[command].partition(":")
     function = getattr(importlib.import_module(module), name)
+    words = " ".join(shown.split())
+    doc = inspect.cleandoc(function.__doc__)
     for flag, parameter in inspect.signature(function).parameters.items():
         listed = f"--{flag}" if parameter.default is not parameter.empty else flag.upper()  # a positional
         assert listed in shown, f"{command} --help does not list {listed}"
-    assert " ".join(function.__doc__.split()[:5]) in " ".join(shown.split())  # what the command is for
+        entry = re.search(rf"\n    {flag}: (.+(?:\n        .+)*)", doc)
+        assert entry, f"{command}: {flag} has no Args entry"
+        assert " ".join(entry[1].split()) in words, f"{command} --help does not show all of {flag}'s entry"
+    assert " ".join(function.__doc__.split()[:5]) in words  # what the command is for
 
 
 @pytest.mark.parametrize(

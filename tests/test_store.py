@@ -139,10 +139,11 @@ def test_capture_files_get_the_permissions_of_any_new_file(model, tmp_path):
         (tmp_path / "st").mkdir()
         _capture(model, lambda pool, meta: SafetensorsSink(tmp_path / "st", pool, meta), plan)
         _capture(model, lambda pool, meta: PtSink(tmp_path / "c.pt", pool), plan, limit=None)
+        stem = claim_stem(tmp_path, "flux-tiny")  # the claim a run holds while it writes (not executable)
     finally:
         os.umask(old)
-    files = [*(tmp_path / "st").iterdir(), tmp_path / "c.pt"]
-    assert len(files) == NUM_STEPS + 3  # the shards, context.safetensors, index.json, the .pt
+    files = [*(tmp_path / "st").iterdir(), tmp_path / "c.pt", tmp_path / f".{stem}.claim"]
+    assert len(files) == NUM_STEPS + 4  # the shards, context.safetensors, index.json, the .pt, the claim
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o640" for f in files}
 
 
