@@ -59,6 +59,7 @@ from flux.decode import (
 )
 from flux.errors import UsageError, UserError
 from flux.layers import LastLayer
+from flux.options import check_device
 
 COLUMNS = ("stream", "block", "depth", "step", "t", "metric", "value")
 SIMILARITY_METRICS = ("pred_cosine", "pred_rel_l2", "x0_cosine", "x0_rel_l2")
@@ -582,18 +583,6 @@ def write_mp4(frames: list[Image.Image], path: str | Path, frame_ms: int = 120, 
 # ----------------------------------------------------------------------------------------- the command
 
 
-def _device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise UsageError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N).") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but no CUDA GPU is visible. Use --device cpu.")
-    return dev
-
-
 def sampler_image(meta: dict, capture_path: str | Path) -> Image.Image | None:
     """The image the run wrote, if it can be found unchanged: at the path recorded in the metadata, or
     where that name sits in the run's output folder (the capture's grandparent), with the SHA-256 the
@@ -647,7 +636,7 @@ def analyze(
         raise UsageError(f"--animation_steps must be a whole number >= 0; got {animation_steps!r}.")
     if isinstance(frame_ms, bool) or not isinstance(frame_ms, int) or frame_ms < 20:
         raise UsageError(f"--frame_ms must be a whole number of milliseconds >= 20; got {frame_ms!r}.")
-    dev = _device(device)
+    dev = check_device(device)
     capture = load_capture(path)
     meta = capture["metadata"]
     if not meta["captured_steps"]:

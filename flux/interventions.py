@@ -138,7 +138,10 @@ class Intervention:
         if self.steps is None:
             return True
         if step is None:
-            raise RuntimeError("Intervener.step is not set: call begin_step(k) (or pass on_step to denoise).")
+            raise RuntimeError(
+                "Intervener.step is not set: set it, or pass the intervener's on_step as denoise's "
+                "before_step."
+            )
         return step in self.steps
 
     def check(

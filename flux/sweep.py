@@ -528,6 +528,7 @@ def replay_command(
         write_json,
     )
 
+    step = 0 if step is None else step  # `--step None` asks for the default, as for any other flag
     for flag, value in (("step", step), ("until", until)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise UsageError(f"--{flag} must be a step index (a whole number); got {value!r}.")
@@ -537,9 +538,9 @@ def replay_command(
     for flag, value in (("step", step), ("until", until)):
         if value is not None and not 0 <= value < num_steps:
             raise UsageError(f"--{flag} must be a step of this capture, 0..{num_steps - 1}; got {value}.")
-    if until is not None and until < (step or 0):
+    if until is not None and until < step:
         raise UsageError(
-            f"--until {until} comes before --step {step or 0}: the replay runs from --step to --until, both "
+            f"--until {until} comes before --step {step}: the replay runs from --step to --until, both "
             "included."
         )
     if save_capture and until is not None and until != num_steps - 1:
@@ -559,7 +560,7 @@ def replay_command(
                 f"--{flag} is used only by {kind}:... interventions, and --intervention names none."
             )
     _check_before_loading(ivs, spec, capture)
-    check_steps_replayed(ivs, step or 0, num_steps - 1 if until is None else until)
+    check_steps_replayed(ivs, step, num_steps - 1 if until is None else until)
     out = Path(output_dir) if output_dir else beside_capture(path, "replays")[0]
     check_output_dir(out)
     flow, ae = _load(spec, device, dtype, weights_dir)  # only now that every flag has been checked

@@ -850,3 +850,32 @@ def test_the_documented_metadata_keys_are_the_written_ones(tiny_run):
     assert written.keys() == documented | {"complete"}
     loaded = load_capture(_only(tiny_run / "intermediates", "capture_*.pt"))["metadata"]
     assert loaded.keys() == documented | {"complete", "steps_done"}
+
+
+@pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep"])
+@pytest.mark.parametrize(
+    ("device", "gpus", "message"),
+    [("0", 0, "no CUDA GPU is visible"), ("cuda:7", 1, "this machine has 1 CUDA GPU(s), numbered from 0")],
+)
+def test_every_command_reads_device_as_generation_does(
+    command, device, gpus, message, tiny_run, tmp_path, monkeypatch, capsys
+):
+    """`--device 0` is the first GPU; a GPU the machine lacks is refused before loading (every command)."""
+    import flux.decode
+    import flux.sweep
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(flux.decode, "load_model_final_layer", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(flux.sweep, "_load", lambda *a, **k: pytest.fail("loaded"))
+    pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
+    out = tmp_path / "out"
+    assert capture_sample.run([command, pt, "--device", device, "--output_dir", str(out)]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_replay_step_none_is_the_default(tiny_run, tmp_path):
+    pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
+    argv = ["replay", pt, "--step", "None", "--output_dir", str(tmp_path), "--progress", "False"]
+    assert capture_sample.run(argv) == 0
+    assert json.loads((tmp_path / "replay_0.json").read_text())["replayed_steps"] == [0, 3]  # all 4
