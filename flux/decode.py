@@ -39,7 +39,7 @@ from flux.layers import LastLayer
 from flux.loading import read_flow_tensors, read_tensors
 from flux.model import FluxParams
 from flux.options import available_host_memory
-from flux.sampling import latent_size, unpack
+from flux.sampling import image_tokens, latent_size, unpack
 from flux.store import atomic_write
 
 TARGETS = ("x0", "next")
@@ -153,20 +153,20 @@ def lens_plan(
 def block_tokens(capture: dict, key: LensKey) -> tuple[Tensor | None, Tensor | None]:
     """(image tokens (B, L, D), text tokens (B, T, D)) of one captured block output; None for a stream
     the capture left out (single-block entries hold [txt; img], or one stream with --streams)."""
-    h = capture[f"{key.stream}_blocks"][f"block_{key.block}"][key.position]
+    out = capture[f"{key.stream}_blocks"][f"block_{key.block}"][key.position]
     if key.stream == "double":
-        return h
-    ctx = capture["denoising_context"]
-    n_img, n_txt = ctx["img_state"][key.step].shape[1], int(ctx["txt_seq_len"])
-    if h.shape[1] == n_txt + n_img:
-        return h[:, n_txt:], h[:, :n_txt]  # text first
-    if capture["metadata"].get("streams", "both") == "txt" or h.shape[1] != n_img:
-        if h.shape[1] != n_txt:
+        return out
+    meta, n_txt = capture["metadata"], int(capture["denoising_context"]["txt_seq_len"])
+    n_img = image_tokens(int(meta["height"]), int(meta["width"]))  # reading img_state would read a shard
+    if out.shape[1] == n_txt + n_img:
+        return out[:, n_txt:], out[:, :n_txt]  # text first
+    if meta.get("streams", "both") == "txt" or out.shape[1] != n_img:
+        if out.shape[1] != n_txt:
             raise ValueError(
-                f"single block output has {h.shape[1]} tokens; expected {n_img} or {n_txt + n_img}"
+                f"single block output has {out.shape[1]} tokens; expected {n_img} or {n_txt + n_img}"
             )
-        return None, h
-    return h, None
+        return None, out
+    return out, None
 
 
 def to_device(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from flux.capture import CONTEXT_KEYS, BlockCapture, CapturePlan, HookSet, HostBufferPool
-from flux.decode import LensKey, as_indices, block_tokens
+from flux.decode import LensKey, as_indices, block_tokens, to_device
 from flux.errors import UsageError, UserError
 from flux.model import Flux
 from flux.sampling import StepInfo, denoise
@@ -333,6 +333,7 @@ class Intervener(HookSet):
         self.step: int | None = None
         self.handles: list = []
         self.applied: list[tuple[str, int]] = []  # (spec, step) of every change made, for bookkeeping
+        self.sources: dict[tuple[int, int], tuple] = {}  # (id(patch), step) -> its (img, txt) on the device
 
     def install(self) -> None:
         for iv in self.interventions:
@@ -340,7 +341,17 @@ class Intervener(HookSet):
             self.handles.append(module.register_forward_hook(self._hook(iv), with_kwargs=True))
 
     def on_step(self, info: StepInfo) -> None:
+        """Set the step, and fetch the step's patch tokens now, before the model call: read inside a block's
+        hook (from disk, for a safetensors source), they would stall the forward pass between blocks."""
         self.step = info.index + self.offset
+        device = info.img.device
+        self.sources = {
+            (id(iv), self.step): tuple(
+                t if t is None else to_device(t, device) for t in source_tokens(iv, self.step)
+            )
+            for iv in self.interventions
+            if iv.kind == "patch" and iv.applies_at(self.step)
+        }
 
     def _hook(self, iv: Intervention):
         def hook(_module, args, kwargs, output):
@@ -382,7 +393,9 @@ class Intervener(HookSet):
                     f"it returned {tuple(new_img.shape)}, {tuple(new_txt.shape)}."
                 )
             return new_img.to(img.dtype), new_txt.to(txt.dtype)
-        src_img, src_txt = source_tokens(iv, self.step)
+        src_img, src_txt = self.sources.get((id(iv), self.step)) or source_tokens(
+            iv, self.step
+        )  # step set by hand
         if do_img:
             img = _like(src_img, img, iv, "image")
         if do_txt:

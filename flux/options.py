@@ -11,7 +11,7 @@ import torch
 from flux.capture import CapturePlan
 from flux.configs import CONFIGS, ModelSpec, get_spec
 from flux.errors import UsageError, UserError
-from flux.sampling import latent_size
+from flux.sampling import image_tokens
 
 FORMATS = ("pt", "safetensors")
 DECODE_TARGETS = ("x0", "next")
@@ -192,8 +192,7 @@ class RunOptions:
 
     def token_counts(self) -> tuple[int, int]:
         """(T text tokens, L image tokens) of this run."""
-        h, w = latent_size(self.height, self.width)
-        return self.spec.t5_max_length, (h // 2) * (w // 2)
+        return self.spec.t5_max_length, image_tokens(self.height, self.width)
 
     def estimated_capture_bytes(self, pinned: bool = False) -> int:
         """Bytes the planned block outputs take on disk, or (`pinned`) in pinned host buffers; the context

@@ -21,6 +21,12 @@ def latent_size(height: int, width: int) -> tuple[int, int]:
     return 2 * math.ceil(height / 16), 2 * math.ceil(width / 16)
 
 
+def image_tokens(height: int, width: int) -> int:
+    """L, the number of image tokens (2x2 latent patches) for an image of `height` x `width` pixels."""
+    h, w = latent_size(height, width)
+    return (h // 2) * (w // 2)
+
+
 def get_noise(
     num_samples: int, height: int, width: int, device: torch.device | str, dtype: torch.dtype, seed: int
 ) -> Tensor:

@@ -1,6 +1,7 @@
 """Replays and interventions on flux-tiny captures, on the CPU in float32 (exact)."""
 
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -242,6 +243,43 @@ def test_patch_from_another_capture_puts_its_tokens_in(flow, captures):
     got = _out(result, "single", 1, 2)
     assert torch.equal(got[:, t_len:], _stored(other, "single", 1, 2)[:, t_len:])
     assert torch.equal(got[:, :t_len], _stored(cap, "single", 1, 2)[:, :t_len])
+    assert not torch.equal(result.latent, cap["denoising_context"]["final_latent"])
+
+
+def test_patch_sources_are_read_between_model_calls_not_inside_them(
+    models, flow, captures, tmp_path, monkeypatch
+):
+    """A safetensors source is read from disk, and a read inside a block's hook would stall the forward pass
+    between blocks: each step's patch tokens are fetched before the model call."""
+    import flux.interventions
+
+    (_, cap), (_, other) = captures
+    lazy = load_capture(_capture(models, tmp_path, prompt="a blue ball", format="safetensors"))
+    inside, reads, real = [False], [], flux.interventions.source_tokens
+
+    def read(iv, step):
+        reads.append((iv.stream, step, inside[0]))
+        return real(iv, step)
+
+    monkeypatch.setattr(flux.interventions, "source_tokens", read)
+    handles = [
+        flow.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
+        flow.register_forward_hook(lambda *_: inside.__setitem__(0, False)),
+    ]
+    ivs = [
+        Intervention("patch", "single", 1, (1, 2), "img", source=lazy),
+        Intervention("patch", "double", 0, None, "both", source=lazy),
+    ]
+    try:
+        result = replay(flow, cap, interventions=ivs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    expected = [("single", 1, False), ("single", 2, False)] + [("double", k, False) for k in range(NUM_STEPS)]
+    assert sorted(reads) == sorted(expected)
+    # The same seed's .pt capture holds the same tokens, so patching from it gives the same image.
+    same = replay(flow, cap, interventions=[dataclasses.replace(iv, source=other) for iv in ivs])
+    assert torch.equal(result.latent, same.latent)
     assert not torch.equal(result.latent, cap["denoising_context"]["final_latent"])
 
 
