@@ -6,11 +6,13 @@ SSIM on images mapped to [0, 1], and the MSE of the final latent tokens.
 """
 
 import csv
+import hashlib
 import importlib.util
+import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +102,9 @@ def sweep(
     source: dict | None = None,
     direction: Tensor | None = None,
     progress: bool = True,
+    done: Sequence[SweepRow] = (),
+    on_reference: Callable[[Tensor, Image.Image], None] | None = None,
+    on_row: Callable[[SweepRow], None] | None = None,
 ) -> tuple[list[SweepRow], Image.Image, Tensor]:
     """Intervene on each block in turn, replay the run to the end, and score the final image.
 
@@ -108,6 +113,10 @@ def sweep(
     steps before it would run exactly as stored. The reference is an unmodified replay from the same step
     on this device (identical to the capture's final latent on the capture's device and dtype). Returns
     the rows in block order, the reference image and the reference's final latent.
+
+    For long sweeps: `done` holds rows already scored (of an interrupted sweep), whose blocks are not
+    replayed again; `on_reference(latent, image)` is called once the reference is made (to save it, or to
+    check it against the one the done rows were scored against), `on_row(row)` after each new row.
     """
     from flux.decode import decode_latents, to_image
 
@@ -130,8 +139,16 @@ def sweep(
     base_latent = replay(model, capture, start).latent
     base_decoded = decode_latents(base_latent, ae, height, width)
     base = to_unit(base_decoded)
+    if on_reference is not None:
+        on_reference(base_latent, to_image(base_decoded[0]))
+    finished = {r.spec: r for r in done}
     rows = []
-    for iv in tqdm(ivs, desc=f"{kind} sweep", unit="block", disable=not progress):
+    bar = tqdm(total=len(ivs), desc=f"{kind} sweep", unit="block", disable=not progress)
+    for iv in ivs:
+        if iv.spec in finished:
+            rows.append(finished[iv.spec])
+            bar.update()
+            continue
         latent = replay(model, capture, start, interventions=[iv]).latent
         decoded = decode_latents(latent, ae, height, width)
         img = to_unit(decoded)
@@ -148,6 +165,10 @@ def sweep(
                 image=to_image(decoded[0]),
             )
         )
+        if on_row is not None:
+            on_row(rows[-1])
+        bar.update()
+    bar.close()
     return rows, to_image(base_decoded[0]), base_latent
 
 
@@ -271,6 +292,7 @@ def _open(path: str, device: str | None):
     """The capture, its model spec, and the device and dtype to replay in; checks all, loads no model."""
     from flux.configs import get_spec
     from flux.options import check_device, compute_dtype
+    from flux.pipeline import device_name
     from flux.store import load_capture
 
     device = check_device(device)
@@ -283,11 +305,17 @@ def _open(path: str, device: str | None):
     if "final_latent" not in capture["denoising_context"]:
         raise UserError(f"{path!r} is an interrupted capture (no final latent); replay needs a complete one.")
     dtype = compute_dtype(spec)
-    dtype_name = str(dtype).removeprefix("torch.")
-    if device.type != torch.device(meta.get("device", "cpu")).type or meta.get("dtype") != dtype_name:
+    dtype_name, here = str(dtype).removeprefix("torch."), device_name(device)
+    ran_on = meta.get("device_name", here)  # captures made before device_name was recorded: unknown
+    if (
+        device.type != torch.device(meta.get("device", "cpu")).type
+        or meta.get("dtype") != dtype_name
+        or ran_on != here
+    ):
         print(
-            f"note: the capture ran on {meta.get('device')} in {meta.get('dtype')}; replaying on {device} in "
-            f"{dtype_name}, so an unmodified replay may differ slightly from the stored run.",
+            f"note: the capture ran on {meta.get('device')} ({ran_on}) in {meta.get('dtype')}; replaying on "
+            f"{device} ({here}) in {dtype_name}, so an unmodified replay may differ slightly from the stored "
+            "run.",
             file=sys.stderr,
         )
     return capture, spec, device, dtype
@@ -338,6 +366,7 @@ def sweep_command(
     output_dir: str | None = None,
     device: str | None = None,
     weights_dir: str | None = None,
+    resume: str | None = None,
     progress: bool = True,
 ) -> None:
     """Intervene on each block in turn, replay the captured run, and rank blocks by how much it changes.
@@ -347,8 +376,10 @@ def sweep_command(
     and compared with an unmodified replay. Writes into
     {capture folder}/sweeps/{capture name}_{intervention}/ (a new folder each time): sweep.csv (ranked,
     most disruptive first), sweep.json (every row's intervention spec and scores, plus provenance),
-    sweep.png (bar chart), contact_sheet.jpg and one JPEG per altered image. Only the flow model and the
-    autoencoder are loaded, never the text encoders.
+    sweep.png (bar chart), contact_sheet.jpg and one JPEG per altered image. sweep.csv, sweep.json and the
+    JPEGs are written as each block finishes, so a sweep that stops keeps its finished blocks (sweep.json:
+    "complete": false) and --resume goes on from there. Only the flow model and the autoencoder are loaded,
+    never the text encoders.
 
     Args:
         path: A capture: a capture_*.pt file or a capture_* safetensors directory.
@@ -366,10 +397,14 @@ def sweep_command(
             is never written into; _1, _2, ... is added to its name.
         device: Torch device; cuda when available, else cpu. Exact replays need the capture's device.
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; as for generation.
+        resume: The folder of a sweep that stopped: its finished blocks are kept and the others run, into
+            that folder. The other flags must be those it was started with; the unmodified replay must
+            come out the same (the same device and versions), or the sweep is refused.
         progress: Show progress bars (default True).
     """
     from flux.decode import save_jpeg
     from flux.options import check_output_dir
+    from flux.pipeline import device_name
     from flux.store import beside_capture, load_capture, new_dir, write_json
 
     if intervention not in KINDS:
@@ -409,12 +444,29 @@ def sweep_command(
         for stream, block in chosen
     ]
     _check_before_loading(planned, spec, capture)
-    label = (
-        intervention + (f"_{tokens}" if tokens else "") + (f"_steps{format_steps(step_set)}" if steps else "")
-    )
-    sweeps, stem = beside_capture(path, "sweeps")
-    base = Path(output_dir) if output_dir else sweeps / f"{stem}_{label}"
-    check_output_dir(base)
+    settings = {
+        "capture": str(Path(path).resolve()),
+        "kind": intervention,
+        "steps": format_steps(step_set),
+        "tokens": tokens or default_tokens(intervention),
+        "scale": scale,
+        "source": str(Path(source).resolve()) if source else None,
+        "direction": str(Path(direction).resolve()) if direction else None,
+        "blocks": [f"{stream}:{block}" for stream, block in chosen],
+    }
+    if resume is not None:
+        if output_dir is not None:
+            raise UsageError("--resume writes into the sweep's own folder: leave out --output_dir.")
+        out, done, digest = _resumable(Path(resume), settings)
+    else:
+        label = (
+            intervention
+            + (f"_{tokens}" if tokens else "")
+            + (f"_steps{format_steps(step_set)}" if steps else "")
+        )
+        sweeps, stem = beside_capture(path, "sweeps")
+        out, done, digest = Path(output_dir) if output_dir else sweeps / f"{stem}_{label}", [], None
+        check_output_dir(out)
     chart = importlib.util.find_spec("matplotlib") is not None
     if not chart:
         print(
@@ -423,61 +475,150 @@ def sweep_command(
             file=sys.stderr,
         )
     flow, ae = _load(spec, device, dtype, weights_dir)  # only now that every flag has been checked
-    rows, reference, _ = sweep(
-        flow,
-        ae,
-        capture,
-        intervention,
-        chosen,
-        step_set,
-        tokens,
-        scale,
-        source=src,
-        direction=direction_tensor,
-        progress=progress,
-    )
+    replay_device = flow.img_in.weight.device
+    state: dict = {"rows": list(done)}
 
-    out = new_dir(base)
-    for r in rows:
-        save_jpeg(r.image, out / f"{r.stream}_block_{r.block}.jpg")
-    save_jpeg(reference, out / "unmodified.jpg")
-    write_csv(rows, out / "sweep.csv")
+    def save_state(complete: bool) -> None:
+        """sweep.csv and sweep.json as they stand: rewritten after every block, so a sweep that stops
+        keeps what it has done, and `--resume` can go on from there."""
+        rows = state["rows"]
+        write_csv(rows, state["out"] / "sweep.csv")
+        write_json(
+            state["out"] / "sweep.json",
+            _provenance(
+                path,
+                capture,
+                **{k: v for k, v in settings.items() if k != "capture"},
+                complete=complete,
+                blocks_done=len(rows),
+                reference="unmodified replay on this device",
+                reference_latent_sha256=state["digest"],
+                reference_vs_stored_latent_mse=state["vs_stored"],
+                replay_device=str(replay_device),
+                replay_device_name=device_name(replay_device),
+                rows=[
+                    {
+                        "rank": n,
+                        "intervention": r.spec,
+                        "stream": r.stream,
+                        "block": r.block,
+                        "mse": r.mse,
+                        "psnr": r.psnr,
+                        "ssim": r.ssim,
+                        "latent_mse": r.latent_mse,
+                        "image": f"{r.stream}_block_{r.block}.jpg",
+                    }
+                    for n, r in enumerate(rank(rows), 1)
+                ],
+            ),
+        )
+
+    def on_reference(latent: Tensor, image: Image.Image) -> None:
+        state["digest"] = latent_digest(latent)
+        if digest is not None and state["digest"] != digest:
+            raise UserError(
+                f"The unmodified replay differs from the one the sweep in {str(out)!r} was scored against "
+                "(another device, dtype or library version?), so new rows would not compare with its rows. "
+                "Start a new sweep: leave out --resume."
+            )
+        final = capture["denoising_context"]["final_latent"]
+        state["vs_stored"] = float(((latent.float().cpu() - final.float()) ** 2).mean())
+        state["out"] = out if resume is not None else new_dir(out)
+        save_jpeg(image, state["out"] / "unmodified.jpg")
+        save_state(complete=False)
+
+    def on_row(row: SweepRow) -> None:
+        save_jpeg(row.image, state["out"] / f"{row.stream}_block_{row.block}.jpg")
+        state["rows"].append(row)
+        save_state(complete=False)
+
+    try:
+        rows, reference, _ = sweep(
+            flow,
+            ae,
+            capture,
+            intervention,
+            chosen,
+            step_set,
+            tokens,
+            scale,
+            source=src,
+            direction=direction_tensor,
+            progress=progress,
+            done=done,
+            on_reference=on_reference,
+            on_row=on_row,
+        )
+    except BaseException:
+        if "out" in state:
+            print(
+                f"The sweep stopped after {len(state['rows'])} of {len(planned)} blocks; their results are "
+                "in "
+                f'{state["out"]} (sweep.json says "complete": false). To go on, run the same command with '
+                f"--resume {state['out']}",
+                file=sys.stderr,
+            )
+        raise
+    out = state["out"]
+    state["rows"] = rows  # in block order
     title = f"{intervention} sweep: {capture['metadata'].get('model')} (steps {format_steps(step_set)})"
     if chart:
         write_chart(rows, out / "sweep.png", title)
     save_jpeg(contact_sheet(rows, reference), out / "contact_sheet.jpg")
-    write_json(
-        out / "sweep.json",
-        _provenance(
-            path,
-            capture,
-            kind=intervention,
-            steps=format_steps(step_set),
-            tokens=tokens or default_tokens(intervention),
-            scale=scale,
-            source=str(Path(source).resolve()) if source else None,
-            direction=str(Path(direction).resolve()) if direction else None,
-            reference="unmodified replay on this device",
-            replay_device=str(flow.img_in.weight.device),
-            rows=[
-                {
-                    "rank": n,
-                    "intervention": r.spec,
-                    "stream": r.stream,
-                    "block": r.block,
-                    "mse": r.mse,
-                    "psnr": r.psnr,
-                    "ssim": r.ssim,
-                    "latent_mse": r.latent_mse,
-                    "image": f"{r.stream}_block_{r.block}.jpg",
-                }
-                for n, r in enumerate(rank(rows), 1)
-            ],
-        ),
-    )
+    save_state(complete=True)
     top = ", ".join(f"{r.stream} {r.block} (mse {r.mse:.4g})" for r in rank(rows)[:5])
     print(f"Most disruptive: {top}")
     print(f"Sweep:    {out}")
+
+
+def latent_digest(latent: Tensor) -> str:
+    """SHA-256 of a latent's bytes: how a resumed sweep knows its reference is the one its rows were
+    scored against."""
+    data = latent.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _resumable(out: Path, settings: dict) -> tuple[Path, list[SweepRow], str]:
+    """(folder, rows already done, reference digest) of an interrupted sweep that `settings` continue;
+    UsageError when it is not one, or was made with other flags."""
+    try:
+        state = json.loads((out / "sweep.json").read_text())
+        recorded = {**{k: state[k] for k in settings if k != "capture"}, "capture": state["capture"]}
+        rows = [
+            SweepRow(
+                r["intervention"],
+                r["stream"],
+                int(r["block"]),
+                mse=float(r["mse"]),
+                psnr=math.inf if r["psnr"] is None else float(r["psnr"]),
+                ssim=float(r["ssim"]),
+                latent_mse=float(r["latent_mse"]),
+                image=_read_image(out / r["image"]),
+            )
+            for r in state["rows"]
+        ]
+        complete, digest = bool(state["complete"]), str(state["reference_latent_sha256"])
+    except FileNotFoundError as e:
+        raise UsageError(f"--resume {str(out)!r}: no sweep to resume there ({e.filename} is missing).") from e
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise UsageError(
+            f"--resume {str(out)!r}: its sweep.json or images cannot be read ({type(e).__name__}: {e})."
+        ) from e
+    if complete:
+        raise UsageError(f"--resume {str(out)!r}: that sweep is complete; there is nothing to resume.")
+    if differ := [k for k in settings if settings[k] != recorded[k]]:
+        said = [f"{k}: {recorded[k]!r} there, {settings[k]!r} now" for k in differ if k != "blocks"]
+        said += ["other --blocks"] * ("blocks" in differ)
+        raise UsageError(
+            f"--resume {str(out)!r}: that sweep was made with other settings ({'; '.join(said)}). Give the "
+            "flags it was started with."
+        )
+    return out, rows, digest
+
+
+def _read_image(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def replay_command(

@@ -603,7 +603,9 @@ def test_sweep_command_sheet_shows_the_images_it_wrote_in_rank_order(captures, t
     mses = {("double", 0): 0.01, ("double", 1): 0.04, ("single", 0): 0.02, ("single", 1): 0.03}
     colour_of = dict(zip(mses, altered, strict=False))
 
-    def fake_sweep(model, ae, capture, kind, blocks, *args, **kwargs):
+    def fake_sweep(model, ae, capture, kind, blocks, *args, on_reference, on_row, **kwargs):
+        latent = capture["denoising_context"]["final_latent"]
+        on_reference(latent, _solid(reference))
         rows = [
             SweepRow(
                 f"{kind}:{s}:{i}@all",
@@ -617,7 +619,9 @@ def test_sweep_command_sheet_shows_the_images_it_wrote_in_rank_order(captures, t
             )
             for s, i in blocks
         ]
-        return rows, _solid(reference), None
+        for row in rows:
+            on_row(row)
+        return rows, _solid(reference), latent
 
     monkeypatch.setattr(flux.sweep, "sweep", fake_sweep)
     out = tmp_path / "sheet"
@@ -674,6 +678,78 @@ def test_sweep_of_patches_from_the_same_capture_changes_nothing(captures, tmp_pa
     assert [r["psnr"] for r in rows] == ["inf", "inf"]  # as the README says, literally
     assert [float(r["ssim"]) for r in rows] == [1.0, 1.0] and [r["latent_mse"] for r in rows] == ["0", "0"]
     assert {r["intervention"] for r in rows} == {"patch:single:0:img@1", "patch:single:1:img@1"}
+
+
+def test_a_sweep_that_stops_keeps_its_finished_blocks_and_resumes_to_the_same_results(
+    captures, tmp_path, monkeypatch, capsys
+):
+    import flux.sweep
+
+    (path, _), _ = captures
+    flags = {"blocks": "double:0-1,single:2", "steps": "1-3", "device": "cpu", "progress": False}
+    whole = tmp_path / "whole"
+    sweep_command(str(path), "skip", output_dir=str(whole), **flags)
+
+    real, calls, stop = flux.sweep.replay, [], [True]
+
+    def replay_until_the_second_block(model, capture, start=0, *args, interventions=(), **kwargs):
+        calls.append([iv.spec for iv in interventions])
+        if stop[0] and len(calls) == 3:  # the reference, one block, then Ctrl-C
+            raise KeyboardInterrupt
+        return real(model, capture, start, *args, interventions=interventions, **kwargs)
+
+    monkeypatch.setattr(flux.sweep, "replay", replay_until_the_second_block)
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        sweep_command(str(path), "skip", output_dir=str(out), **flags)
+    assert f"stopped after 1 of 3 blocks; their results are in {out}" in capsys.readouterr().err
+    state = json.loads((out / "sweep.json").read_text())
+    assert state["complete"] is False and state["blocks_done"] == 1
+    assert [r["intervention"] for r in state["rows"]] == ["skip:double:0@1-3"]
+    assert {p.name for p in out.iterdir()} == {
+        "sweep.json",
+        "sweep.csv",
+        "unmodified.jpg",
+        "double_block_0.jpg",
+    }
+
+    calls.clear()
+    stop[0] = False
+    sweep_command(str(path), "skip", resume=str(out), **flags)
+    assert calls == [[], ["skip:double:1@1-3"], ["skip:single:2@1-3"]]  # the reference, then the rest only
+    resumed, first = (json.loads((d / "sweep.json").read_text()) for d in (out, whole))
+    assert resumed["complete"] is True and resumed["blocks_done"] == 3
+    assert resumed["rows"] == first["rows"]  # the same scores, in the same ranks
+    assert resumed["reference_latent_sha256"] == first["reference_latent_sha256"]
+    assert resumed["reference_vs_stored_latent_mse"] == 0.0  # on the capture's device: the stored run
+    assert {p.name for p in whole.iterdir()} == {p.name for p in out.iterdir()}  # sheet and chart included
+
+
+def test_resume_refuses_a_sweep_it_cannot_continue(captures, tmp_path):
+    import flux.sweep
+
+    (path, _), _ = captures
+    flags = {"blocks": "double:0", "steps": "3", "device": "cpu", "progress": False}
+    out = tmp_path / "done"
+    sweep_command(str(path), "skip", output_dir=str(out), **flags)
+    with pytest.raises(UsageError, match="that sweep is complete"):
+        sweep_command(str(path), "skip", resume=str(out), **flags)
+    state = json.loads((out / "sweep.json").read_text())
+    (out / "sweep.json").write_text(json.dumps({**state, "complete": False}))
+    with pytest.raises(UsageError, match=r"other settings \(steps: '3' there, '2' now"):
+        sweep_command(str(path), "skip", resume=str(out), **{**flags, "steps": "2"})
+    with pytest.raises(UsageError, match=r"other settings \(other --blocks\)"):
+        sweep_command(str(path), "skip", resume=str(out), **{**flags, "blocks": "double:0-1"})
+    with pytest.raises(UsageError, match="leave out --output_dir"):
+        sweep_command(str(path), "skip", resume=str(out), output_dir=str(out), **flags)
+    with pytest.raises(UsageError, match="no sweep to resume there"):
+        sweep_command(str(path), "skip", resume=str(tmp_path), **flags)
+    (out / "sweep.json").write_text(json.dumps({**state, "complete": False, "reference_latent_sha256": "0"}))
+    with pytest.raises(UserError, match="The unmodified replay differs from the one the sweep"):
+        sweep_command(str(path), "skip", resume=str(out), **flags)
+    assert (
+        flux.sweep.latent_digest(torch.zeros(2, dtype=torch.bfloat16)) == hashlib.sha256(bytes(4)).hexdigest()
+    )
 
 
 def test_sweep_usage_errors(captures):
@@ -917,3 +993,18 @@ def test_an_fn_intervention_is_any_change_and_sees_the_step(flow, captures):
             UserError, match=f"fn must return the pair \\(img, txt\\) of tensors; it returned {what}"
         ):
             replay(flow, cap, interventions=[Intervention("fn", "double", 0, fn=wrong)])
+
+
+def test_replaying_on_another_machine_says_it_may_differ(captures, tmp_path, capsys):
+    from flux.sweep import _open
+
+    (path, _), _ = captures
+    _open(str(path), "cpu")
+    assert "may differ" not in capsys.readouterr().err  # the machine that made it
+    capture = torch.load(path, weights_only=True)
+    capture["metadata"]["device_name"] = "another machine"
+    torch.save(capture, tmp_path / "elsewhere.pt")
+    _open(str(tmp_path / "elsewhere.pt"), "cpu")
+    assert f"ran on cpu (another machine) in float32; replaying on cpu ({platform.machine()})" in (
+        capsys.readouterr().err
+    )
