@@ -11,6 +11,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from flux.configs import TEXT_ENCODER_REPO
@@ -99,6 +100,7 @@ def load_text_embedder(
     # tokenizer needs sentencepiece). Under transformers 5 both classes are the Rust tokenizers.
     tokenizer_cls = AutoTokenizer if kind == "t5" else CLIPTokenizer
     local = _local_dir(source)
+    from_hub = local is None
     if local is None:
         # Fetch (or find in the cache) just the two subfolders, then load from disk like any local copy.
         # Loading by repo id instead makes newer transformers look up files that do not exist
@@ -117,7 +119,7 @@ def load_text_embedder(
         if not (local / sub).is_dir():
             raise UserError(
                 f"The {kind.upper()} text encoder directory {local} has no {sub}/ subfolder. "
-                f"{_HOW_TO_GET_FILES}"
+                f"{_how_to_get_files()}"
             )
     tokenizer_args = (str(local / subfolder_tokenizer),)
     model_args = (str(local / subfolder_model),)
@@ -131,15 +133,15 @@ def load_text_embedder(
         model, info = model_cls.from_pretrained(
             *model_args, **model_kwargs, **{_DTYPE_KWARG: dtype}, output_loading_info=True
         )
-    except _fetch_errors() as err:
-        raise UserError(_fetch_failure(what, source, local is not None, err)) from err
+    except (*_fetch_errors(), SafetensorError) as err:  # SafetensorError: a cut or corrupt weights file
+        raise UserError(_fetch_failure(what, source, not from_hub, err)) from err
     if info["missing_keys"]:
         # transformers would leave these randomly initialised and only log a warning.
         missing = sorted(info["missing_keys"])
         raise UserError(
             f"The {kind.upper()} text encoder in {source} (subfolder {subfolder_model}) lacks {len(missing)} "
             f"weights of {model_cls.__name__}, e.g. {', '.join(missing[:3])}: it is not the expected model. "
-            f"{_HOW_TO_GET_FILES}"
+            f"{_how_to_get_files()}"
         )
     return TextEmbedder(kind, tokenizer, model.to(device), max_length, dtype)
 
@@ -149,11 +151,15 @@ _DTYPE_KWARG = (
     "dtype" if tuple(map(int, version("transformers").split(".")[:2])) >= (4, 56) else "torch_dtype"
 )
 
-_HOW_TO_GET_FILES = (
-    "Point FLUX_TEXT_ENCODERS at a local directory holding text_encoder/, tokenizer/, text_encoder_2/ and "
-    f"tokenizer_2/ (the layout of {TEXT_ENCODER_REPO}), or download them once with `huggingface-cli download "
-    f"{TEXT_ENCODER_REPO} --include 'text_encoder*' 'tokenizer*'`."
-)
+
+def _how_to_get_files() -> str:
+    from flux.loading import hub_command
+
+    download = hub_command(f"download {TEXT_ENCODER_REPO} --include 'text_encoder*' 'tokenizer*'")
+    return (
+        "Point FLUX_TEXT_ENCODERS at a local directory holding text_encoder/, tokenizer/, text_encoder_2/ "
+        f"and tokenizer_2/ (the layout of {TEXT_ENCODER_REPO}), or download them once with `{download}`."
+    )
 
 
 def _local_dir(source: str | Path) -> Path | None:
@@ -164,7 +170,7 @@ def _local_dir(source: str | Path) -> Path | None:
     if isinstance(source, Path) or not _HUB_ID.match(str(source)) or str(source).startswith("."):
         raise UserError(
             f"Text encoder source {str(source)!r} is neither an existing directory nor a hub repo id "
-            f"(org/name). {_HOW_TO_GET_FILES}"
+            f"(org/name). {_how_to_get_files()}"
         )
     return None
 
@@ -188,6 +194,8 @@ def _fetch_failure(what: str, source: str | Path, local: bool, err: BaseExceptio
     """One paragraph: what is missing, where we looked, what to do."""
     from huggingface_hub import utils as hub_utils
 
+    from flux.loading import hub_command
+
     detail = " ".join(str(err).split())
     if len(detail) > 300:
         detail = detail[:297] + "..."
@@ -197,11 +205,11 @@ def _fetch_failure(what: str, source: str | Path, local: bool, err: BaseExceptio
     if gated is not None and isinstance(err, gated):
         message += (
             " The repo is gated: accept its licence on huggingface.co while logged in, then set HF_TOKEN "
-            "to a token of that account (or run `huggingface-cli login`)."
+            f"to a token of that account (or run `{hub_command('login')}`)."
         )
     elif not local:
         message += (
             " If you are offline or HF_HUB_OFFLINE is set, the files must already be in the Hugging Face "
             "cache: unset HF_HUB_OFFLINE and connect, or fetch them beforehand. Private repos need HF_TOKEN."
         )
-    return f"{message} {_HOW_TO_GET_FILES}"
+    return f"{message} {_how_to_get_files()}"

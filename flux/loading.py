@@ -12,6 +12,7 @@ Models are built on the meta device and the checkpoint tensors are loaded straig
 """
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from flux.autoencoder import AutoEncoder
@@ -29,6 +29,18 @@ from flux.errors import UsageError, UserError
 from flux.model import Flux
 
 HUB = "hub"  # a `weights_dir` value that skips the local defaults and goes straight to the hub
+
+
+def hub_command(args: str) -> str:
+    """The shell command that runs huggingface_hub's CLI with `args` ("download ...", "login"): `hf`, which
+    huggingface_hub ships from 0.34 on (newer releases have no `huggingface-cli`), else `huggingface-cli`."""
+    from importlib.metadata import version
+
+    if tuple(int(p) for p in version("huggingface_hub").split(".")[:2]) >= (0, 34):
+        return f"hf {'auth login' if args == 'login' else args}"
+    return f"huggingface-cli {args}"
+
+
 _WITHOUT_HUB_FLAG = " (and leave out --weights_dir hub, which overrides them)"
 _DIFFUSION_PREFIX = "model.diffusion_model."  # ComfyUI-style single files carry this prefix
 _SAFETENSORS_DTYPES = {
@@ -72,7 +84,8 @@ def check_weights_dir(spec: ModelSpec, weights_dir: str | Path | None) -> None:
         how = (
             "made by `flux.tiny.ensure_tiny_repo(FOLDER)`"
             if spec.name == "flux-tiny"
-            else f"e.g. made by `huggingface-cli download {spec.repo_id} --local-dir FOLDER`"
+            else f"e.g. made by `{hub_command(f'download {spec.repo_id} {spec.repo_flow} {spec.repo_ae}')} "
+            "--local-dir FOLDER`"
         )
         raise UsageError(
             f"--weights_dir {str(weights_dir)!r} is not a directory. Pass a folder laid out like the hub "
@@ -106,7 +119,7 @@ def _hub_errors(repo_id: str, filename: str, *, gated: bool, what: str):
         raise UserError(
             f"{repo_id} is a gated repository and this machine has no access to it. Accept the licence at "
             f"https://huggingface.co/{repo_id}, then set HF_TOKEN to a token of that account (or run "
-            "`huggingface-cli login`). Alternatively point FLUX_MODEL and FLUX_AE at local copies of "
+            f"`{hub_command('login')}`). Alternatively point FLUX_MODEL and FLUX_AE at local copies of "
             f"{filename} and ae.safetensors{_WITHOUT_HUB_FLAG}."
         ) from e
     except RepositoryNotFoundError as e:
@@ -124,12 +137,22 @@ def _hub_errors(repo_id: str, filename: str, *, gated: bool, what: str):
             f"Could not reach the hub for {filename} ({what}) from {repo_id}: {e}. Check the network, or "
             f"set FLUX_MODEL / FLUX_AE to local files{_WITHOUT_HUB_FLAG}, or pass a local weights directory."
         ) from e
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise UserError(
+            f"The disk filled up while downloading {filename} ({what}) from {repo_id} into the Hugging Face "
+            f"cache {HF_HUB_CACHE!r} ({e.strerror}). Make room there (the flow transformers are about 24 GB "
+            "each), or point HF_HUB_CACHE (or HF_HOME) at a disk with space."
+        ) from e
 
 
 def _not_cached(repo_id: str, filename: str, what: str, why: str) -> UserError:
     return UserError(
         f"{filename} ({what}) from {repo_id} is not in the Hugging Face cache and {why}. Download it once "
-        f"with network access (`huggingface-cli download {repo_id} {filename}`), or set FLUX_MODEL / "
+        f"with network access (`{hub_command(f'download {repo_id} {filename}')}`), or set FLUX_MODEL / "
         f"FLUX_AE to local files{_WITHOUT_HUB_FLAG}, or pass a local weights directory."
     )
 
@@ -195,22 +218,89 @@ def text_encoder_source(spec: ModelSpec, weights_dir: str | Path | None = None) 
         return local
     explicit = os.environ.get("FLUX_TEXT_ENCODERS") if weights_dir != HUB else None
     if explicit:
+        if not Path(explicit).expanduser().is_dir():
+            raise UserError(
+                f"FLUX_TEXT_ENCODERS points at {explicit!r}, which is not a directory. Point it at a folder "
+                "holding text_encoder/, tokenizer/, text_encoder_2/ and tokenizer_2/, or unset it (T5 and "
+                f"CLIP then come from {spec.text_repo_id} on the hub)."
+            )
         return Path(explicit).expanduser()
     return local if has_encoders else spec.text_repo_id
 
 
-def read_state_dict(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, loaded straight to `device`."""
+_FLOAT8 = ("F8_E4M3", "F8_E5M2", "F8_E4M3FN", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0")
+_MAGIC = {  # the first bytes of files that are often mistaken for a safetensors checkpoint
+    b"PK\x03\x04": "a PyTorch .pt/.ckpt file (a zip archive)",
+    b"GGUF": "a GGUF file (a quantised checkpoint for llama.cpp-style runtimes)",
+    b"\x80": "a pickle file",
+    b"<": "an HTML page (a failed download?)",
+}
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """{key: {"dtype", "shape", "data_offsets"}} of a local safetensors file, from its header alone: keys,
+    shapes and dtypes are checked before gigabytes are read onto a GPU. A UserError says what the file
+    is when it is not a safetensors file, and when it is shorter than its header says (a cut download)."""
+    path = Path(path)
     try:
-        sd = load_file(str(path), device=str(device))
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            body = f.read(length) if 2 <= length <= min(_MAX_HEADER_BYTES, size - 8) else b""
+    except OSError as e:
+        raise UserError(f"Could not read {str(path)!r}: {e.strerror or e}.") from e
+    try:
+        header = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        kind = next((what for magic, what in _MAGIC.items() if head.startswith(magic)), None)
+        raise UserError(
+            f"{str(path)!r} is {kind or 'not a safetensors file, or one whose header is corrupt'}. This tool "
+            "loads the published .safetensors checkpoints in Black Forest Labs' layout (e.g. "
+            "flux1-schnell.safetensors and ae.safetensors)"
+            + (": download the file again." if kind is None or kind.startswith("an HTML") else ".")
+        )
+    header.pop("__metadata__", None)
+    try:
+        end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise UserError(f"{str(path)!r} has a malformed safetensors header ({e!r}).") from e
+    if 8 + length + end > size:
+        raise UserError(
+            f"{str(path)!r} is truncated: its header describes {8 + length + end:,} bytes, the file has "
+            f"{size:,}. The download was cut short: delete it and download it again (a file in the Hugging "
+            "Face cache: download it again with --force-download)."
+        )
+    return header
+
+
+def _strip_prefix(keys) -> dict[str, str]:
+    """{name: key in the file}, without a ComfyUI prefix that every key carries."""
+    keys = list(keys)
+    if keys and all(k.startswith(_DIFFUSION_PREFIX) for k in keys):
+        return {k.removeprefix(_DIFFUSION_PREFIX): k for k in keys}
+    return {k: k for k in keys}
+
+
+def read_state_dict(
+    path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, read one at a time straight to `device` and converted there to
+    `dtype` (None: as stored), so a conversion never holds two copies of the whole file."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            sd = {}
+            for name, key in _strip_prefix(f.keys()).items():
+                tensor = f.get_tensor(key)
+                sd[name] = tensor if dtype is None else tensor.to(dtype)
+            return sd
     except (SafetensorError, OSError) as e:
         raise UserError(
             f"Could not read {str(path)!r} as safetensors ({e}). The file is corrupt or truncated: "
             "delete it and download it again."
         ) from e
-    if sd and all(k.startswith(_DIFFUSION_PREFIX) for k in sd):
-        sd = {k.removeprefix(_DIFFUSION_PREFIX): v for k, v in sd.items()}
-    return sd
 
 
 def _matching(keys, prefix: str) -> dict[str, str]:
@@ -297,7 +387,7 @@ def fetch_hub_tensors(
         except _RangeRefused as e:
             raise UserError(
                 f"The server for {where} did not answer a range request as asked ({e}). Download the file "
-                f"instead (`huggingface-cli download {repo_id} {filename}`) and set FLUX_MODEL to it."
+                f"instead (`{hub_command(f'download {repo_id} {filename}')}`) and set FLUX_MODEL to it."
             ) from None
 
     with _hub_errors(repo_id, filename, gated=gated, what=what):
@@ -367,12 +457,31 @@ def read_flow_tensors(
     return tensors, f"{spec.repo_id}/{spec.repo_flow}"
 
 
-def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, what: str) -> None:
-    """Raise a UserError naming missing, unexpected and mis-shaped keys, if any."""
+def _kind_of(names) -> str | None:
+    """What a checkpoint with these tensor names looks like, when it is a file often given by mistake."""
+    names = list(names)
+    if any(n.startswith(("transformer_blocks.", "x_embedder.", "single_transformer_blocks.")) for n in names):
+        return (
+            "a diffusers-format transformer (renamed keys); this tool reads Black Forest Labs' single file "
+            "(flux1-*.safetensors, at the top of the model's hub repo)"
+        )
+    if any(n.startswith(("vae.", "first_stage_model.", "text_encoders.", "conditioner.")) for n in names):
+        return "an all-in-one checkpoint (flow, VAE and text encoders in one file); pass the flow model alone"
+    if names and all(n.startswith(("encoder.", "decoder.")) for n in names):
+        return "the autoencoder (ae.safetensors)"
+    if any(n.startswith("double_blocks.") for n in names):
+        return "a flow transformer (flux1-*.safetensors)"
+    return None
+
+
+def check_state_dict(model: nn.Module, shapes: dict[str, tuple], path: Path, what: str) -> None:
+    """Raise a UserError naming missing, unexpected and mis-shaped keys, if any. `shapes` maps each name in
+    the file to its shape."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(sd) if tuple(sd[k].shape) != expected[k])
+    shapes = {k: tuple(v) for k, v in shapes.items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(shapes) if shapes[k] != expected[k])
     if not (missing or unexpected or wrong):
         return
 
@@ -385,23 +494,44 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, 
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected ({few(unexpected)})")
     if wrong:
-        shapes = [f"{k} {tuple(sd[k].shape)} != {expected[k]}" for k in wrong]
-        problems.append(f"{len(wrong)} with the wrong shape ({few(shapes)})")
+        mismatches = [f"{k} {shapes[k]} != {expected[k]}" for k in wrong]
+        problems.append(f"{len(wrong)} with the wrong shape ({few(mismatches)})")
+    kind = _kind_of(shapes) if len(missing) > len(expected) // 2 else None
     raise UserError(
-        f"{str(path)!r} does not match the {what}: {'; '.join(problems)} keys. Check that the file is the "
-        "right one for this --model (schnell has no guidance_in; dev and Krea do)."
+        f"{str(path)!r} does not match the {what}: {'; '.join(problems)} keys. "
+        + (f"It looks like {kind}." if kind else "Check that the file is the right one for this --model")
+        + ("" if kind else " (schnell has no guidance_in; dev and Krea do).")
     )
 
 
-def load_checkpoint(model_factory, path: Path, device, dtype: torch.dtype | None, what: str) -> nn.Module:
-    """Build a module on meta, then load `path` into it strictly, tensors landing on `device` in `dtype`."""
+def check_checkpoint(model_factory, path: Path, what: str) -> None:
+    """Check a checkpoint's header against the module `model_factory` builds (on meta): every key and shape,
+    and dtypes that hold the published weights (bf16, fp16, fp32), in milliseconds, reading no tensor."""
     with torch.device("meta"):
         model = model_factory()
-    sd = read_state_dict(path, device)
-    check_state_dict(model, sd, path, what)
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
+    header = read_header(path)
+    names = _strip_prefix(header)
+    check_state_dict(model, {name: header[key]["shape"] for name, key in names.items()}, path, what)
+    dtypes = {header[key]["dtype"] for key in names.values()}
+    if odd := sorted(dtypes - set(_SAFETENSORS_DTYPES)):
+        why = (
+            "a quantised copy, whose activations differ from the published model's"
+            if set(odd) <= set(_FLOAT8)
+            else "not weights this tool can run"
+        )
+        raise UserError(
+            f"{str(path)!r} holds {', '.join(odd)} tensors: {why}. Use the published checkpoint of the "
+            f"{what} (bf16)."
+        )
+
+
+def load_checkpoint(model_factory, path: Path, device, dtype: torch.dtype | None, what: str) -> nn.Module:
+    """Build a module on meta, check the file's header against it, then load it strictly, tensors landing
+    on `device` in `dtype` (None: as stored)."""
+    check_checkpoint(model_factory, path, what)
+    with torch.device("meta"):
+        model = model_factory()
+    model.load_state_dict(read_state_dict(path, device, dtype), strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
@@ -410,10 +540,16 @@ def load_flow_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     weights_dir: str | Path | None = None,
+    path: Path | None = None,
 ) -> Flux:
-    """The flow transformer of `spec` with its published weights, on `device` in `dtype`."""
-    path = resolve_flow_path(spec, weights_dir)
-    return load_checkpoint(lambda: Flux(spec.params), path, device, dtype, f"{spec.name} flow transformer")
+    """The flow transformer of `spec` with its published weights, on `device` in `dtype` (from `path`, a file
+    `resolve_flow_path` gave, when given)."""
+    path = path or resolve_flow_path(spec, weights_dir)
+    return load_checkpoint(lambda: Flux(spec.params), path, device, dtype, flow_what(spec))
+
+
+def flow_what(spec: ModelSpec) -> str:
+    return f"{spec.name} flow transformer"
 
 
 def load_ae(
@@ -421,10 +557,15 @@ def load_ae(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     weights_dir: str | Path | None = None,
+    path: Path | None = None,
 ) -> AutoEncoder:
-    """The autoencoder of `spec`; by default in the checkpoint's own dtype (float32 for FLUX.1)."""
-    path = resolve_ae_path(spec, weights_dir)
-    return load_checkpoint(lambda: AutoEncoder(spec.ae_params), path, device, dtype, "FLUX autoencoder")
+    """The autoencoder of `spec`; by default in the checkpoint's own dtype (float32 for FLUX.1). From `path`,
+    a file `resolve_ae_path` gave, when given."""
+    path = path or resolve_ae_path(spec, weights_dir)
+    return load_checkpoint(lambda: AutoEncoder(spec.ae_params), path, device, dtype, AE_WHAT)
+
+
+AE_WHAT = "FLUX autoencoder"
 
 
 @contextlib.contextmanager
@@ -467,4 +608,14 @@ def load_text_encoders(
     clip = load_text_embedder(
         "clip", source, "text_encoder", "tokenizer", spec.clip_max_length, device=device, dtype=dtype
     )
+    for embedder, width, wanted in (
+        (t5, t5.model.config.d_model, spec.params.context_in_dim),
+        (clip, clip.model.config.hidden_size, spec.params.vec_in_dim),
+    ):
+        if width != wanted:
+            raise UserError(
+                f"The {embedder.kind.upper()} text encoder in {source} gives vectors of {width}, but "
+                f"{spec.name} reads {wanted}: these are another model's encoders. Point FLUX_TEXT_ENCODERS "
+                f"at the folders of {spec.text_repo_id}, or unset it."
+            )
     return t5, clip

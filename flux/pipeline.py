@@ -26,7 +26,18 @@ from flux.autoencoder import AutoEncoder
 from flux.capture import BlockCapture, CapturePlan, HostBufferPool, host_nbytes
 from flux.configs import ModelSpec, get_spec
 from flux.errors import UsageError
-from flux.loading import library_progress_bars, load_ae, load_flow_model, load_text_encoders
+from flux.loading import (
+    AE_WHAT,
+    check_checkpoint,
+    flow_what,
+    library_progress_bars,
+    load_ae,
+    load_flow_model,
+    load_text_encoders,
+    resolve_ae_path,
+    resolve_flow_path,
+    text_encoder_source,
+)
 from flux.model import Flux, FluxParams
 from flux.options import (
     DECODE_TARGETS,
@@ -80,6 +91,7 @@ class Models:
     dtype: torch.dtype
     offload: bool = False
     decoder_stranded: bool = False  # the final decode's fallback left the VAE decoder on the CPU
+    weights: dict[str, str] = field(default_factory=dict)  # where each model's weights came from
 
     def encode_prompt(self, prompt: str) -> tuple[Tensor, Tensor]:
         """(T5 tokens (1, T, 4096), CLIP pooled (1, 768)) on the device, in the model dtype."""
@@ -206,10 +218,20 @@ def load_models(
     dtype = compute_dtype(spec)
     home = torch.device("cpu") if offload else device
     with library_progress_bars(progress):
+        # The flow model and AE files first, each checked from its header: a gated repo, a missing or a
+        # wrong file is reported before the 10 GB of text encoders is fetched and loaded.
+        flow_path, ae_path = resolve_flow_path(spec, weights_dir), resolve_ae_path(spec, weights_dir)
+        check_checkpoint(lambda: Flux(spec.params), flow_path, flow_what(spec))
+        check_checkpoint(lambda: AutoEncoder(spec.ae_params), ae_path, AE_WHAT)
         t5, clip = load_text_encoders(spec, home, dtype, weights_dir)
-        flow = load_flow_model(spec, home, dtype, weights_dir)
-        ae = load_ae(spec, home, weights_dir=weights_dir)
-    return Models(spec, flow, ae, t5, clip, device, dtype, offload)
+        flow = load_flow_model(spec, home, dtype, path=flow_path)
+        ae = load_ae(spec, home, path=ae_path)
+    weights = {
+        "flow": str(flow_path),
+        "ae": str(ae_path),
+        "text_encoders": str(text_encoder_source(spec, weights_dir)),
+    }
+    return Models(spec, flow, ae, t5, clip, device, dtype, offload, weights=weights)
 
 
 def buffers_while_loading(opts: RunOptions) -> Future | None:
@@ -671,6 +693,7 @@ def run_metadata(
         "device": str(device),
         "device_name": device_name(device),
         "versions": package_versions(),
+        "weights": models.weights,  # the files or repos loaded: FLUX_MODEL and friends are not flags
         "flags": {k: v for k, v in asdict(opts).items() if k != "warnings"},
         "txt_seq_len": txt_len,
         "img_seq_len": img_len,

@@ -879,3 +879,16 @@ def test_replay_step_none_is_the_default(tiny_run, tmp_path):
     argv = ["replay", pt, "--step", "None", "--output_dir", str(tmp_path), "--progress", "False"]
     assert capture_sample.run(argv) == 0
     assert json.loads((tmp_path / "replay_0.json").read_text())["replayed_steps"] == [0, 3]  # all 4
+
+
+def test_metadata_names_the_weights_it_loaded(tiny_run):
+    """FLUX_MODEL and friends are not flags: the files they chose are recorded beside the flags."""
+    from flux.tiny import ensure_tiny_repo
+
+    repo = ensure_tiny_repo()
+    data = json.loads(_only(tiny_run / "intermediates", "metadata_*.json").read_text())
+    assert data["weights"] == {
+        "flow": str(repo / "flux1-tiny.safetensors"),
+        "ae": str(repo / "ae.safetensors"),
+        "text_encoders": str(repo),
+    }

@@ -1,6 +1,7 @@
 """Text embedders on the flux-tiny encoders: shapes, padding, truncation, CLIP pooling, error messages."""
 
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -126,6 +127,17 @@ def test_empty_model_folder_is_a_user_error(tmp_path, repo):
         load_text_embedder("t5", tmp_path, "text_encoder_2", "tokenizer_2", 8, "cpu", torch.float32)
 
 
+def test_a_cut_weights_shard_is_a_user_error(tmp_path, repo):
+    (tmp_path / "tokenizer_2").symlink_to(repo / "tokenizer_2")
+    shutil.copytree(repo / "text_encoder_2", tmp_path / "text_encoder_2")
+    shard = tmp_path / "text_encoder_2" / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])  # a download cut short
+    with pytest.raises(
+        UserError, match=r"Could not load the T5 text encoder from the local directory .*Safet"
+    ):
+        load_text_embedder("t5", tmp_path, "text_encoder_2", "tokenizer_2", 8, "cpu", torch.float32)
+
+
 def test_nonexistent_path_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="neither an existing directory nor a hub repo id"):
         load_text_embedder("t5", tmp_path / "nope", "text_encoder_2", "tokenizer_2", 8, "cpu", torch.float32)
@@ -180,7 +192,8 @@ def test_hub_errors_become_user_errors(monkeypatch, error_name):
             "clip", "black-forest-labs/FLUX.1-schnell", "text_encoder", "tokenizer", 77, "cpu", None
         )
     message = str(info.value)
-    assert "huggingface-cli download black-forest-labs/FLUX.1-schnell" in message
+    download = message.split("download them once with `")[1].split(" ")
+    assert download[0] == command_name() and download[2] == "black-forest-labs/FLUX.1-schnell"
     if error_name == "GatedRepoError":
         assert "HF_TOKEN" in message and "licence" in message
 
@@ -211,3 +224,21 @@ def test_checkpoint_missing_weights_is_a_user_error(repo, tmp_path):
     save_file(state, tmp_path / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(UserError, match=r"lacks 1 weights.*final_layer_norm\.weight"):
         load_text_embedder("clip", tmp_path, "text_encoder", "tokenizer", 77, "cpu", torch.float32)
+
+
+def command_name() -> str:
+    """huggingface_hub's command, as installed beside this Python (its version decides the name)."""
+    from importlib.metadata import distribution
+
+    scripts = {e.name for e in distribution("huggingface_hub").entry_points if e.group == "console_scripts"}
+    return "hf" if "hf" in scripts else "huggingface-cli"
+
+
+def test_the_commands_errors_name_are_installed():
+    """Every "run this" in an error names the command that this huggingface_hub installs: 1.x has no
+    `huggingface-cli`, and 0.25 (the lowest allowed) no `hf`."""
+    from flux.loading import hub_command
+
+    assert hub_command("login").split()[0] == hub_command("download x").split()[0] == command_name()
+    assert Path(sys.executable).with_name(command_name()).is_file()
+    assert hub_command("login") == ("hf auth login" if command_name() == "hf" else "huggingface-cli login")

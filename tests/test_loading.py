@@ -1,6 +1,8 @@
 """Weight resolution and strict loading: local files, the HF cache offline, and errors that say what to do."""
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -117,7 +119,8 @@ def test_truncated_checkpoint_gives_clear_error(tiny_repo, tmp_path):
     folder.mkdir()
     data = (tiny_repo / TINY.repo_flow).read_bytes()
     (folder / TINY.repo_flow).write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="corrupt or truncated"):
+    with pytest.raises(UserError, match=f"is truncated: its header describes {len(data):,} bytes, the file "
+                       f"has {len(data) // 2:,}"):  # fmt: skip
         load_flow_model(TINY, "cpu", torch.float32, weights_dir=folder)
 
 
@@ -215,3 +218,136 @@ def test_progress_false_silences_library_bars_and_puts_the_switches_back(tiny_re
         assert switches() == (True, False)
     finally:
         enable_progress_bars()
+
+
+# ------------------------------------------------------------------------- files given by mistake
+def _tiny_file(tiny_repo: Path, tmp_path: Path, name: str, edit) -> Path:
+    sd = load_file(tiny_repo / TINY.repo_flow)
+    sd = edit(sd) or sd
+    save_file(sd, tmp_path / name)
+    return tmp_path / name
+
+
+def test_wrong_files_are_refused_from_their_header_before_the_text_encoders_load(
+    tiny_repo, tmp_path, monkeypatch
+):
+    """A wrong FLUX_MODEL or FLUX_AE is named (what it is, not only its key counts) before T5 and CLIP,
+    10 GB for the published models, are fetched or loaded, and before any tensor is read."""
+    import flux.loading
+    import flux.pipeline
+
+    monkeypatch.setattr(flux.pipeline, "load_text_encoders", lambda *a, **k: pytest.fail("T5 loaded first"))
+    monkeypatch.setattr(flux.loading, "read_state_dict", lambda *a, **k: pytest.fail("tensors read"))
+    monkeypatch.setenv("FLUX_TINY_DIR", str(tiny_repo))
+    monkeypatch.setenv("FLUX_MODEL", str(tiny_repo / TINY.repo_ae))  # the AE given as the flow model
+    with pytest.raises(UserError, match=r"flux1-tiny flow transformer|It looks like the autoencoder"):
+        flux.pipeline.load_models(TINY, "cpu")
+    with pytest.raises(UserError, match=r"It looks like the autoencoder \(ae\.safetensors\)\.$"):
+        flux.pipeline.load_models(TINY, "cpu")
+    monkeypatch.delenv("FLUX_MODEL")
+    monkeypatch.setenv("FLUX_AE", str(tiny_repo / TINY.repo_flow))  # and the reverse
+    with pytest.raises(UserError, match=r"FLUX autoencoder: .* It looks like a flow transformer"):
+        flux.pipeline.load_models(TINY, "cpu")
+    monkeypatch.delenv("FLUX_AE")
+
+    def diffusers_names(sd):
+        return {k.replace("double_blocks.", "transformer_blocks."): v for k, v in sd.items()}
+
+    monkeypatch.setenv(
+        "FLUX_MODEL", str(_tiny_file(tiny_repo, tmp_path, "diffusers.safetensors", diffusers_names))
+    )
+    with pytest.raises(UserError, match="It looks like a diffusers-format transformer"):
+        flux.pipeline.load_models(TINY, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        (b"PK\x03\x04" + bytes(100), "is a PyTorch .pt/.ckpt file"),
+        (b"GGUF" + bytes(100), "is a GGUF file"),
+        (b"<!DOCTYPE html><html>" + bytes(100), "is an HTML page"),
+        (b"", "is not a safetensors file"),
+    ],
+)
+def test_files_that_are_not_safetensors_are_named(content, named, tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=named):
+        load_flow_model(TINY, "cpu", torch.float32, path=path)
+
+
+def test_pickled_checkpoint_is_named(tiny_repo, tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(load_file(tiny_repo / TINY.repo_flow), path)
+    with pytest.raises(UserError, match=r"is a PyTorch \.pt/\.ckpt file"):
+        load_flow_model(TINY, "cpu", torch.float32, path=path)
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("F8_E4M3", "holds F8_E4M3 tensors: a quantised copy"),
+        ("I8", "holds I8 tensors: not weights this tool can run"),
+        ("U8", "holds U8 tensors"),
+    ],
+)
+def test_checkpoints_in_other_dtypes_are_refused(name, why, tiny_repo, tmp_path):
+    path = _tiny_file(
+        tiny_repo, tmp_path, "q.safetensors", lambda sd: {k: v.to(torch.uint8) for k, v in sd.items()}
+    )
+    # One-byte tensors tagged with the dtype by hand: safetensors 0.4 cannot write float8 itself.
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    for key, info in header.items():
+        if key != "__metadata__":
+            info["dtype"] = name
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
+    with pytest.raises(UserError, match=why):
+        load_flow_model(TINY, "cpu", torch.float32, path=path)
+
+
+def test_a_float32_checkpoint_loads_converted_to_bf16(tiny_repo, tmp_path):
+    path = tiny_repo / TINY.repo_flow  # flux-tiny's own file is float32
+    model = load_flow_model(TINY, "cpu", torch.bfloat16, path=path)
+    on_disk = load_file(path)
+    assert all(v.dtype == torch.float32 for v in on_disk.values())
+    state = model.state_dict()
+    assert all(
+        state[k].dtype == torch.bfloat16 and torch.equal(state[k], v.to(torch.bfloat16))
+        for k, v in on_disk.items()
+    )
+
+
+def test_text_encoders_of_another_width_are_refused(tiny_repo):
+    import dataclasses
+
+    from flux.loading import load_text_encoders
+
+    wider = dataclasses.replace(TINY, params=dataclasses.replace(TINY.params, context_in_dim=48))
+    with pytest.raises(UserError, match=r"T5 text encoder in .* gives vectors of 32, but flux-tiny reads 48"):
+        load_text_encoders(wider, "cpu", torch.float32, weights_dir=tiny_repo)
+
+
+def test_flux_text_encoders_must_be_a_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLUX_TEXT_ENCODERS", "black-forest-labs/FLUX.1-schnell")
+    repo = "black-forest-labs/FLUX.1-schnell"
+    with pytest.raises(UserError, match=re.escape(f"FLUX_TEXT_ENCODERS points at {repo!r}, which is not a")):
+        text_encoder_source(TINY)
+
+
+def test_a_full_disk_while_downloading_says_where_to_make_room(monkeypatch):
+    import errno
+
+    import huggingface_hub
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", full)
+    with pytest.raises(
+        UserError, match=r"The disk filled up while downloading flux1-schnell\.safetensors .*HF_HOME"
+    ):
+        resolve_flow_path(CONFIGS["flux-schnell"])
