@@ -328,6 +328,15 @@ def checked(command, name: str):
     return call
 
 
+def help_text(command, name: str) -> str:
+    """Fire's help screen for `command`, for stdout (Fire writes it to stderr, where `--help | less` misses
+    it), without offering `-h` for --height: `-h` means help."""
+    from fire import helptext, trace
+
+    text = helptext.HelpText(checked(command, name), trace=trace.FireTrace(command, name=name))
+    return text.replace("-h, --height", "--height")
+
+
 def run(argv: list[str] | None = None) -> int:
     """Entry point: dispatch subcommands, turn user errors into one paragraph and an exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -348,7 +357,8 @@ def run(argv: list[str] | None = None) -> int:
         # Help is help wherever it stands: Fire would first call the command with the other flags (a whole
         # run). A text flag's value arrives quoted, so `--prompt=--help` and `--prompt -h` stay prompts.
         if any(arg == "--help" or arg.startswith("--help=") for arg in args):
-            args = ["--", "--help"]
+            print(help_text(command, name))
+            return 0
         check_flags(command, args, name)
         fire.Fire(checked(command, name), args, name=name)
     except UserError as e:

@@ -11,6 +11,7 @@ capture.
 import queue
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,21 @@ def _parse_ranges(text: str, upper: int, flag: str, what: str) -> list[int]:
             raise UsageError(f"--{flag}: {part!r} is out of range: {what} go from 0 to {upper - 1}.")
         picked.update(range(start, stop + 1, stride))
     return sorted(picked)
+
+
+def format_steps(steps: Sequence[int] | None) -> str:
+    """(0, 1, 2, 5) -> '0-2,5'; None -> 'all'."""
+    if steps is None:
+        return "all"
+    parts, run = [], []
+    for k in sorted(steps):
+        if run and k != run[-1] + 1:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(k)
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flux.capture import CONTEXT_KEYS, BlockCapture, CapturePlan, HookSet, HostBufferPool
+from flux.capture import CONTEXT_KEYS, BlockCapture, CapturePlan, HookSet, HostBufferPool, format_steps
 from flux.decode import LensKey, as_indices, block_tokens, to_device
 from flux.errors import UsageError, UserError
 from flux.model import Flux
@@ -124,6 +124,8 @@ class Intervention:
             from flux.store import load_capture
 
             object.__setattr__(self, "source", load_capture(self.source))
+        if isinstance(self.direction, (str, Path)):
+            object.__setattr__(self, "direction", load_direction(self.direction))
 
     @property
     def spec(self) -> str:
@@ -180,21 +182,6 @@ class Intervention:
 
     def blocks_of(self, model: Flux):
         return model.double_blocks if self.stream == "double" else model.single_blocks
-
-
-def format_steps(steps: Sequence[int] | None) -> str:
-    """(0, 1, 2, 5) -> '0-2,5'; None -> 'all'."""
-    if steps is None:
-        return "all"
-    parts, run = [], []
-    for k in sorted(steps):
-        if run and k != run[-1] + 1:
-            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-            run = []
-        run.append(k)
-    if run:
-        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(parts)
 
 
 def parse_steps(
@@ -313,6 +300,40 @@ def check_patch_source(
     streams = meta.get("streams", "both")
     if streams != "both" and iv.tokens != streams:
         raise UserError(f"{iv.spec}: the source capture kept only {streams} tokens (--streams {streams}).")
+
+
+def load_direction(path: str | None) -> Tensor | None:
+    """A direction tensor from a .pt file (a tensor, or a dict with one) or a .safetensors with one tensor."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(
+            f"--direction {path!r} is not a file. Save the direction with torch.save(tensor, path)."
+        )
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(p))
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        # torch's own text would suggest weights_only=False, i.e. running whatever code the file holds
+        why = "it holds pickled Python objects, not only tensors" if "weights_only" in str(e) else str(e)
+        raise UsageError(
+            f"--direction {path!r} is not a readable tensor file ({type(e).__name__}: "
+            f"{why.splitlines()[0][:200]}). Save the direction with torch.save(tensor, path) or safetensors' "
+            "save_file."
+        ) from e
+    if isinstance(obj, dict):
+        tensors = [v for v in obj.values() if isinstance(v, Tensor)]
+        if len(tensors) != 1:
+            raise UsageError(f"--direction {path!r} holds {len(tensors)} tensors; save exactly one.")
+        obj = tensors[0]
+    if not isinstance(obj, Tensor):
+        raise UsageError(f"--direction {path!r} holds a {type(obj).__name__}, not a tensor.")
+    return obj.float()
 
 
 # ----------------------------------------------------------------------------------------- hooks

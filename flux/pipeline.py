@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flux.autoencoder import AutoEncoder
-from flux.capture import BlockCapture, CapturePlan, HostBufferPool, host_nbytes
+from flux.capture import BlockCapture, CapturePlan, HostBufferPool, format_steps, host_nbytes
 from flux.configs import ModelSpec, get_spec
 from flux.errors import UsageError
 from flux.loading import (
@@ -727,7 +727,9 @@ def _report_interrupted(
         return
     if isinstance(session.sink, SafetensorsSink):
         print(
-            f"\n{why}: steps {saved} are saved in {session.path} (index marked incomplete).", file=sys.stderr
+            f"\n{why}: steps {format_steps(saved) if saved else 'none'} are saved in {session.path} (index "
+            "marked incomplete).",
+            file=sys.stderr,
         )
     else:
         print(f"\n{why}: a .pt capture is written only at the end, so none was saved.", file=sys.stderr)

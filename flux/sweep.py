@@ -32,6 +32,7 @@ from flux.interventions import (
     check_steps_replayed,
     default_tokens,
     format_steps,
+    load_direction,
     parse_interventions,
     parse_steps,
     replay,
@@ -254,40 +255,6 @@ def contact_sheet(
 
 
 # -------------------------------------------------------------------------------------- commands
-def load_direction(path: str | None) -> Tensor | None:
-    """A direction tensor from a .pt file (a tensor, or a dict with one) or a .safetensors with one tensor."""
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(
-            f"--direction {path!r} is not a file. Save the direction with torch.save(tensor, path)."
-        )
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(p))
-        else:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        # torch's own text would suggest weights_only=False, i.e. running whatever code the file holds
-        why = "it holds pickled Python objects, not only tensors" if "weights_only" in str(e) else str(e)
-        raise UsageError(
-            f"--direction {path!r} is not a readable tensor file ({type(e).__name__}: "
-            f"{why.splitlines()[0][:200]}). Save the direction with torch.save(tensor, path) or safetensors' "
-            "save_file."
-        ) from e
-    if isinstance(obj, dict):
-        tensors = [v for v in obj.values() if isinstance(v, Tensor)]
-        if len(tensors) != 1:
-            raise UsageError(f"--direction {path!r} holds {len(tensors)} tensors; save exactly one.")
-        obj = tensors[0]
-    if not isinstance(obj, Tensor):
-        raise UsageError(f"--direction {path!r} holds a {type(obj).__name__}, not a tensor.")
-    return obj.float()
-
-
 def _open(path: str, device: str | None):
     """The capture, its model spec, and the device and dtype to replay in; checks all, loads no model."""
     from flux.configs import get_spec
@@ -304,6 +271,14 @@ def _open(path: str, device: str | None):
         raise UserError(f"{path!r} does not name a known model in its metadata ({e}).") from e
     if "final_latent" not in capture["denoising_context"]:
         raise UserError(f"{path!r} is an interrupted capture (no final latent); replay needs a complete one.")
+    if meta.get("interventions"):
+        print(
+            "note: this capture was made by a replay with interventions "
+            f"({'; '.join(meta['interventions'])}), which are not applied again: an unmodified replay of it "
+            "reproduces the run it was replayed from, not this capture. Pass them again with --intervention "
+            "to build on them.",
+            file=sys.stderr,
+        )
     dtype = compute_dtype(spec)
     dtype_name, here = str(dtype).removeprefix("torch."), device_name(device)
     ran_on = meta.get("device_name", here)  # captures made before device_name was recorded: unknown
@@ -739,6 +714,11 @@ def replay_command(
             "image": str(image_path), "image_sha256": file_sha256(image_path), "capture": str(capture_path)
         }  # fmt: skip
         result.capture["metadata"]["format"] = "pt"
+        result.capture["metadata"]["replayed_from"] = {
+            "capture": str(Path(path).resolve()),
+            "source": record_meta["source"],
+            "direction": record_meta["direction"],
+        }
         atomic_write(capture_path, lambda tmp: torch_save(result.capture, tmp))
         record_meta["capture_file"] = str(capture_path)
         print(f"Capture:  {capture_path}")

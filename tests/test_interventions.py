@@ -760,7 +760,7 @@ def test_sweep_usage_errors(captures):
         sweep_command(str(path), "delete")
 
 
-def test_replay_command_records_its_interventions(captures, tmp_path):
+def test_replay_command_records_its_interventions(captures, tmp_path, capsys):
     (path, cap), _ = captures
     replay_command(str(path), intervention="skip:single:1@0-1", output_dir=str(tmp_path), save_capture=True,
                    device="cpu")  # fmt: skip
@@ -772,8 +772,19 @@ def test_replay_command_records_its_interventions(captures, tmp_path):
     saved = load_capture(tmp_path / "replay_0.pt")
     assert saved["metadata"]["interventions"] == ["skip:single:1@0-1"]
     assert torch.equal(saved["double_blocks"]["block_1"][0][0], _stored(cap, "double", 1, 0)[0])
+    assert saved["metadata"]["replayed_from"] == {
+        "capture": str(path.resolve()),
+        "source": None,
+        "direction": None,
+    }
     replay_command(str(path), output_dir=str(tmp_path), device="cpu")
     assert json.loads((tmp_path / "replay_1.json").read_text())["vs_stored_final"]["mse"] == 0.0
+    capsys.readouterr()
+    # A replay of the recorded capture starts from the same stored noise without the skip: the first run.
+    replay_command(str(tmp_path / "replay_0.pt"), output_dir=str(tmp_path / "again"), device="cpu")
+    assert "made by a replay with interventions (skip:single:1@0-1), which are not applied again" in (
+        capsys.readouterr().err
+    )
 
 
 def _pixels(path):
@@ -1008,3 +1019,14 @@ def test_replaying_on_another_machine_says_it_may_differ(captures, tmp_path, cap
     assert f"ran on cpu (another machine) in float32; replaying on cpu ({platform.machine()})" in (
         capsys.readouterr().err
     )
+
+
+def test_a_direction_may_be_given_as_a_path_as_a_source_may(flow, captures, tmp_path):
+    (_, cap), _ = captures
+    direction = torch.linspace(-1, 1, flow.hidden_size)
+    torch.save(direction, tmp_path / "d.pt")
+    by_path = Intervention("add", "double", 1, (0,), scale=2.0, direction=str(tmp_path / "d.pt"))
+    assert torch.equal(by_path.direction, direction)
+    by_tensor = Intervention("add", "double", 1, (0,), scale=2.0, direction=direction)
+    assert torch.equal(replay(flow, cap, interventions=[by_path]).latent,
+                       replay(flow, cap, interventions=[by_tensor]).latent)  # fmt: skip

@@ -500,7 +500,7 @@ def test_full_disk_during_each_kind_of_write(kind, models, earlier, tmp_path, mo
         capture = load_capture(folder)
         assert capture["metadata"]["complete"] is False and capture["metadata"]["steps_done"] == [0]
         assert capture["single_blocks"]["block_0"][0].shape == (1, 44, 64)
-        assert f"Stopped by an error (UserError): steps [0] are saved in {folder}" in printed
+        assert f"Stopped by an error (UserError): steps 0 are saved in {folder}" in printed
 
 
 def test_an_interrupt_during_the_lens_waits_for_the_pt_written_beside_it(
@@ -544,7 +544,7 @@ def test_full_disk_in_the_writer_thread_is_one_paragraph_from_the_cli(tmp_path, 
     line = error_line(captured.err)
     assert "is full" in line and repr(str(directory)) in line and "is needed" in line
     assert "Interrupted" not in captured.out + captured.err
-    assert f"Stopped by an error (UserError): steps [0] are saved in {directory}" in captured.err
+    assert f"Stopped by an error (UserError): steps 0 are saved in {directory}" in captured.err
     assert json.loads((directory / "index.json").read_text())["complete"] is False
     assert leftovers(out) == []
 
