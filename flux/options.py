@@ -160,10 +160,18 @@ class RunOptions:
             # power-of-two sizes, up to twice what they hold.
             on_gpu = torch.device(self.device).type == "cuda"
             held = self.estimated_capture_bytes(pinned=on_gpu)
-            available = available_host_memory()
+            available = free = available_host_memory()
             if available is not None and (not on_gpu or self.offload):
                 available -= model_host_bytes(self.spec)  # the models will live in host memory too
-            # (If the models alone do not fit, loading them fails with its own message; nothing to add here.)
+                if available <= 0:
+                    # Their weights are mapped from the checkpoint files, which the system can page in and
+                    # out (slowly); what the capture adds cannot be judged against nothing.
+                    self.warnings.append(
+                        f"warning: the models take {model_host_bytes(self.spec) / 1e9:.1f} GB in host memory "
+                        f"and {free / 1e9:.1f} GB is available, so the system will page their weights in and "
+                        f"out of their files (slow), and the .pt capture's {held / 1e9:.1f} GB may not fit "
+                        "beside them: --format safetensors holds only a few steps in memory."
+                    )
             if available is not None and 0 < available < held / 0.8 and not self.force:
                 rounded = " (its pinned buffers rounded up to powers of two)" if held > needed else ""
                 raise UserError(

@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -92,13 +93,34 @@ class Models:
     offload: bool = False
     decoder_stranded: bool = False  # the final decode's fallback left the VAE decoder on the CPU
     weights: dict[str, str] = field(default_factory=dict)  # where each model's weights came from
+    # With --offload: the tensors each offloaded module was loaded into, which it returns to (see to_host).
+    host: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
+
+    OFFLOADED = ("t5", "clip", "flow", "ae.decoder")
+
+    def keep_host_weights(self) -> None:
+        """Remember the host tensors of the modules --offload moves to the GPU and back."""
+        for name in self.OFFLOADED:
+            self.host[name] = {n: t.data for n, t in _tensors(attrgetter(name)(self))}
+
+    def to_host(self, *names: str) -> None:
+        """Move modules back to the CPU. A module whose loaded tensors were kept points its parameters at them
+        again: no copy back from the GPU, and no second copy in process memory (`.cpu()` would allocate 24 GB
+        of new memory for the flow model, where the loaded weights are mapped from the checkpoint file)."""
+        for name in names:
+            module, kept = attrgetter(name)(self), self.host.get(name)
+            if kept is None:
+                module.cpu()
+                continue
+            for n, t in _tensors(module):
+                t.data = kept[n]
 
     def encode_prompt(self, prompt: str) -> tuple[Tensor, Tensor]:
         """(T5 tokens (1, T, 4096), CLIP pooled (1, 768)) on the device, in the model dtype."""
         self.t5.to(self.device), self.clip.to(self.device)  # back from the CPU if offloaded or parked
         txt, y = self.t5([prompt]), self.clip([prompt])
         if self.offload:
-            self.t5.cpu(), self.clip.cpu()
+            self.to_host("t5", "clip")
             _empty_cache(self.device)
         return txt.to(self.device, self.dtype), y.to(self.device, self.dtype)
 
@@ -128,7 +150,7 @@ class Models:
                 file=sys.stderr,
             )
         _empty_cache(self.device)
-        self.ae.decoder.cpu()
+        self.to_host("ae.decoder")
         image = decode_latents(tokens.cpu(), self.ae, height, width).float()
         try:  # back for the lens
             self.ae.decoder.to(self.device)
@@ -137,7 +159,7 @@ class Models:
             pass
         # The GPU is still full: the image is kept and the decoder stays on the CPU, whole (a move cut short
         # leaves some parameters on each device), and the run skips its lens.
-        self.ae.decoder.cpu()
+        self.to_host("ae.decoder")
         self.decoder_stranded = True
         _empty_cache(self.device)
         return image
@@ -180,8 +202,12 @@ class Models:
 
     def offload_decoder(self) -> None:
         if self.offload:
-            self.ae.decoder.cpu()
+            self.to_host("ae.decoder")
             _empty_cache(self.device)
+
+
+def _tensors(module: torch.nn.Module):
+    return (*module.named_parameters(), *module.named_buffers())
 
 
 def _module_bytes(module: torch.nn.Module) -> int:
@@ -231,7 +257,10 @@ def load_models(
         "ae": str(ae_path),
         "text_encoders": str(text_encoder_source(spec, weights_dir)),
     }
-    return Models(spec, flow, ae, t5, clip, device, dtype, offload, weights=weights)
+    models = Models(spec, flow, ae, t5, clip, device, dtype, offload, weights=weights)
+    if offload:
+        models.keep_host_weights()
+    return models
 
 
 def buffers_while_loading(opts: RunOptions) -> Future | None:
@@ -543,7 +572,7 @@ def generate(
             )
         finally:
             if models.offload:
-                models.flow.cpu()
+                models.to_host("flow")
                 _empty_cache(device)
         timings["sampling_s"] = time.perf_counter() - start
 

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import operator
 import re
 import sys
 from pathlib import Path
@@ -360,6 +361,22 @@ def test_offload_gives_the_same_image(tiny_run, tmp_path):
     assert (tmp_path / "img_0.jpg").read_bytes() == (tiny_run / "img_0.jpg").read_bytes()
 
 
+def test_offload_returns_each_module_to_the_tensors_it_was_loaded_into():
+    """Back from the GPU, an offloaded module's parameters are the loaded tensors again (mapped from the
+    checkpoint file): `.cpu()` would copy 24 GB into new memory. A move to bf16 stands in for the move to the
+    GPU here: both give every parameter a new tensor through the same `param.data = ...`."""
+    from flux.pipeline import load_models
+
+    models = load_models(get_spec("flux-tiny"), "cpu", offload=True)
+    for name in models.OFFLOADED:
+        module = operator.attrgetter(name)(models)
+        loaded = {n: (p.data_ptr(), p.dtype) for n, p in module.named_parameters()}
+        module.to(torch.bfloat16)
+        assert all(p.dtype == torch.bfloat16 for p in module.parameters())  # new tensors, as on the GPU
+        models.to_host(name)
+        assert {n: (p.data_ptr(), p.dtype) for n, p in module.named_parameters()} == loaded, name
+
+
 def test_plan_flags_as_fire_parses_them(tmp_path):
     # Fire turns "--steps 0,3" into a tuple and "--steps 2" into an int.
     base = [
@@ -453,7 +470,17 @@ def test_host_memory_check_counts_the_models_when_they_live_on_the_cpu(monkeypat
     with pytest.raises(flux.options.UserError, match="beside the models"):
         RunOptions(model="flux-tiny", width=64, height=48, output_dir=str(tmp_path), device="cpu").validate()
     monkeypatch.setattr(flux.options, "available_host_memory", lambda: spec_bytes + 2 * needed)
-    RunOptions(model="flux-tiny", width=64, height=48, output_dir=str(tmp_path), device="cpu").validate()
+    assert (
+        not RunOptions(model="flux-tiny", width=64, height=48, output_dir=str(tmp_path), device="cpu")
+        .validate()
+        .warnings
+    )
+    # Less than the models alone: nothing left to judge the capture against, so a warning says so.
+    monkeypatch.setattr(flux.options, "available_host_memory", lambda: spec_bytes // 2)
+    opts = RunOptions(
+        model="flux-tiny", width=64, height=48, output_dir=str(tmp_path), device="cpu"
+    ).validate()
+    assert any(f"and {spec_bytes // 2 / 1e9:.1f} GB is available" in w for w in opts.warnings)
 
 
 @pytest.mark.parametrize(
