@@ -165,6 +165,8 @@ def decode(
     decode_batch_size: int | None = None,
     compile_decoder: bool | None = None,
     weights_dir: str | None = None,
+    blocks: str | None = None,
+    steps: str | None = None,
     progress: bool = True,
 ):
     """Decode a saved capture with the lens, without sampling again.
@@ -184,13 +186,15 @@ def decode(
             half the RAM cannot hold 8).
         compile_decoder: torch.compile the decoder; default: on CUDA where it pays, never on CPU.
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; default as for capture.
+        blocks: Only these captured blocks, e.g. "double:0-5,single:10,single:37" (default: all captured).
+        steps: Only these captured steps, e.g. "0,3" or "0-49:5" (default: all captured).
         progress: Show a progress bar over decoded images (default True).
     """
     from flux.pipeline import decode_later
 
     decode_later(
         path, output_dir, target=decode_target, device=device, batch_size=decode_batch_size,
-        compile=compile_decoder, weights_dir=weights_dir, progress=progress,
+        compile=compile_decoder, weights_dir=weights_dir, blocks=blocks, steps=steps, progress=progress,
     )  # fmt: skip
 
 

@@ -456,7 +456,6 @@ def decode_capture(
     device: torch.device | str | None = None,
     batch_size: int | None = None,
     compile: bool | None = None,
-    final_image: Image.Image | None = None,
     progress: bool = True,
     workers: int | None = None,
     between_batches: Callable[[], None] | None = None,
@@ -467,8 +466,8 @@ def decode_capture(
     device: where the VAE decodes (default: where ae.decoder is; it is moved there otherwise).
     batch_size: images per decoder call (default on CUDA: a power of two set by the image size within what
     the free memory allows, see `stable_batch_size`; on CPU `auto_batch_size`'s); 1 decodes one at a time.
-    compile: torch.compile the decoder (default: on CUDA where it pays, see `compile_pays`). final_image:
-    the sampler's image for the sheets; by default final_latent is decoded along with the blocks.
+    compile: torch.compile the decoder (default: on CUDA where it pays, see `compile_pays`). The sheets' last
+    column is final_latent, decoded along with the blocks (none for a capture cut short).
     between_batches: called before each batch; it may raise to stop the lens (a failed capture write).
     """
     _check_target(target)
@@ -491,7 +490,7 @@ def decode_capture(
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     ae.decoder.to(device)
-    decode_final = final_image is None and ctx.get("final_latent") is not None
+    decode_final = ctx.get("final_latent") is not None
     n = len(plan) + decode_final
     if compile is None:
         compile = device.type == "cuda" and compile_pays(n, height, width)
@@ -506,7 +505,7 @@ def decode_capture(
     blocks = {stream: {key.block for key in plan if key.stream == stream} for stream in STREAMS}
     steps = {stream: {key.step for key in plan if key.stream == stream} for stream in STREAMS}
     n_rows, n_cols = max(map(len, blocks.values())), max(map(len, steps.values()))
-    cell = sheet_cell(w_lat * scale, h_lat * scale, n_rows, n_cols, final_image is not None or decode_final)
+    cell = sheet_cell(w_lat * scale, h_lat * scale, n_rows, n_cols, decode_final)
 
     sizes = chunk_sizes(n, batch_size)
 
@@ -557,7 +556,6 @@ def decode_capture(
     out_dir.mkdir(parents=True, exist_ok=True)
     thumbs: dict[LensKey | None, Future] = {}
     sheets: dict[str, Future] = {}
-    final = _thumbnail(final_image, cell) if final_image is not None else None
 
     def contact_sheet(stream: str) -> Path:
         """Runs in the pool after the tasks of its thumbnails (FIFO), so waiting for them cannot deadlock."""
@@ -566,7 +564,7 @@ def decode_capture(
         cols = sorted({key.step for key in keys})
         cells = {(rows.index(key.block), cols.index(key.step)): thumbs[key].result() for key in keys}
         col_labels = [f"step {k} (t={float(ctx['timestep_pairs'][k][0]):.2f})" for k in cols]
-        last = thumbs[None].result() if None in thumbs else final
+        last = thumbs[None].result() if None in thumbs else None
         sheet = make_grid(cells, [f"block {i}" for i in rows], col_labels, cell, last)
         save_jpeg(sheet, out_dir / f"grid_{stream}.jpg")
         return out_dir / f"grid_{stream}.jpg"

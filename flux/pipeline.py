@@ -13,6 +13,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from operator import attrgetter
@@ -776,9 +777,12 @@ def decode_saved(
     compile: bool | None = None,
     progress: bool = True,
     between_batches=None,
+    blocks: dict[str, Sequence[int]] | None = None,
+    steps: Sequence[int] | None = None,
 ):
     """Run the lens over a capture (a path on disk, or the capture in memory) into `out_dir`, a new folder
-    (or one just made for it by `new_dir`: never a folder that holds anything).
+    (or one just made for it by `new_dir`: never a folder that holds anything); `blocks` and `steps` as
+    for `lens_plan`.
 
     The contact sheets' final column decodes the stored final latent in the same batches as the blocks, so
     decoding at capture time and decoding later give identical files.
@@ -793,7 +797,7 @@ def decode_saved(
     out_dir.mkdir(parents=True, exist_ok=True)
     report = decode_capture(
         capture, final_layer, ae, out_dir, target=target, device=device, batch_size=batch_size,
-        compile=compile, progress=progress, between_batches=between_batches,
+        compile=compile, progress=progress, between_batches=between_batches, blocks=blocks, steps=steps,
     )  # fmt: skip
     what = "compiling" if report.compiled else "warming up"  # on CUDA the eager decoder warms up too
     compile_note = f", plus {report.compile_seconds:.1f} s {what}" if report.compile_seconds else ""
@@ -817,11 +821,14 @@ def decode_later(
     batch_size: int | None = None,
     compile: bool | None = None,
     weights_dir: str | None = None,
+    blocks: str | None = None,
+    steps: str | None = None,
     progress: bool = True,
 ):
     """The lens over a saved capture, loading only the final layer's tensors and the AE (never the full
     flow model). Output goes to `{capture folder}/decoded/{capture stem}` unless `output_dir` is given; an
-    existing folder is never written into (a suffix is added)."""
+    existing folder is never written into (a suffix is added). `blocks` and `steps` (in the syntax of
+    --blocks and --steps) pick some of the captured block outputs; default all."""
     from flux.decode import lens_plan, load_model_final_layer
     from flux.store import load_capture
 
@@ -837,8 +844,20 @@ def decode_later(
         torch.cuda.set_device(device)  # as for generation: kernels, streams and events on the chosen GPU
     capture = load_capture(capture_path)
     meta = capture["metadata"]
-    lens_plan(capture)  # a capture the lens cannot decode (e.g. --streams txt) fails here, before loading
     spec = get_spec(meta["model"])
+    chosen = CapturePlan.parse(
+        blocks,
+        steps,
+        "both",
+        None,
+        spec.params.depth,
+        spec.params.depth_single_blocks,
+        int(meta["num_steps"]),
+    )
+    only_blocks = None if blocks is None else {"double": chosen.double, "single": chosen.single}
+    only_steps = None if steps is None else chosen.steps
+    # A capture the lens cannot decode (--streams txt), or blocks and steps it lacks: refused before loading.
+    lens_plan(capture, only_blocks, only_steps)
     dtype = compute_dtype(spec)
     decoded, stem = beside_capture(capture_path, "decoded")
     out_base = Path(output_dir) if output_dir else decoded / stem
@@ -848,5 +867,5 @@ def decode_later(
     with fresh_dir(out_base) as out_dir:
         return decode_saved(
             capture, final_layer, ae, out_dir, target=target, device=device, batch_size=batch_size,
-            compile=compile, progress=progress,
+            compile=compile, progress=progress, blocks=only_blocks, steps=only_steps,
         )  # fmt: skip

@@ -102,6 +102,29 @@ def test_decode_later_equals_decode_at_capture(tiny_run, tmp_path):
         assert p.read_bytes() == (at_capture / p.name).read_bytes(), p.name
 
 
+def test_decode_picks_blocks_and_steps(tiny_run, tmp_path, monkeypatch, capsys):
+    import flux.decode
+
+    pt = str(_only(tiny_run / "intermediates", "capture_*_flux-tiny.pt"))
+    at_capture = _only(tiny_run / "intermediates" / "decoded", "capture_*")
+    out = tmp_path / "some"
+    argv = ["decode", pt, "--blocks", "double:1,single:0-1", "--steps", "0,3", "--output_dir", str(out)]
+    assert capture_sample.run([*argv, "--progress", "False"]) == 0
+    wanted = [
+        f"{s}_block_{i}_step_{k}.jpg"
+        for s, i in [("double", 1), ("single", 0), ("single", 1)]
+        for k in (0, 3)
+    ]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*wanted, "grid_double.jpg", "grid_single.jpg"])
+    for name in wanted:  # the same images as the whole lens's
+        assert (out / name).read_bytes() == (at_capture / name).read_bytes(), name
+    monkeypatch.setattr(flux.decode, "load_model_final_layer", lambda *a, **k: pytest.fail("loaded"))
+    assert (
+        capture_sample.run(["decode", pt, "--blocks", "single:7", "--output_dir", str(tmp_path / "x")]) == 2
+    )
+    assert "--blocks" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_subcommands_write_beside_the_capture_by_default(tiny_run, tmp_path, capfd):
     import shutil
 

@@ -93,6 +93,24 @@ def test_one_block_snippet_decodes_what_the_sampler_produced(tmp_path, monkeypat
     assert np.array_equal(saved, to_uint8(final).numpy())
 
 
+def test_python_capture_snippet_makes_one_run_per_prompt(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from flux.store import load_capture
+
+    section = README.split("To capture from Python", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)[1]
+    monkeypatch.chdir(tmp_path)  # the default output folder, ./output
+    capsys.readouterr()
+    exec(compile("import torch\n" + code, "README.md", "exec"), {})
+    printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("output")]
+    assert [Path(image).name for image, _ in printed] == ["img_0.jpg", "img_1.jpg"]
+    captures = [load_capture(tmp_path / capture) for _, capture in printed]
+    assert [c["metadata"]["prompt"] for c in captures] == ["a red cube", "a blue ball"]
+    noise = [c["denoising_context"]["img_state"][0] for c in captures]
+    assert torch.equal(*noise)  # the same seed
+
+
 def test_replay_snippet_reproduces_the_run_and_the_skip_moves_it(tmp_path, capsys):
     capture = _tiny_capture(tmp_path, 4)
     code = re.findall(r"```python\n(.*?)```", README.split("## Interventions", 1)[1], re.S)[0]
