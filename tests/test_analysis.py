@@ -583,7 +583,10 @@ def test_import_flux_without_the_extra():
 # ---------------------------------------------------------------------------------------------- notebook
 
 
-def test_notebook_runs_top_to_bottom(captures, monkeypatch):
+def test_notebook_runs_top_to_bottom(captures, monkeypatch, tmp_path):
+    """As Jupyter runs it: in notebooks/, finding the newest capture under ../output/intermediates."""
+    import shutil
+
     import nbformat
     from nbclient import NotebookClient
 
@@ -592,11 +595,16 @@ def test_notebook_runs_top_to_bottom(captures, monkeypatch):
     assert all(
         not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code"
     )
-    monkeypatch.setenv("FLUX_CAPTURE", str(captures["pt"]))
+    runs = tmp_path / "output" / "intermediates"
+    runs.mkdir(parents=True)
+    shutil.copy(captures["pt"], runs)
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.delenv("FLUX_CAPTURE", raising=False)
     monkeypatch.setenv("FLUX_DEVICE", "cpu")
     NotebookClient(
-        nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(ROOT)}}
+        nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path / "notebooks")}}
     ).execute()
+    assert nb.cells[1].outputs[0]["text"].startswith(f"../output/intermediates/{captures['pt'].name}\n")
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # lens image, heatmap, norms
