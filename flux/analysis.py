@@ -407,11 +407,13 @@ def plot_norms(df, path: str | Path | None = None, *, figsize=FIGSIZE, dpi: int 
             ax = axes[row, col]
             sub = df[df["metric"] == f"{stream}_norm_{stat}"]
             for i, (k, t) in enumerate(steps):
-                line = sub[sub["step"] == k].sort_values("depth")
+                line = sub[sub["step"] == k].set_index("depth")["value"].sort_index()
+                # Blocks not captured are gaps (NaN), not a straight line drawn as if measured across them.
+                full = line.reindex(range(int(line.index.min()), int(line.index.max()) + 1))
                 ax.plot(
-                    line["depth"],
-                    line["value"],
-                    marker="." if len(line) <= 20 else None,
+                    full.index,
+                    full.to_numpy(),
+                    marker="." if len(line) <= 20 or full.isna().any() else None,
                     color=cmap(norm(i)),
                     label=f"{int(k)} (t={t:.2f})",
                 )

@@ -121,7 +121,8 @@ def lens_plan(
     """The block outputs to decode, ordered by stream, block number, step; reads no tensors.
 
     blocks: None for every captured block, or e.g. {"double": [0, 3], "single": 37} (a stream left out
-    is skipped). steps: None for every captured step, or real step indices (or one).
+    is skipped). steps: None for every captured step, or real step indices (or one); negative ones count
+    from the run's end, as in Python (-1: the last step).
     """
     meta = capture["metadata"]
     if meta.get("streams", "both") == "txt":
@@ -132,7 +133,9 @@ def lens_plan(
     if blocks is not None and (unknown := sorted(set(blocks) - set(STREAMS))):
         raise UsageError(f"blocks keys must be 'double' and/or 'single'; got {unknown}.")
     captured_steps = list(meta["captured_steps"])
-    wanted_steps = captured_steps if steps is None else as_indices(steps, "steps")
+    wanted_steps = captured_steps
+    if steps is not None:
+        wanted_steps = [k + int(meta["num_steps"]) if k < 0 else k for k in as_indices(steps, "steps")]
     if missing := sorted(set(wanted_steps) - set(captured_steps)):
         raise UserError(f"Steps {missing} were not captured; this capture holds steps {captured_steps}.")
     plan = []

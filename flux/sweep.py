@@ -202,16 +202,15 @@ def write_csv(rows: Sequence[SweepRow], path: Path) -> None:
     atomic_write(path, write)
 
 
-def write_chart(rows: Sequence[SweepRow], path: Path, title: str) -> None:
-    """Bar chart of pixel MSE per block, in block order (double then single), PSNR below."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise UserError(
-            "The sweep chart needs matplotlib: install the analysis extra "
-            "(`uv sync --extra analysis` or `pip install 'flux-intermediate-representation[analysis]'`)."
-        ) from e
+def write_chart(rows: Sequence[SweepRow], path: Path, title: str):
+    """Bar chart of pixel MSE per block, in block order (double then single), PSNR below; returns the
+    Figure. An unchanged image (PSNR infinite) gets a hatched bar above the others, marked ∞: left empty, it
+    would read as 0 dB, the most disruptive of all."""
+    from flux.analysis import require
     from flux.store import atomic_write
+
+    require("matplotlib")
+    from matplotlib.figure import Figure
 
     labels = [f"{r.stream[0]}{r.block}" for r in rows]
     colors = ["tab:blue" if r.stream == "double" else "tab:orange" for r in rows]
@@ -220,12 +219,18 @@ def write_chart(rows: Sequence[SweepRow], path: Path, title: str) -> None:
     ax_mse.bar(range(len(rows)), [r.mse for r in rows], color=colors)
     ax_mse.set_ylabel("pixel MSE vs unmodified")
     ax_mse.set_title(title)
-    finite = [r.psnr if math.isfinite(r.psnr) else float("nan") for r in rows]
-    ax_psnr.bar(range(len(rows)), finite, color=colors)
-    ax_psnr.set_ylabel("PSNR (dB)")
+    top = 1.1 * max((r.psnr for r in rows if math.isfinite(r.psnr)), default=50.0)
+    bars = ax_psnr.bar(range(len(rows)), [min(r.psnr, top) for r in rows], color=colors)
+    for bar, r in zip(bars, rows, strict=True):
+        if not math.isfinite(r.psnr):
+            bar.set_hatch("//")
+            bar.set_alpha(0.5)
+            ax_psnr.text(bar.get_x() + bar.get_width() / 2, top, "∞", ha="center", va="bottom", fontsize=8)
+    ax_psnr.set_ylabel("PSNR (dB; ∞: unchanged)")
     ax_psnr.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
     ax_psnr.set_xlabel("block (d = double, s = single)")
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return fig
 
 
 def contact_sheet(
@@ -537,7 +542,10 @@ def sweep_command(
         raise
     out = state["out"]
     state["rows"] = rows  # in block order
-    title = f"{intervention} sweep: {capture['metadata'].get('model')} (steps {format_steps(step_set)})"
+    title = (
+        f"{intervention} sweep{f' of {tokens} tokens' if tokens else ''}: {capture['metadata'].get('model')} "
+        f"(steps {format_steps(step_set)})"
+    )
     if chart:
         write_chart(rows, out / "sweep.png", title)
     save_jpeg(contact_sheet(rows, reference), out / "contact_sheet.jpg")

@@ -395,6 +395,16 @@ def test_the_norms_colour_bar_names_the_captured_steps(tmp_path):
     assert labels == ["0", "10", "20", "30", "40"]  # steps, at every other position (not 0, 2, 4, 6, 8)
 
 
+def test_the_norms_leave_a_gap_where_blocks_were_not_captured():
+    depths = [0, 1, 3, 4]  # depth 2 not captured
+    rows = [("double", d, d, 0, 1.0, m, 10.0 + d) for d in depths for m in ("img_norm_mean", "img_norm_max")]
+    df = analysis.require("pandas").DataFrame(rows, columns=CSV_HEADER.split(","))
+    line = analysis.plot_norms(df).axes[0].lines[0]
+    assert list(line.get_xdata()) == [0, 1, 2, 3, 4]
+    y = line.get_ydata()
+    assert np.isnan(y[2]) and list(y[[0, 1, 3, 4]]) == [10.0, 11.0, 13.0, 14.0]
+
+
 def test_a_capture_with_no_step_on_disk_is_refused_before_any_folder(captures, tmp_path):
     import json
     import shutil

@@ -183,6 +183,10 @@ def test_plan_takes_indices_as_a_notebook_has_them(capture):
         lens_plan(capture, steps=torch.tensor([True, False]))  # a mask is not a list of steps
     with pytest.raises(UsageError, match=r"steps must be an index or a list of indices; got 0\.5"):
         lens_plan(capture, steps=0.5)
+    last = capture["metadata"]["num_steps"] - 1
+    assert lens_plan(capture, blocks={"single": 2}, steps=-1) == lens_plan(
+        capture, blocks={"single": 2}, steps=last
+    )
 
 
 def _files(out_dir):

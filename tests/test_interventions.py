@@ -1030,3 +1030,21 @@ def test_a_direction_may_be_given_as_a_path_as_a_source_may(flow, captures, tmp_
     by_tensor = Intervention("add", "double", 1, (0,), scale=2.0, direction=direction)
     assert torch.equal(replay(flow, cap, interventions=[by_path]).latent,
                        replay(flow, cap, interventions=[by_tensor]).latent)  # fmt: skip
+
+
+def test_the_sweep_chart_marks_an_unchanged_image_above_the_rest_not_as_zero(tmp_path):
+    from flux.sweep import write_chart
+
+    image = Image.new("RGB", (8, 8))
+    rows = [
+        SweepRow("skip:double:0@all", "double", 0, 0.01, 20.0, 0.5, 0.01, image),
+        SweepRow("skip:double:1@all", "double", 1, 0.0, math.inf, 1.0, 0.0, image),  # unchanged
+        SweepRow("skip:single:0@all", "single", 0, 0.001, 30.0, 0.9, 0.001, image),
+    ]
+    fig = write_chart(rows, tmp_path / "sweep.png", "title")
+    bars = fig.axes[1].patches
+    assert [b.get_height() for b in bars] == [20.0, 33.0, 30.0]  # 1.1 x the highest finite PSNR
+    assert [b.get_hatch() for b in bars] == [None, "//", None]
+    assert [t.get_text() for t in fig.axes[1].texts] == ["∞"]
+    with Image.open(tmp_path / "sweep.png") as png:
+        assert png.format == "PNG"
