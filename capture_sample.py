@@ -332,6 +332,20 @@ def checked(command, name: str):
     return call
 
 
+# What helps when a command runs out of GPU memory: only flags that command has.
+OUT_OF_MEMORY = {
+    "": "Try --offload if it is not on (models visit the GPU one at a time), a smaller --width/--height, a "
+    "smaller --decode_batch_size, capturing less (--blocks, --steps, --streams img), or, for the lens of a "
+    "saved capture, `decode CAPTURE --device cpu`.",
+    "decode": "Try a smaller --decode_batch_size (1 decodes one image at a time), or --device cpu.",
+    "analyze": "Try --device cpu.",
+    "replay": "A replay holds the flow model and the autoencoder on the GPU together, plus one image's "
+    "decode: use a GPU with more memory, or --device cpu (slow).",
+    "sweep": "A sweep holds the flow model and the autoencoder on the GPU together, plus one image's decode: "
+    "use a GPU with more memory, or --device cpu (slow); a sweep that stopped goes on with --resume.",
+}
+
+
 def help_text(command, name: str) -> str:
     """Fire's help screen for `command`, for stdout (Fire writes it to stderr, where `--help | less` misses
     it), without offering `-h` for --height: `-h` means help."""
@@ -369,14 +383,8 @@ def run(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except torch.cuda.OutOfMemoryError as e:
-        print(
-            "error: the GPU ran out of memory. Try --offload if it is not on (models visit the GPU one at a "
-            "time), a "
-            "smaller --width/--height, a smaller --decode_batch_size, capturing less (--blocks, --steps, "
-            "--streams img), or, for the lens of a saved capture, `decode CAPTURE --device cpu`. "
-            f"({' '.join(str(e).split())[:200]})",
-            file=sys.stderr,
-        )
+        what = OUT_OF_MEMORY.get(argv[0] if argv and argv[0] in COMMANDS else "", OUT_OF_MEMORY[""])
+        print(f"error: the GPU ran out of memory. {what} ({' '.join(str(e).split())[:200]})", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         print("Stopped.", file=sys.stderr)

@@ -283,6 +283,20 @@ def model_host_bytes(spec: ModelSpec) -> int:
     return sum(model_bytes(spec).values())
 
 
+def check_replay_fits(spec: ModelSpec, device: torch.device) -> None:
+    """Refuse, before loading, a replay or sweep whose flow model and autoencoder, which it holds on the GPU
+    together (it has no --offload), exceed the GPU's whole memory."""
+    if device.type != "cuda":
+        return
+    total, sizes = torch.cuda.mem_get_info(device)[1], model_bytes(spec)
+    if (need := sizes["flow"] + sizes["ae"]) > total:
+        raise UserError(
+            f"Replaying {spec.name} holds its flow model and autoencoder on the GPU together, "
+            f"{need / 1e9:.1f} GB, more than this GPU's {total / 1e9:.1f} GB "
+            f"({torch.cuda.get_device_name(device)}). Use a GPU with more memory, or --device cpu (slow)."
+        )
+
+
 def check_gpu_fits(spec: ModelSpec, device: torch.device, offload: bool) -> None:
     """Refuse, before a minute of loading, models that cannot fit the GPU's memory, counting its whole
     memory (what other processes hold may be given back): all the models at once, as they load, or with

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -263,7 +264,7 @@ def contact_sheet(
 def _open(path: str, device: str | None):
     """The capture, its model spec, and the device and dtype to replay in; checks all, loads no model."""
     from flux.configs import get_spec
-    from flux.options import check_device, compute_dtype
+    from flux.options import check_device, check_replay_fits, compute_dtype
     from flux.pipeline import device_name
     from flux.store import load_capture
 
@@ -276,6 +277,7 @@ def _open(path: str, device: str | None):
         raise UserError(f"{path!r} does not name a known model in its metadata ({e}).") from e
     if "final_latent" not in capture["denoising_context"]:
         raise UserError(f"{path!r} is an interrupted capture (no final latent); replay needs a complete one.")
+    check_replay_fits(spec, device)
     if meta.get("interventions"):
         print(
             "note: this capture was made by a replay with interventions "
@@ -310,6 +312,34 @@ def _check_before_loading(interventions: Sequence[Intervention], spec, capture: 
     num_steps = len(timesteps_of(capture)) - 1
     for iv in interventions:
         iv.check(shape_model, num_steps, int(ctx["txt_seq_len"]), ctx["img_ids"].shape[1], spec.name, capture)
+
+
+def _check_record_fits(spec, capture: dict, device: torch.device, out: Path, steps: int) -> None:
+    """Refuse, before loading, a --save_capture whose capture of every block at the `steps` replayed steps
+    the host memory (it is held there until written, pinned on CUDA) or the disk cannot hold: 80 GB for
+    flux-dev at 1024 px."""
+    from flux.options import _existing_parent, available_host_memory, compute_dtype
+    from flux.sampling import image_tokens
+
+    p, meta = spec.params, capture["metadata"]
+    plan = CapturePlan.parse(None, None, "both", None, p.depth, p.depth_single_blocks, steps)
+    txt_len = int(capture["denoising_context"]["txt_seq_len"])
+    img_len = image_tokens(int(meta["height"]), int(meta["width"]))
+    itemsize = compute_dtype(spec).itemsize
+
+    def size(pinned: bool) -> int:
+        return steps * plan.bytes_per_step(1, txt_len, img_len, p.hidden_size, itemsize, pinned)
+
+    held, stored = size(device.type == "cuda"), size(False)
+    available, free = available_host_memory(), shutil.disk_usage(_existing_parent(out)).free
+    if (available is not None and held > 0.8 * available) or stored > free:
+        raise UserError(
+            f"--save_capture keeps every block output of the {steps} replayed steps: {stored / 1e9:.1f} GB, "
+            f"held in host memory until written ({held / 1e9:.1f} GB there; "
+            f"{'unknown' if available is None else f'{available / 1e9:.1f} GB'} available) and then on the "
+            f"disk of {str(out)!r} ({free / 1e9:.1f} GB free). Replay without it, or record fewer blocks or "
+            "steps from Python: replay(..., record=CapturePlan.parse(blocks, steps, ...))."
+        )
 
 
 def _load(spec, device: torch.device, dtype: torch.dtype, weights_dir: str | None):
@@ -688,6 +718,8 @@ def replay_command(
     check_steps_replayed(ivs, step, num_steps - 1 if until is None else until)
     out = Path(output_dir) if output_dir else beside_capture(path, "replays")[0]
     check_output_dir(out)
+    if save_capture:
+        _check_record_fits(spec, capture, device, out, num_steps - step)
     flow, ae = _load(spec, device, dtype, weights_dir)  # only now that every flag has been checked
     record = CapturePlan.everything(flow, num_steps) if save_capture else None
     bar = (lambda steps: tqdm(steps, desc="replay", unit="step")) if progress else None

@@ -291,6 +291,31 @@ def test_models_that_cannot_fit_the_gpu_are_refused_before_loading(total_gb, off
     flux.options.check_gpu_fits(get_spec("flux-schnell"), torch.device("cpu"), False)  # a CPU: no check
 
 
+@pytest.mark.parametrize(("total_gb", "refused"), [(25.7, False), (24.0, True)])  # 24 GiB; 24 GB
+def test_a_replay_the_gpu_cannot_hold_is_refused_before_loading(
+    total_gb, refused, tiny_run, monkeypatch, capsys
+):
+    """flux-schnell's flow model (23.78 GB) and AE (0.34 GB) together, as replay and sweep hold them."""
+    import flux.configs
+    import flux.sweep
+
+    capture = torch.load(_only(tiny_run / "intermediates", "capture_*.pt"), weights_only=True)
+    capture["metadata"]["model"] = "flux-schnell"  # sized as the published model; nothing is loaded
+    torch.save(capture, tiny_run.parent / f"schnell_{total_gb}.pt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (0, int(total_gb * 1e9)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a test GPU")
+    monkeypatch.setattr(flux.sweep, "_load", lambda *a, **k: pytest.fail("loaded"))
+    if refused:
+        with pytest.raises(
+            UserError, match=r"together, 24\.1 GB, more than this GPU's 24\.0 GB \(a test GPU\)"
+        ):
+            flux.sweep._open(str(tiny_run.parent / f"schnell_{total_gb}.pt"), "cuda")
+    else:
+        flux.sweep._open(str(tiny_run.parent / f"schnell_{total_gb}.pt"), "cuda")
+
+
 def test_fp16_capture_of_a_published_model_warns_of_overflow(tmp_path):
     from flux.options import RunOptions
 
@@ -363,6 +388,25 @@ def test_cuda_out_of_memory_names_offload_and_smaller_sizes(monkeypatch, tmp_pat
     err = capsys.readouterr().err
     assert rc == 1
     assert "--offload" in err and "--width/--height" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("command", "hint"),
+    [("decode", "a smaller --decode_batch_size"), ("replay", "--device cpu"), ("sweep", "--resume")],
+)
+def test_out_of_memory_in_a_command_names_only_its_own_flags(command, hint, tiny_run, monkeypatch, capsys):
+    import flux.decode
+    import flux.sweep
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(flux.decode, "load_model_final_layer", oom)
+    monkeypatch.setattr(flux.sweep, "_load", oom)
+    pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
+    assert capture_sample.run([command, pt, "--device", "cpu", "--progress", "False"]) == 1
+    err = capsys.readouterr().err
+    assert "ran out of memory" in err and hint in err and "--offload" not in err and "--width" not in err
 
 
 def test_metadata_records_shapes_and_paths(tiny_run):

@@ -1048,3 +1048,19 @@ def test_the_sweep_chart_marks_an_unchanged_image_above_the_rest_not_as_zero(tmp
     assert [t.get_text() for t in fig.axes[1].texts] == ["∞"]
     with Image.open(tmp_path / "sweep.png") as png:
         assert png.format == "PNG"
+
+
+def test_save_capture_that_host_memory_cannot_hold_is_refused_before_loading(captures, tmp_path, monkeypatch):
+    import flux.options
+    import flux.sweep
+
+    (path, _), _ = captures
+    monkeypatch.setattr(flux.sweep, "_load", lambda *a, **k: pytest.fail("loaded"))
+    # Every block output of the 3 steps from step 1: 5 blocks x (12 image + 32 text tokens) x 64 floats.
+    held = 3 * 5 * (12 + 32) * 64 * 4
+    monkeypatch.setattr(flux.options, "available_host_memory", lambda: int(held / 0.8) - 1)
+    with pytest.raises(UserError, match="--save_capture keeps every block output of the 3 replayed steps"):
+        replay_command(str(path), step=1, save_capture=True, output_dir=str(tmp_path), device="cpu")
+    monkeypatch.setattr(flux.options, "available_host_memory", lambda: int(held / 0.8) + 1)
+    with pytest.raises(pytest.fail.Exception, match="loaded"):  # past the check, to the loading
+        replay_command(str(path), step=1, save_capture=True, output_dir=str(tmp_path), device="cpu")
