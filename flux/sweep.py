@@ -275,8 +275,14 @@ def _open(path: str, device: str | None):
         spec = get_spec(meta["model"])
     except (KeyError, ValueError) as e:
         raise UserError(f"{path!r} does not name a known model in its metadata ({e}).") from e
+    if not len(capture["denoising_context"].get("img_state") or ()):
+        raise UserError(f"{path!r} was stopped before its first step: there is no stored latent to replay.")
     if "final_latent" not in capture["denoising_context"]:
-        raise UserError(f"{path!r} is an interrupted capture (no final latent); replay needs a complete one.")
+        print(
+            f"note: {path} is an interrupted capture (steps {format_steps(meta.get('steps_done', []))} on "
+            "disk): replays start from a step on disk, and there is no stored final image to compare with.",
+            file=sys.stderr,
+        )
     check_replay_fits(spec, device)
     if meta.get("interventions"):
         print(
@@ -301,6 +307,15 @@ def _open(path: str, device: str | None):
             file=sys.stderr,
         )
     return capture, spec, device, dtype
+
+
+def _check_on_disk(capture: dict, start: int, flag: str) -> None:
+    """An interrupted capture replays only from a step whose latent reached the disk."""
+    if start >= (on_disk := len(capture["denoising_context"]["img_state"])):
+        raise UsageError(
+            f"{flag}: the replay would start at step {start}, but this interrupted capture holds the latents "
+            f"of steps 0..{on_disk - 1} only."
+        )
 
 
 def _check_before_loading(interventions: Sequence[Intervention], spec, capture: dict) -> None:
@@ -455,6 +470,7 @@ def sweep_command(
         for stream, block in chosen
     ]
     _check_before_loading(planned, spec, capture)
+    _check_on_disk(capture, min(step_set) if step_set else 0, "--steps")
     settings = {
         "capture": str(Path(path).resolve()),
         "kind": intervention,
@@ -532,8 +548,10 @@ def sweep_command(
                 "(another device, dtype or library version?), so new rows would not compare with its rows. "
                 "Start a new sweep: leave out --resume."
             )
-        final = capture["denoising_context"]["final_latent"]
-        state["vs_stored"] = float(((latent.float().cpu() - final.float()) ** 2).mean())
+        final = capture["denoising_context"].get("final_latent")  # none in an interrupted capture
+        state["vs_stored"] = (
+            None if final is None else float(((latent.float().cpu() - final.float()) ** 2).mean())
+        )
         state["out"] = out if resume is not None else new_dir(out)
         save_jpeg(image, state["out"] / "unmodified.jpg")
         save_state(complete=False)
@@ -716,6 +734,7 @@ def replay_command(
             )
     _check_before_loading(ivs, spec, capture)
     check_steps_replayed(ivs, step, num_steps - 1 if until is None else until)
+    _check_on_disk(capture, step, "--step")
     out = Path(output_dir) if output_dir else beside_capture(path, "replays")[0]
     check_output_dir(out)
     if save_capture:
@@ -727,7 +746,8 @@ def replay_command(
     height, width = int(meta["height"]), int(meta["width"])
     decoded = decode_latents(result.x0, ae, height, width)
     image = to_unit(decoded)
-    stored = to_unit(decode_latents(capture["denoising_context"]["final_latent"], ae, height, width))
+    final = capture["denoising_context"].get("final_latent")  # none in an interrupted capture
+    stored = None if final is None else to_unit(decode_latents(final, ae, height, width))
 
     out.mkdir(parents=True, exist_ok=True)
     image_path = publish_new(
@@ -747,7 +767,9 @@ def replay_command(
         direction=str(Path(direction).resolve()) if direction else None,
         applied=[list(pair) for pair in result.applied],  # [spec, step] of every change made
         image=str(image_path),
-        vs_stored_final={"mse": float(mse(image, stored)[0]), "psnr": float(psnr(image, stored)[0])},
+        vs_stored_final=None
+        if stored is None
+        else {"mse": float(mse(image, stored)[0]), "psnr": float(psnr(image, stored)[0])},
     )
     if result.capture is not None:
         capture_path = base.with_suffix(".pt")

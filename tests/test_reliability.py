@@ -318,6 +318,27 @@ def test_a_safetensors_capture_killed_outright_still_decodes_and_replays(subproc
     flow = load_flow_model(get_spec("flux-tiny"), "cpu", torch.float32)
     last = len(done) - 1  # replaying up to the step before it gives its stored latent
     assert torch.equal(replay(flow, capture, 0, last - 1).latent, ctx["img_state"][last])
+    # The commands too, from the steps on disk, with nothing stored to compare the final image with.
+    replays, sweeps = run.out / "replays", run.out / "sweeps"
+    argv = ["replay", str(directory), "--output_dir", str(replays), "--progress", "False"]
+    assert capture_sample.run(argv) == 0
+    assert "is an interrupted capture" in capsys.readouterr().err
+    assert json.loads((replays / "replay_0.json").read_text())["vs_stored_final"] is None
+    assert capture_sample.run([*argv, "--step", str(len(done))]) == 2
+    assert f"holds the latents of steps 0..{last} only" in capsys.readouterr().err
+    argv = [
+        "sweep",
+        str(directory),
+        "--blocks",
+        "double:0",
+        "--output_dir",
+        str(sweeps),
+        "--progress",
+        "False",
+    ]
+    assert capture_sample.run(argv) == 0
+    state = json.loads((sweeps / "sweep.json").read_text())
+    assert state["complete"] is True and state["reference_vs_stored_latent_mse"] is None
 
 
 def test_two_runs_in_one_folder_at_once_keep_their_own_files(subprocess_runs, request):
