@@ -489,8 +489,6 @@ def render_frames(
     ae=None,
     jpeg_dir: str | Path | None = None,
     final_image: Image.Image | None = None,
-    side: int = FRAME_SIDE,
-    batch_size: int | None = None,
     progress: bool = False,
 ) -> list[Image.Image]:
     """Labelled frames for `keys`, then one of the final image (`progress`: a bar over decoded frames).
@@ -517,7 +515,7 @@ def render_frames(
         raise ValueError(f"{len(todo)} frames need decoding: pass final_layer and ae")
     if todo:
         device = ae.decoder.conv_in.weight.device
-        batch_size = batch_size or auto_batch_size(ae.params, height, width, device)
+        batch_size = auto_batch_size(ae.params, height, width, device)
         with tqdm(total=len(todo), desc="animation frames", unit="img", disable=not progress) as bar:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start : start + batch_size]
@@ -527,7 +525,7 @@ def render_frames(
                 decoded = decode_latents(torch.cat([z.to(device) for z in latents]), ae, height, width)
                 images.update((k, to_image(x)) for k, x in zip(chunk, decoded))
                 bar.update(len(chunk))
-    size = frame_size(width, height, side)
+    size = frame_size(width, height, FRAME_SIDE)
     frames = []
     for key in keys:
         t = float(ctx["timestep_pairs"][key.step][0])

@@ -36,13 +36,13 @@ from flux.autoencoder import AutoEncoder, AutoEncoderParams
 from flux.configs import ModelSpec
 from flux.errors import UsageError, UserError
 from flux.layers import LastLayer
-from flux.loading import read_flow_tensors, read_tensors
+from flux.loading import check_state_dict, read_flow_tensors, read_tensors
 from flux.model import FluxParams
-from flux.options import available_host_memory
+from flux.options import DECODE_TARGETS, available_host_memory
 from flux.sampling import image_tokens, latent_size, unpack
 from flux.store import atomic_write
 
-TARGETS = ("x0", "next")
+TARGETS = DECODE_TARGETS  # x0, next
 STREAMS = ("double", "single")
 CPU_BATCH = 8  # CPU convolutions gain little from bigger batches, and progress stays visible
 MAX_CUDA_BATCH = 64  # past this a bigger batch barely helps, and JPEG writing overlaps less
@@ -647,21 +647,9 @@ def final_layer_from(
     """
     with torch.device("meta"):
         layer = LastLayer(params.hidden_size, 1, params.out_channels)
-    expected = {f"final_layer.{name}": t.shape for name, t in layer.state_dict().items()}
-    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
-    if missing or unexpected:
-        raise UserError(
-            f"{where} does not hold the final layer of this model: missing {missing}, unexpected "
-            f"{unexpected}. Check that the file matches the chosen --model."
-        )
-    for key, shape in expected.items():
-        if tensors[key].shape != shape:
-            raise UserError(
-                f"{where}: {key} has shape {tuple(tensors[key].shape)}, but this model expects "
-                f"{tuple(shape)}. Check that the file matches the chosen --model."
-            )
-    state = {key.removeprefix("final_layer."): tensors[key].to(device, dtype) for key in expected}
-    layer.load_state_dict(state, strict=True, assign=True)
+    state = {key.removeprefix("final_layer."): t for key, t in tensors.items()}
+    check_state_dict(layer, {name: t.shape for name, t in state.items()}, where, "final layer of this model")
+    layer.load_state_dict({k: t.to(device, dtype) for k, t in state.items()}, strict=True, assign=True)
     return layer.eval()
 
 

@@ -100,10 +100,6 @@ class RunOptions:
         self.guidance = float(self.guidance)
         if self.format not in FORMATS:
             raise UsageError(f"--format must be one of {', '.join(FORMATS)}; got {self.format!r}.")
-        if self.decode_target not in DECODE_TARGETS:
-            raise UsageError(
-                f"--decode_target must be one of {', '.join(DECODE_TARGETS)}; got {self.decode_target!r}."
-            )
         self.device = str(check_device(self.device))
         check_gpu_fits(spec, torch.device(self.device), self.offload)
         if self.weights_dir is not None:
@@ -114,14 +110,7 @@ class RunOptions:
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise UsageError(f"--output_dir must be a folder path; got {self.output_dir!r}.")
         check_output_dir(Path(self.output_dir))
-        if self.decode_batch_size is not None and (
-            isinstance(self.decode_batch_size, bool)
-            or not isinstance(self.decode_batch_size, int)
-            or self.decode_batch_size < 1
-        ):
-            raise UsageError(
-                f"--decode_batch_size must be a whole number >= 1; got {self.decode_batch_size!r}."
-            )
+        check_decode_flags(self.decode_target, self.decode_batch_size)
         for flag in ("offload", "capture", "force", "should_decode_intermediates", "analyze"):
             if not isinstance(getattr(self, flag), bool):
                 raise UsageError(
@@ -210,6 +199,16 @@ class RunOptions:
         itemsize = (plan.dtype or compute_dtype(self.spec)).itemsize
         per_step = plan.bytes_per_step(1, txt_len, img_len, self.spec.params.hidden_size, itemsize, pinned)
         return per_step * len(plan.steps)
+
+
+def check_decode_flags(target: str, batch_size: int | None) -> None:
+    """--decode_target and --decode_batch_size, for a capture run and for `decode` alike."""
+    if target not in DECODE_TARGETS:
+        raise UsageError(f"--decode_target must be one of {', '.join(DECODE_TARGETS)}; got {target!r}.")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise UsageError(f"--decode_batch_size must be a whole number >= 1; got {batch_size!r}.")
 
 
 def check_device(name: str | None) -> torch.device:

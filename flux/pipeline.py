@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from flux.autoencoder import AutoEncoder
 from flux.capture import BlockCapture, CapturePlan, HostBufferPool, format_steps, host_nbytes
 from flux.configs import ModelSpec, get_spec
-from flux.errors import UsageError
 from flux.loading import (
     AE_WHAT,
     check_checkpoint,
@@ -42,9 +41,9 @@ from flux.loading import (
 )
 from flux.model import Flux, FluxParams
 from flux.options import (
-    DECODE_TARGETS,
     RunOptions,
     available_host_memory,
+    check_decode_flags,
     check_device,
     check_output_dir,
     compute_dtype,
@@ -58,6 +57,7 @@ from flux.store import (
     claim_stem,
     file_sha256,
     fresh_dir,
+    metadata_path_for,
     next_free_index,
     publish_new,
     release_stem,
@@ -480,11 +480,6 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def metadata_path_for(stem: str, folder: Path) -> Path:
-    """capture_{stamp}_{model} -> folder/metadata_{stamp}_{model}.json"""
-    return folder / f"metadata_{stem.removeprefix('capture_')}.json"
-
-
 def generate(
     models: Models, opts: RunOptions, progress: bool = True, buffers: Future | None = None
 ) -> RunResult:
@@ -833,12 +828,7 @@ def decode_later(
     from flux.store import load_capture
 
     # Check every value before reading or writing anything (exit code 2, no output folder).
-    if target not in DECODE_TARGETS:
-        raise UsageError(f"--decode_target must be one of {', '.join(DECODE_TARGETS)}; got {target!r}.")
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise UsageError(f"--decode_batch_size must be a whole number >= 1; got {batch_size!r}.")
+    check_decode_flags(target, batch_size)
     device = check_device(device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # as for generation: kernels, streams and events on the chosen GPU

@@ -381,19 +381,23 @@ def fresh_dir(base: Path) -> Iterator[Path]:
         raise
 
 
-def claim_stem(folder: Path, model: str, prefix: str = "capture") -> str:
-    """A unique `{prefix}_{YYYYmmdd_HHMMSS}_{model}` stem in `folder`, claimed with an exclusive lock file.
+def metadata_path_for(stem: str, folder: Path) -> Path:
+    """capture_{stamp}_{model} -> folder/metadata_{stamp}_{model}.json"""
+    return folder / f"metadata_{stem.removeprefix('capture_')}.json"
+
+
+def claim_stem(folder: Path, model: str) -> str:
+    """A unique `capture_{YYYYmmdd_HHMMSS}_{model}` stem in `folder`, claimed with an exclusive lock file.
 
     A stem counts as taken if its .pt, directory, metadata or claim exists; a short random suffix is added
     when the plain stem is taken. Call `release_stem` once the outputs are in place.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    base = f"{prefix}_{time.strftime('%Y%m%d_%H%M%S')}_{model}"
+    base = f"capture_{time.strftime('%Y%m%d_%H%M%S')}_{model}"
     stem = base
     for _ in range(100):
         taken = any(
-            (folder / name).exists()
-            for name in (f"{stem}.pt", stem, f"metadata_{stem.split('_', 1)[1]}.json")
+            path.exists() for path in (folder / f"{stem}.pt", folder / stem, metadata_path_for(stem, folder))
         )
         if not taken:
             try:

@@ -552,3 +552,23 @@ def test_a_jpeg_cut_short_by_a_full_disk_is_an_error_and_leaves_nothing(tmp_path
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("UserError:") and "full" in done.stdout, done.stdout
     assert os.listdir(tmp_path) == []  # neither the image nor its temporary file
+
+
+def test_a_final_layer_that_does_not_match_the_model_is_named():
+    from flux.configs import get_spec
+    from flux.decode import final_layer_from
+
+    params = get_spec("flux-tiny").params
+    d, out = params.hidden_size, params.out_channels
+    good = {
+        "final_layer.linear.weight": torch.zeros(out, d),
+        "final_layer.linear.bias": torch.zeros(out),
+        "final_layer.adaLN_modulation.1.weight": torch.zeros(2 * d, d),
+        "final_layer.adaLN_modulation.1.bias": torch.zeros(2 * d),
+    }
+    final_layer_from(good, params, "file.safetensors", dtype=torch.float32)
+    with pytest.raises(UserError, match=r"1 missing \(linear\.bias\)"):
+        final_layer_from({k: v for k, v in good.items() if k != "final_layer.linear.bias"}, params, "f")
+    wrong = {**good, "final_layer.linear.weight": torch.zeros(out, 2 * d)}
+    with pytest.raises(UserError, match=rf"linear\.weight \({out}, {2 * d}\) != \({out}, {d}\)"):
+        final_layer_from(wrong, params, "f")
