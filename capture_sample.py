@@ -101,34 +101,12 @@ def main(
             cache.
         progress: Show progress bars (default True).
     """
+    flags = dict(locals())  # every flag, by the names RunOptions has (a test keeps the defaults alike)
     from flux.pipeline import RunOptions, buffers_while_loading, generate, load_models
     from flux.store import human_bytes
 
-    opts = RunOptions(
-        model=model,
-        prompt=prompt,
-        width=width,
-        height=height,
-        seed=seed,
-        num_steps=num_steps,
-        guidance=guidance,
-        offload=offload,
-        device=device,
-        output_dir=output_dir,
-        capture=capture,
-        format=format,
-        blocks=blocks,
-        steps=steps,
-        streams=streams,
-        capture_dtype=capture_dtype,
-        force=force,
-        should_decode_intermediates=should_decode_intermediates,
-        decode_target=decode_target,
-        decode_batch_size=decode_batch_size,
-        compile_decoder=compile_decoder,
-        analyze=analyze,
-        weights_dir=weights_dir,
-    ).validate()
+    progress = flags.pop("progress")
+    opts = RunOptions(**flags).validate()
     for warning in opts.warnings:
         print(warning, file=sys.stderr)
     if opts.capture:

@@ -3,13 +3,13 @@
     uv run python benchmarks/bench_save.py                  # 512 MB in 3 MB tensors, like 256 px captures
     uv run python benchmarks/bench_save.py --mb 2048 --tensor_mb 26 --repeats 5
 
-torch.save computes each record's CRC32 inline on one thread; `flux.store.torch_save` writes without them
+torch.save computes each record's CRC32 inline on one thread; `flux.torchsave.torch_save` writes without them
 (torch >= 2.6 can) and fills them in afterwards from the page cache on several threads, giving the same file.
 Modes, taken in turn round after round, each after the previous file is deleted and the disk's dirty pages
 flushed:
 
     inline     torch.save with its own CRC32s (what torch_save did before, and still does on older torch)
-    ours       flux.store.torch_save
+    ours       flux.torchsave.torch_save
     no_crc     torch.save without CRC32s: the floor (zip tools reject such a file; not something we write)
 
 Printed: median seconds and GB/s per mode, and each mode's speed against `inline`. A CPU benchmark: it runs
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from flux.store import _crc_config, torch_save
+from flux.torchsave import _crc_config, torch_save
 
 MODES = ("inline", "ours", "no_crc")
 

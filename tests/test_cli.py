@@ -377,6 +377,20 @@ def test_help_documents_every_flag(capsys):
         assert " ".join(entry[1].split()) in shown, f"--help does not show all of --{name}'s entry"
 
 
+def test_the_cli_defaults_are_the_run_options_defaults():
+    """main's flags go to RunOptions by name: the same names, and defaults that agree, so that a run from
+    Python (RunOptions) and one from the command line are the same run."""
+    import dataclasses
+    import inspect
+
+    from flux.options import RunOptions
+
+    cli_defaults = {n: p.default for n, p in inspect.signature(capture_sample.main).parameters.items()}
+    cli_defaults.pop("progress")  # how the run reports, not what it does
+    fields = {f.name: f.default for f in dataclasses.fields(RunOptions) if f.name != "warnings"}
+    assert cli_defaults == fields
+
+
 def test_cuda_out_of_memory_names_offload_and_smaller_sizes(monkeypatch, tmp_path, capsys):
     import flux.pipeline
 

@@ -295,7 +295,7 @@ def test_pt_captures_are_byte_for_byte_what_torch_save_writes(tmp_path):
     pickle scanners built on zipfile need; torch.load never checks) and differs from capture to capture."""
     import zipfile
 
-    from flux.store import _crc_config, torch_save
+    from flux.torchsave import _crc_config, torch_save
 
     ids = set()
     for seed in range(2):
@@ -317,8 +317,8 @@ def test_pt_captures_are_byte_for_byte_what_torch_save_writes(tmp_path):
 def test_torch_save_falls_back_to_torch_when_the_layout_is_unexpected(tmp_path, monkeypatch):
     """If the written file is not laid out as expected, it is written again by torch.save with its own
     CRC32s: the same file, never a capture lost."""
-    import flux.store
-    from flux.store import _crc_config, torch_save
+    import flux.torchsave
+    from flux.torchsave import _crc_config, torch_save
 
     if _crc_config() is None:
         pytest.skip("this torch cannot leave the CRC32s out, so torch_save is plain torch.save")
@@ -328,7 +328,7 @@ def test_torch_save_falls_back_to_torch_when_the_layout_is_unexpected(tmp_path, 
         calls.append(fd)
         raise ValueError("unexpected serialization id")
 
-    monkeypatch.setattr(flux.store, "_fix_serialization_id", unexpected)
+    monkeypatch.setattr(flux.torchsave, "_fix_serialization_id", unexpected)
     obj, ours = _capture_like(0), tmp_path / "c.pt"
     torch_save(obj, ours)
     assert calls and ours.read_bytes() == _torch_save_bytes(obj, tmp_path / "plain.pt")
@@ -356,7 +356,7 @@ def test_fill_zip_crc32s_restores_every_crc(tmp_path, monkeypatch, descriptors, 
     files when its limit is lowered), as torch writes for captures over 4 GB."""
     import zipfile
 
-    from flux.store import fill_zip_crc32s
+    from flux.torchsave import fill_zip_crc32s
 
     if zip64:
         monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 100)
@@ -390,7 +390,7 @@ def test_fill_zip_crc32s_finds_the_directory_past_a_lookalike_signature(tmp_path
     (or in the record's own fields) are not taken for it: the record found must end the file."""
     import zipfile
 
-    from flux.store import fill_zip_crc32s
+    from flux.torchsave import fill_zip_crc32s
 
     stream = io.BytesIO()
     with zipfile.ZipFile(stream, "w", zipfile.ZIP_STORED) as archive:
@@ -408,7 +408,7 @@ def test_fill_zip_crc32s_finds_the_directory_past_a_lookalike_signature(tmp_path
 def test_fill_zip_crc32s_refuses_what_it_cannot_fill(tmp_path):
     import zipfile
 
-    from flux.store import fill_zip_crc32s
+    from flux.torchsave import fill_zip_crc32s
 
     not_zip, deflated = tmp_path / "n.bin", tmp_path / "d.zip"
     not_zip.write_bytes(b"not a zip archive at all" * 10)
