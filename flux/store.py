@@ -518,6 +518,17 @@ def _context_from(meta: dict) -> dict:
     return ctx
 
 
+def _read_all(obj: Any) -> Any:
+    """`obj` with every LazyList read into a list, in nested dicts, lists and tuples."""
+    if isinstance(obj, dict):
+        return {k: _read_all(v) for k, v in obj.items()}
+    if isinstance(obj, (LazyList, list)):
+        return [_read_all(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_read_all(v) for v in obj)
+    return obj
+
+
 def _load_dir(directory: Path) -> dict:
     index_path = directory / "index.json"
     try:
@@ -560,16 +571,19 @@ def _load_dir(directory: Path) -> dict:
     return {"double_blocks": double, "single_blocks": single, "denoising_context": ctx, "metadata": meta}
 
 
-def load_capture(path: str | Path) -> dict:
+def load_capture(path: str | Path, lazy: bool = True) -> dict:
     """Open a capture (`.pt` file or safetensors directory) as the documented nested dict.
 
     `.pt` files are read with `weights_only=True` (memory-mapped; a file in torch's legacy non-zip format is
     read whole); a file that pickles code is refused.
-    Safetensors captures are lazy: block lists read a tensor from disk only when it is indexed.
+    Safetensors captures are lazy: block lists read a tensor from disk only when it is indexed. With
+    `lazy=False` every tensor is read now, into plain lists, as a `.pt` capture holds them (one that
+    `torch.save` can write, or `copy.deepcopy` keep apart from the files).
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        return _load_dir(path)
+        capture = _load_dir(path)
+        return capture if lazy else _read_all(capture)
     if not path.exists():
         raise UsageError(
             f"No capture at {str(path)!r}: pass a .pt capture file or a safetensors capture directory "

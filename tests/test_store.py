@@ -113,6 +113,21 @@ def test_pt_and_safetensors_load_to_identical_tensors(model, tmp_path):
     for copied in (copy.copy(lazy), copy.deepcopy(b["single_blocks"])["block_0"]):
         assert len(copied) == NUM_STEPS and torch.equal(copied[1], lazy[1])
     assert pool.allocated <= 2  # the writer reused at most two host buffer sets for three steps
+    # Read whole, a safetensors capture is what the .pt holds, and torch.save writes it as it is.
+    whole = load_capture(st, lazy=False)
+    buffer = io.BytesIO()
+    torch.save(whole, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    for name, steps in a["double_blocks"].items():
+        assert [
+            [torch.equal(x, y) for x, y in zip(p, q)] for p, q in zip(steps, saved["double_blocks"][name])
+        ] == [[True, True]] * NUM_STEPS
+    assert all(isinstance(v, list) for v in saved["single_blocks"].values())
+    for key in ("img_state", "vec", "pred"):
+        assert all(
+            torch.equal(x, z) for x, z in zip(a["denoising_context"][key], saved["denoising_context"][key])
+        )
 
 
 def test_interrupted_safetensors_capture_keeps_finished_steps(model, tmp_path):
