@@ -25,14 +25,20 @@ CAPTURE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.f
 
 
 def _as_text(value) -> str | None:
+    """A flag's value as text: Fire turns `--steps 0,3` into the tuple (0, 3) and `--steps 3` into an int."""
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
     return None if value is None else str(value)
 
 
-def _parse_ranges(text: str, upper: int, flag: str, what: str) -> list[int]:
-    """'0,3', '2-5', '0-49:5', 'all' -> sorted unique indices in [0, upper)."""
-    if text.strip().lower() in ("all", "*", ""):
+def _means_all(text: str | None) -> bool:
+    return text is None or text.strip().lower() in ("all", "*", "")
+
+
+def parse_ranges(text: str, upper: int, where: str, what: str) -> list[int]:
+    """'0,3', '2-5', '0-49:5', 'all' -> sorted unique indices in [0, upper); a UsageError names `where` (the
+    flag, or an intervention spec) and `what` the indices are."""
+    if _means_all(text):
         return list(range(upper))
     picked: set[int] = set()
     for part in text.split(","):
@@ -40,7 +46,7 @@ def _parse_ranges(text: str, upper: int, flag: str, what: str) -> list[int]:
         m = re.fullmatch(r"(\d+)(?:-(\d+))?(?::(\d+))?", part)
         if not m:
             raise UsageError(
-                f"--{flag}: cannot read {part!r}. Use indices and ranges such as '0,3', '2-5' or '0-49:5'."
+                f"{where}: cannot read {part!r}. Use indices and ranges such as '0,3', '2-5' or '0-49:5'."
             )
         start = int(m[1])
         stop = int(m[2]) if m[2] is not None else start
@@ -48,11 +54,19 @@ def _parse_ranges(text: str, upper: int, flag: str, what: str) -> list[int]:
         if m[3] is not None and m[2] is None:
             stop = upper - 1
         if stride < 1 or stop < start:
-            raise UsageError(f"--{flag}: {part!r} is an empty range.")
+            raise UsageError(f"{where}: {part!r} is an empty range.")
         if stop >= upper:
-            raise UsageError(f"--{flag}: {part!r} is out of range: {what} go from 0 to {upper - 1}.")
+            raise UsageError(f"{where}: {part!r} is out of range: {what} go from 0 to {upper - 1}.")
         picked.update(range(start, stop + 1, stride))
     return sorted(picked)
+
+
+def parse_steps(
+    text: str | int | Sequence[int] | None, num_steps: int, where: str = "--steps"
+) -> tuple[int, ...] | None:
+    """--steps syntax -> step indices, or None for every step."""
+    text = _as_text(text)
+    return None if _means_all(text) else tuple(parse_ranges(text, num_steps, where, "steps"))
 
 
 def format_steps(steps: Sequence[int] | None) -> str:
@@ -107,7 +121,7 @@ class CapturePlan:
         blocks, steps = _as_text(blocks), _as_text(steps)
         double: set[int] = set()
         single: set[int] = set()
-        if blocks is None or str(blocks).strip().lower() in ("all", "*", ""):
+        if _means_all(blocks):
             double, single = set(range(depth)), set(range(depth_single))
         else:
             kind = None  # a bare range after a comma goes with the kind before it: single:10,37
@@ -124,9 +138,9 @@ class CapturePlan:
                     )
                 upper = depth if kind == "double" else depth_single
                 (double if kind == "double" else single).update(
-                    _parse_ranges(spec, upper, "blocks", f"{kind} blocks")
+                    parse_ranges(spec, upper, "--blocks", f"{kind} blocks")
                 )
-        step_list = _parse_ranges(str(steps) if steps is not None else "all", num_steps, "steps", "steps")
+        step_list = parse_ranges(steps or "all", num_steps, "--steps", "steps")
         if streams not in STREAMS:
             raise UsageError(f"--streams must be one of {', '.join(STREAMS)}; got {streams!r}.")
         if capture_dtype is None or capture_dtype == "auto":

@@ -40,7 +40,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flux.capture import CONTEXT_KEYS, BlockCapture, CapturePlan, HookSet, HostBufferPool, format_steps
+from flux.capture import (
+    CONTEXT_KEYS,
+    BlockCapture,
+    CapturePlan,
+    HookSet,
+    HostBufferPool,
+    format_steps,
+    parse_steps,
+)
 from flux.decode import LensKey, as_indices, block_tokens, to_device
 from flux.errors import UsageError, UserError
 from flux.model import Flux
@@ -182,21 +190,6 @@ class Intervention:
 
     def blocks_of(self, model: Flux):
         return model.double_blocks if self.stream == "double" else model.single_blocks
-
-
-def parse_steps(
-    text: str | int | Sequence[int] | None, num_steps: int, what: str = "steps"
-) -> tuple[int, ...] | None:
-    """--steps syntax -> step indices, or None for every step. Fire turns '--steps 0,3' into (0, 3)."""
-    if isinstance(text, (list, tuple)):
-        text = ",".join(str(t) for t in text)
-    if text is None or str(text).strip().lower() in ("all", "*", ""):
-        return None
-    try:
-        plan = CapturePlan.parse("double:0", str(text), "both", None, 1, 1, num_steps)
-    except UsageError as e:
-        raise UsageError(f"{what}: {str(e).removeprefix('--steps: ')}") from e
-    return plan.steps
 
 
 def parse_interventions(
