@@ -408,6 +408,8 @@ def plot_norms(df, path: str | Path | None = None, *, figsize=FIGSIZE, dpi: int 
             sub = df[df["metric"] == f"{stream}_norm_{stat}"]
             for i, (k, t) in enumerate(steps):
                 line = sub[sub["step"] == k].set_index("depth")["value"].sort_index()
+                if line.empty:  # e.g. a frame filtered in a notebook
+                    continue
                 # Blocks not captured are gaps (NaN), not a straight line drawn as if measured across them.
                 full = line.reindex(range(int(line.index.min()), int(line.index.max()) + 1))
                 ax.plot(

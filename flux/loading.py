@@ -232,8 +232,9 @@ _FLOAT8 = ("F8_E4M3", "F8_E5M2", "F8_E4M3FN", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_
 _MAGIC = {  # the first bytes of files that are often mistaken for a safetensors checkpoint
     b"PK\x03\x04": "a PyTorch .pt/.ckpt file (a zip archive)",
     b"GGUF": "a GGUF file (a quantised checkpoint for llama.cpp-style runtimes)",
-    b"\x80": "a pickle file",
-    b"<": "an HTML page (a failed download?)",
+    **{b"\x80" + bytes([protocol]): "a pickle file" for protocol in range(2, 6)},
+    b"<!": "an HTML page (a failed download?)",
+    b"<html": "an HTML page (a failed download?)",
 }
 
 
@@ -250,12 +251,18 @@ def read_header(path: Path) -> dict[str, dict]:
             body = f.read(length) if 2 <= length <= min(_MAX_HEADER_BYTES, size - 8) else b""
     except OSError as e:
         raise UserError(f"Could not read {str(path)!r}: {e.strerror or e}.") from e
+    kind = next((what for magic, what in _MAGIC.items() if head.lower().startswith(magic)), None)
+    if kind is None and 2 <= length <= _MAX_HEADER_BYTES and length > size - 8:
+        raise UserError(
+            f"{str(path)!r} is truncated: it ends inside its own header ({size:,} bytes). The download was "
+            "cut short: delete it and download it again (a file in the Hugging Face cache: download it "
+            "again with --force-download)."
+        )
     try:
         header = json.loads(body) if body else None
     except (ValueError, UnicodeDecodeError):
         header = None
     if not isinstance(header, dict):
-        kind = next((what for magic, what in _MAGIC.items() if head.startswith(magic)), None)
         raise UserError(
             f"{str(path)!r} is {kind or 'not a safetensors file, or one whose header is corrupt'}. This tool "
             "loads the published .safetensors checkpoints in Black Forest Labs' layout (e.g. "
@@ -506,7 +513,7 @@ def check_state_dict(model: nn.Module, shapes: dict[str, tuple], path: Path, wha
 
 def check_checkpoint(model_factory, path: Path, what: str) -> None:
     """Check a checkpoint's header against the module `model_factory` builds (on meta): every key and shape,
-    and dtypes that hold the published weights (bf16, fp16, fp32), in milliseconds, reading no tensor."""
+    and float dtypes (bf16, fp16, fp32, fp64; not float8 or integers), in milliseconds, reading no tensor."""
     with torch.device("meta"):
         model = model_factory()
     header = read_header(path)
@@ -597,11 +604,12 @@ def load_text_encoders(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     weights_dir: str | Path | None = None,
+    source: str | Path | None = None,
 ):
-    """(T5, CLIP) embedders for `spec`, from the source `text_encoder_source` picks."""
+    """(T5, CLIP) embedders for `spec`, from `source` (default: the one `text_encoder_source` picks)."""
     from flux.conditioner import load_text_embedder
 
-    source = text_encoder_source(spec, weights_dir)
+    source = source if source is not None else text_encoder_source(spec, weights_dir)
     t5 = load_text_embedder(
         "t5", source, "text_encoder_2", "tokenizer_2", spec.t5_max_length, device=device, dtype=dtype
     )

@@ -247,17 +247,14 @@ def load_models(
     with library_progress_bars(progress):
         # The flow model and AE files first, each checked from its header: a gated repo, a missing or a
         # wrong file is reported before the 10 GB of text encoders is fetched and loaded.
+        text_source = text_encoder_source(spec, weights_dir)  # a FLUX_TEXT_ENCODERS that is no folder: now
         flow_path, ae_path = resolve_flow_path(spec, weights_dir), resolve_ae_path(spec, weights_dir)
         check_checkpoint(lambda: Flux(spec.params), flow_path, flow_what(spec))
         check_checkpoint(lambda: AutoEncoder(spec.ae_params), ae_path, AE_WHAT)
-        t5, clip = load_text_encoders(spec, home, dtype, weights_dir)
+        t5, clip = load_text_encoders(spec, home, dtype, source=text_source)
         flow = load_flow_model(spec, home, dtype, path=flow_path)
         ae = load_ae(spec, home, path=ae_path)
-    weights = {
-        "flow": str(flow_path),
-        "ae": str(ae_path),
-        "text_encoders": str(text_encoder_source(spec, weights_dir)),
-    }
+    weights = {"flow": str(flow_path), "ae": str(ae_path), "text_encoders": str(text_source)}
     models = Models(spec, flow, ae, t5, clip, device, dtype, offload, weights=weights)
     if offload:
         models.keep_host_weights()

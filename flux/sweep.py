@@ -275,8 +275,14 @@ def _open(path: str, device: str | None):
         spec = get_spec(meta["model"])
     except (KeyError, ValueError) as e:
         raise UserError(f"{path!r} does not name a known model in its metadata ({e}).") from e
-    if not len(capture["denoising_context"].get("img_state") or ()):
+    ctx = capture["denoising_context"]
+    if not len(ctx.get("img_state") or ()):
         raise UserError(f"{path!r} was stopped before its first step: there is no stored latent to replay.")
+    if missing := [k for k in ("txt", "txt_ids", "img_ids", "y") if k not in ctx]:
+        raise UserError(
+            f"{path!r} was killed before its context was written (older versions wrote it at the end), so "
+            f"it lacks {', '.join(missing)}, which a replay needs. `decode` still shows its steps."
+        )
     if "final_latent" not in capture["denoising_context"]:
         print(
             f"note: {path} is an interrupted capture (steps {format_steps(meta.get('steps_done', []))} on "
@@ -287,9 +293,9 @@ def _open(path: str, device: str | None):
     if meta.get("interventions"):
         print(
             "note: this capture was made by a replay with interventions "
-            f"({'; '.join(meta['interventions'])}), which are not applied again: an unmodified replay of it "
-            "reproduces the run it was replayed from, not this capture. Pass them again with --intervention "
-            "to build on them.",
+            f"({'; '.join(meta['interventions'])}), which are not applied again, so an unmodified replay of "
+            "it does not reproduce it: its stored latents are those of the altered run from the step that "
+            f"replay began at ({meta.get('replayed_steps', [0])[0]}), the first run's before.",
             file=sys.stderr,
         )
     dtype = compute_dtype(spec)
@@ -333,7 +339,7 @@ def _check_record_fits(spec, capture: dict, device: torch.device, out: Path, ste
     """Refuse, before loading, a --save_capture whose capture of every block at the `steps` replayed steps
     the host memory (it is held there until written, pinned on CUDA) or the disk cannot hold: 80 GB for
     flux-dev at 1024 px."""
-    from flux.options import _existing_parent, available_host_memory, compute_dtype
+    from flux.options import _existing_parent, available_host_memory, compute_dtype, model_host_bytes
     from flux.sampling import image_tokens
 
     p, meta = spec.params, capture["metadata"]
@@ -347,6 +353,8 @@ def _check_record_fits(spec, capture: dict, device: torch.device, out: Path, ste
 
     held, stored = size(device.type == "cuda"), size(False)
     available, free = available_host_memory(), shutil.disk_usage(_existing_parent(out)).free
+    if available is not None and device.type != "cuda":
+        available -= model_host_bytes(spec)  # the flow model and the AE live in host memory too
     if (available is not None and held > 0.8 * available) or stored > free:
         raise UserError(
             f"--save_capture keeps every block output of the {steps} replayed steps: {stored / 1e9:.1f} GB, "

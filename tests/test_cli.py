@@ -442,6 +442,11 @@ def test_offload_gives_the_same_image(tiny_run, tmp_path):
     assert (tmp_path / "img_0.jpg").read_bytes() == (tiny_run / "img_0.jpg").read_bytes()
 
 
+def _tensor_addresses(module) -> dict:
+    """Parameters, and buffers (which a move replaces rather than re-points): where each one's data is."""
+    return {n: (t.data_ptr(), t.dtype) for n, t in (*module.named_parameters(), *module.named_buffers())}
+
+
 def test_offload_returns_each_module_to_the_tensors_it_was_loaded_into():
     """Back from the GPU, an offloaded module's parameters are the loaded tensors again (mapped from the
     checkpoint file): `.cpu()` would copy 24 GB into new memory. A move to bf16 stands in for the move to the
@@ -451,11 +456,12 @@ def test_offload_returns_each_module_to_the_tensors_it_was_loaded_into():
     models = load_models(get_spec("flux-tiny"), "cpu", offload=True)
     for name in models.OFFLOADED:
         module = operator.attrgetter(name)(models)
-        loaded = {n: (p.data_ptr(), p.dtype) for n, p in module.named_parameters()}
+
+        loaded = _tensor_addresses(module)
         module.to(torch.bfloat16)
         assert all(p.dtype == torch.bfloat16 for p in module.parameters())  # new tensors, as on the GPU
         models.to_host(name)
-        assert {n: (p.data_ptr(), p.dtype) for n, p in module.named_parameters()} == loaded, name
+        assert _tensor_addresses(module) == loaded, name
 
 
 def test_plan_flags_as_fire_parses_them(tmp_path):
@@ -754,6 +760,11 @@ def test_a_capture_killed_before_writing_its_context_still_decodes(tmp_path, cap
                                "--progress", "False"]) == 0  # fmt: skip
     assert len(list((tmp_path / "lens").glob("*_block_*_step_*.jpg"))) == 5 * 4  # flux-tiny's 5 blocks
     capsys.readouterr()
+    # A replay needs the text embeddings and ids, which such a capture lacks: refused, before loading.
+    for command in ("replay", "sweep"):
+        assert capture_sample.run([command, str(capture), "--output_dir", str(tmp_path / command)]) == 1
+        assert "was killed before its context was written" in capsys.readouterr().err
+        assert not (tmp_path / command).exists()
 
 
 def test_a_command_that_fails_leaves_no_empty_folder(tmp_path, capsys):

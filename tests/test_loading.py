@@ -122,6 +122,9 @@ def test_truncated_checkpoint_gives_clear_error(tiny_repo, tmp_path):
     with pytest.raises(UserError, match=f"is truncated: its header describes {len(data):,} bytes, the file "
                        f"has {len(data) // 2:,}"):  # fmt: skip
         load_flow_model(TINY, "cpu", torch.float32, weights_dir=folder)
+    (folder / TINY.repo_flow).write_bytes(data[:100])  # cut inside the JSON header
+    with pytest.raises(UserError, match="is truncated: it ends inside its own header"):
+        load_flow_model(TINY, "cpu", torch.float32, weights_dir=folder)
 
 
 def test_missing_file_in_weights_dir(tmp_path):
@@ -239,9 +242,17 @@ def test_wrong_files_are_refused_from_their_header_before_the_text_encoders_load
     monkeypatch.setattr(flux.pipeline, "load_text_encoders", lambda *a, **k: pytest.fail("T5 loaded first"))
     monkeypatch.setattr(flux.loading, "read_state_dict", lambda *a, **k: pytest.fail("tensors read"))
     monkeypatch.setenv("FLUX_TINY_DIR", str(tiny_repo))
-    monkeypatch.setenv("FLUX_MODEL", str(tiny_repo / TINY.repo_ae))  # the AE given as the flow model
-    with pytest.raises(UserError, match=r"flux1-tiny flow transformer|It looks like the autoencoder"):
+    monkeypatch.setenv("FLUX_TEXT_ENCODERS", str(tiny_repo / "nowhere"))  # reported first, before any file
+    monkeypatch.setattr(
+        flux.pipeline, "resolve_flow_path", lambda *a, **k: pytest.fail("flow resolved first")
+    )
+    with pytest.raises(UserError, match="FLUX_TEXT_ENCODERS points at"):
         flux.pipeline.load_models(TINY, "cpu")
+    monkeypatch.undo()
+    monkeypatch.setattr(flux.pipeline, "load_text_encoders", lambda *a, **k: pytest.fail("T5 loaded first"))
+    monkeypatch.setattr(flux.loading, "read_state_dict", lambda *a, **k: pytest.fail("tensors read"))
+    monkeypatch.setenv("FLUX_TINY_DIR", str(tiny_repo))
+    monkeypatch.setenv("FLUX_MODEL", str(tiny_repo / TINY.repo_ae))  # the AE given as the flow model
     with pytest.raises(UserError, match=r"It looks like the autoencoder \(ae\.safetensors\)\.$"):
         flux.pipeline.load_models(TINY, "cpu")
     monkeypatch.delenv("FLUX_MODEL")
