@@ -289,6 +289,46 @@ def block_metrics(capture: dict, final_layer: LastLayer | None = None, *, norms:
     return df
 
 
+COMPARE_METRICS = ("img_cosine", "img_rel_l2", "txt_cosine", "txt_rel_l2")
+
+
+@torch.inference_mode()
+def compare_captures(a: dict, b: dict):
+    """How far two runs are apart, block by block and step by step: the cosine similarity and the relative
+    L2 distance (|a - b| / |b|, float64) of each block output's image and of its text tokens, flattened, in
+    the long format of `block_metrics` (metrics COMPARE_METRICS). Run on two prompts with one seed, it shows
+    at which depth and step their streams part. Only the blocks and steps both captured are compared; the
+    runs must be of one model, image size and number of steps (one grid, one noise level per step)."""
+    pd = require("pandas")
+    meta_a, meta_b = a["metadata"], b["metadata"]
+    for key in ("model", "width", "height", "num_steps"):
+        if meta_a.get(key) != meta_b.get(key):
+            raise UserError(
+                f"The captures differ in {key} ({meta_a.get(key)!r} and {meta_b.get(key)!r}): compare runs "
+                "of one model, image size and number of steps."
+            )
+    steps_a, steps_b = list(meta_a["captured_steps"]), list(meta_b["captured_steps"])
+    steps = sorted(set(steps_a) & set(steps_b))
+    n_double, rows = n_double_blocks(meta_a), []
+    for stream in STREAMS:
+        names = set(a[f"{stream}_blocks"]) & set(b[f"{stream}_blocks"])
+        for block in sorted(int(name.removeprefix("block_")) for name in names):
+            for step in steps:
+                tokens_a = block_tokens(a, LensKey(stream, block, step, steps_a.index(step)))
+                tokens_b = block_tokens(b, LensKey(stream, block, step, steps_b.index(step)))
+                t = float(a["denoising_context"]["timestep_pairs"][step][0])
+                depth = depth_of(stream, block, n_double)
+                for name, x, y in zip(("img", "txt"), tokens_a, tokens_b, strict=True):
+                    if x is not None and y is not None:
+                        cosine, rel_l2 = _compare(x, y)
+                        rows.append((stream, block, depth, step, t, f"{name}_cosine", cosine))
+                        rows.append((stream, block, depth, step, t, f"{name}_rel_l2", rel_l2))
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    df = df.sort_values(["depth", "step"], kind="stable", ignore_index=True)
+    df.attrs["n_double"] = n_double
+    return df
+
+
 def write_csv(df, path: str | Path) -> Path:
     """The metrics table as CSV, written atomically."""
     from flux.store import atomic_write

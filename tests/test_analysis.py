@@ -534,6 +534,38 @@ def test_analyze_loads_only_the_final_layer_and_the_ae(captures, tmp_path, monke
     assert len(aes) == 1 and read_whole == [resolve_ae_path(spec).resolve()]
 
 
+def test_compare_captures_measures_each_block_against_the_other_run(captures, tmp_path):
+    """The same run in both formats is identical everywhere; another prompt with the same seed is not, and
+    every value is the formula worked out here, on the tensors as stored."""
+    from flux.pipeline import RunOptions, generate, load_models
+
+    same = analysis.compare_captures(load_capture(captures["pt"]), load_capture(captures["safetensors"]))
+    assert set(same.metric) == set(analysis.COMPARE_METRICS)
+    assert (same[same.metric.str.endswith("cosine")].value.round(12) == 1).all()
+    assert (same[same.metric.str.endswith("rel_l2")].value == 0).all()
+    opts = RunOptions(model="flux-tiny", prompt="a blue ball", seed=1, width=SIZE, height=SIZE, device="cpu",
+                      output_dir=str(tmp_path), should_decode_intermediates=False)  # fmt: skip
+    other = load_capture(
+        generate(load_models(opts.spec, "cpu"), opts.validate(), progress=False).capture_path
+    )
+    mine = load_capture(captures["pt"])
+    df = analysis.compare_captures(mine, other)
+    assert len(df) == N_BLOCKS * 4 * 4  # blocks x steps x (img, txt) x (cosine, rel_l2)
+    t_len = mine["denoising_context"]["txt_seq_len"]
+    a, b = mine["single_blocks"]["block_1"][2], other["single_blocks"]["block_1"][2]
+    for tokens, x, y in (("img", a[:, t_len:], b[:, t_len:]), ("txt", a[:, :t_len], b[:, :t_len])):
+        x, y = x.double().flatten(), y.double().flatten()
+        cosine = float(x @ y / (x.norm() * y.norm()))
+        assert _value(df, "single", 1, 2, f"{tokens}_cosine") == pytest.approx(cosine, rel=1e-12)
+        assert _value(df, "single", 1, 2, f"{tokens}_rel_l2") == pytest.approx(
+            float((x - y).norm() / y.norm())
+        )
+    assert _value(df, "double", 0, 0, "txt_rel_l2") > 0  # another prompt: other text tokens from the start
+    with pytest.raises(UserError, match="The captures differ in width"):
+        other["metadata"] = {**other["metadata"], "width": 128}
+        analysis.compare_captures(mine, other)
+
+
 def test_latest_capture(tmp_path):
     with pytest.raises(UserError, match="No capture"):
         analysis.latest_capture(tmp_path)
