@@ -235,6 +235,7 @@ _MAGIC = {  # the first bytes of files that are often mistaken for a safetensors
     **{b"\x80" + bytes([protocol]): "a pickle file" for protocol in range(2, 6)},
     b"<!": "an HTML page (a failed download?)",
     b"<html": "an HTML page (a failed download?)",
+    b"<HTML": "an HTML page (a failed download?)",
 }
 
 
@@ -251,7 +252,7 @@ def read_header(path: Path) -> dict[str, dict]:
             body = f.read(length) if 2 <= length <= min(_MAX_HEADER_BYTES, size - 8) else b""
     except OSError as e:
         raise UserError(f"Could not read {str(path)!r}: {e.strerror or e}.") from e
-    kind = next((what for magic, what in _MAGIC.items() if head.lower().startswith(magic)), None)
+    kind = next((what for magic, what in _MAGIC.items() if head.startswith(magic)), None)
     if kind is None and 2 <= length <= _MAX_HEADER_BYTES and length > size - 8:
         raise UserError(
             f"{str(path)!r} is truncated: it ends inside its own header ({size:,} bytes). The download was "

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import capture_sample  # noqa: E402
 import flux.decode  # noqa: E402
 import flux.store  # noqa: E402
+import flux.torchsave  # noqa: E402
 from flux import load_capture  # noqa: E402
 from flux.configs import TINY_PARAMS, get_spec  # noqa: E402
 from flux.errors import UserError  # noqa: E402
@@ -420,7 +421,9 @@ def _half_then_full(real, match: str):
 def inject_full_disk(kind: str, monkeypatch) -> None:
     """Make one write of `kind` fail halfway with a full disk, as that writer reports it for real."""
     if kind == "pt":  # torch.save reports a RuntimeError whose context is the file's OSError
-        monkeypatch.setattr(flux.store, "open", lambda path, mode: FullDisk(path, mode, 4096), raising=False)
+        monkeypatch.setattr(
+            flux.torchsave, "open", lambda path, mode: FullDisk(path, mode, 4096), raising=False
+        )
     elif kind == "pt-beside-lens":  # the same, but only once the lens has written a JPEG: mid-lens
         lens_started, write_image = threading.Event(), flux.decode._write_image
 
@@ -433,7 +436,7 @@ def inject_full_disk(kind: str, monkeypatch) -> None:
             return FullDisk(path, mode, 4096)
 
         monkeypatch.setattr(flux.decode, "_write_image", first_jpeg_then_go_on)
-        monkeypatch.setattr(flux.store, "open", full_once_the_lens_runs, raising=False)
+        monkeypatch.setattr(flux.torchsave, "open", full_once_the_lens_runs, raising=False)
     elif kind in ("shard", "shard-rust"):  # the 2nd step's shard, in the writer thread
         real_save_file = flux.store.save_file
 
