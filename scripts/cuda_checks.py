@@ -1,6 +1,6 @@
 """Checks that only a CUDA machine can run: capture copies on the side stream into pinned memory (bf16, and
 converted to fp32, and into buffers pinned by another thread as the CLI pins them while the models load),
-and the lens on the GPU (exactness, batched vs one at a time, compiled vs eager).
+the lens on the GPU (exactness, batched vs one at a time, compiled vs eager), and --offload's moves.
 Run on a GPU machine (no weights needed: flux-tiny's are generated, or read from FLUX_TINY_DIR, in bf16):
 
     python3 scripts/cuda_checks.py          # `python3 scripts/cuda_checks.py cpu`: the same on the CPU
@@ -175,7 +175,34 @@ def main() -> int:
                 )
     for h in hooks:
         h.remove()
+    offload_checks(spec, device, report)
     return 1 if failures else 0
+
+
+def offload_checks(spec, device: torch.device, report) -> None:
+    """--offload: each model visits the GPU and comes back to the very tensors it was loaded into (no copy
+    back, no second copy in RAM), and the image is the one a run without it makes."""
+    from dataclasses import replace
+
+    from flux.pipeline import RunOptions, generate, load_models
+
+    images = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = RunOptions(
+            model="flux-tiny", prompt="a red cube", seed=1, width=64, height=64, device=str(device),
+            output_dir=tmp, capture=False, should_decode_intermediates=False,
+        )  # fmt: skip
+        for offload in (False, True):
+            models = load_models(spec, device, offload=offload, progress=False)
+            loaded = {n: p.data_ptr() for n, p in models.flow.named_parameters()}
+            images[offload] = generate(
+                models, replace(opts, offload=offload).validate(), progress=False
+            ).image
+            if offload:
+                back = {n: p.data_ptr() for n, p in models.flow.named_parameters()} == loaded
+                on_cpu = all(p.device.type == "cpu" for p in models.flow.parameters())
+                report("offload", "the flow model is back on the tensors it was loaded into", back and on_cpu)
+    report("offload", "--offload gives the same image", torch.equal(images[False], images[True]))
 
 
 if __name__ == "__main__":
