@@ -16,6 +16,7 @@ import errno
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -36,7 +37,8 @@ def hub_command(args: str) -> str:
     huggingface_hub ships from 0.34 on (newer releases have no `huggingface-cli`), else `huggingface-cli`."""
     from importlib.metadata import version
 
-    if tuple(int(p) for p in version("huggingface_hub").split(".")[:2]) >= (0, 34):
+    major_minor = re.match(r"(\d+)\.(\d+)", version("huggingface_hub"))
+    if major_minor is None or (int(major_minor[1]), int(major_minor[2])) >= (0, 34):
         return f"hf {'auth login' if args == 'login' else args}"
     return f"huggingface-cli {args}"
 
