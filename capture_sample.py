@@ -317,10 +317,12 @@ OUT_OF_MEMORY = {
     "saved capture, `decode CAPTURE --device cpu`.",
     "decode": "Try a smaller --decode_batch_size (1 decodes one image at a time), or --device cpu.",
     "analyze": "Try --device cpu.",
-    "replay": "A replay holds the flow model and the autoencoder on the GPU together, plus one image's "
-    "decode: use a GPU with more memory, or --device cpu (slow).",
-    "sweep": "A sweep holds the flow model and the autoencoder on the GPU together, plus one image's decode: "
-    "use a GPU with more memory, or --device cpu (slow); a sweep that stopped goes on with --resume.",
+    "replay": "A replay holds the flow model and the autoencoder on the GPU, and decodes beside them: try "
+    "--offload (the flow model leaves the GPU before the image is decoded), a GPU with more memory, or "
+    "--device cpu (slow).",
+    "sweep": "A sweep holds the flow model and the autoencoder on the GPU, and decodes beside them: try "
+    "--offload (the flow model leaves the GPU before each image is decoded), a GPU with more memory, or "
+    "--device cpu (slow); a sweep that stopped goes on with --resume.",
 }
 
 

@@ -284,7 +284,8 @@ def model_host_bytes(spec: ModelSpec) -> int:
 
 def check_replay_fits(spec: ModelSpec, device: torch.device) -> None:
     """Refuse, before loading, a replay or sweep whose flow model and autoencoder, which it holds on the GPU
-    together (it has no --offload), exceed the GPU's whole memory."""
+    together while replaying (--offload frees the GPU of the flow model only for the decoding), exceed the
+    GPU's whole memory."""
     if device.type != "cuda":
         return
     total, sizes = torch.cuda.mem_get_info(device)[1], model_bytes(spec)

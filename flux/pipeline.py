@@ -211,6 +211,24 @@ def _tensors(module: torch.nn.Module):
     return (*module.named_parameters(), *module.named_buffers())
 
 
+def visiting(module: torch.nn.Module, device: torch.device):
+    """For a module in host memory: a context manager factory under which it runs on `device`, coming back
+    after to the tensors it holds now (no copy back, no new host memory), as --offload moves the models."""
+    kept = {n: t.data for n, t in _tensors(module)}
+
+    @contextlib.contextmanager
+    def visit():
+        module.to(device)
+        try:
+            yield
+        finally:
+            for n, t in _tensors(module):
+                t.data = kept[n]
+            _empty_cache(device)
+
+    return visit
+
+
 def _module_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 

@@ -5,6 +5,7 @@ stored latents, decodes each final image and scores it against an unmodified rep
 SSIM on images mapped to [0, 1], and the MSE of the final latent tokens.
 """
 
+import contextlib
 import csv
 import hashlib
 import importlib.util
@@ -107,6 +108,7 @@ def sweep(
     done: Sequence[SweepRow] = (),
     on_reference: Callable[[Tensor, Image.Image], None] | None = None,
     on_row: Callable[[SweepRow], None] | None = None,
+    visit: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[list[SweepRow], Image.Image, Tensor]:
     """Intervene on each block in turn, replay the run to the end, and score the final image.
 
@@ -118,7 +120,9 @@ def sweep(
 
     For long sweeps: `done` holds rows already scored (of an interrupted sweep), whose blocks are not
     replayed again; `on_reference(latent, image)` is called once the reference is made (to save it, or to
-    check it against the one the done rows were scored against), `on_row(row)` after each new row.
+    check it against the one the done rows were scored against), `on_row(row)` after each new row. Each
+    replay runs inside `visit()`: with --offload, the flow model visits the GPU for it and leaves before the
+    image is decoded (see `flux.pipeline.visiting`).
     """
     from flux.decode import decode_latents, to_image
 
@@ -138,7 +142,8 @@ def sweep(
 
     # Steps before the first intervened one would replay exactly as stored: start both runs there.
     start = min(steps) if steps else 0
-    base_latent = replay(model, capture, start).latent
+    with visit():
+        base_latent = replay(model, capture, start).latent
     base_decoded = decode_latents(base_latent, ae, height, width)
     base = to_unit(base_decoded)
     if on_reference is not None:
@@ -151,7 +156,8 @@ def sweep(
             rows.append(finished[iv.spec])
             bar.update()
             continue
-        latent = replay(model, capture, start, interventions=[iv]).latent
+        with visit():
+            latent = replay(model, capture, start, interventions=[iv]).latent
         decoded = decode_latents(latent, ae, height, width)
         img = to_unit(decoded)
         lat_mse = ((latent.float() - base_latent.float()) ** 2).mean()
@@ -365,12 +371,18 @@ def _check_record_fits(spec, capture: dict, device: torch.device, out: Path, ste
         )
 
 
-def _load(spec, device: torch.device, dtype: torch.dtype, weights_dir: str | None):
-    """The flow model and AE (never the text encoders), once every flag has been checked."""
+def _load(spec, device: torch.device, dtype: torch.dtype, weights_dir: str | None, offload: bool = False):
+    """The flow model and AE (never the text encoders), once every flag has been checked, and the context
+    manager each replay runs in: with `offload` the flow model lives in host memory and visits `device`
+    for each replay only, leaving the GPU to the VAE while images are decoded."""
     from flux.loading import load_ae, load_flow_model
+    from flux.pipeline import visiting
 
-    print(f"Loading {spec.name} (flow model, autoencoder) on {device}...", file=sys.stderr)
-    return load_flow_model(spec, device, dtype, weights_dir), load_ae(spec, device, weights_dir=weights_dir)
+    where = f"the flow model on the CPU, visiting {device}" if offload else str(device)
+    print(f"Loading {spec.name} (flow model, autoencoder) on {where}...", file=sys.stderr)
+    flow = load_flow_model(spec, "cpu" if offload else device, dtype, weights_dir)
+    visit = visiting(flow, device) if offload else contextlib.nullcontext
+    return flow, load_ae(spec, device, weights_dir=weights_dir), visit
 
 
 def _provenance(path: str, capture: dict, **extra) -> dict:
@@ -400,6 +412,7 @@ def sweep_command(
     device: str | None = None,
     weights_dir: str | None = None,
     resume: str | None = None,
+    offload: bool = False,
     progress: bool = True,
 ) -> None:
     """Intervene on each block in turn, replay the captured run, and rank blocks by how much it changes.
@@ -434,6 +447,8 @@ def sweep_command(
         resume: The folder of a sweep that stopped: its finished blocks are kept and the others run, into
             that folder. The other flags must be those it was started with; the unmodified replay must
             come out the same (the same device and versions), or the sweep is refused.
+        offload: Keep the flow model in host memory and move it to the GPU for each replay only, so that the
+            VAE has the GPU to itself while decoding (a 24 GB card at 1024 px). Each move takes seconds.
         progress: Show progress bars (default True).
     """
     from flux.decode import save_jpeg
@@ -509,8 +524,8 @@ def sweep_command(
             "written without sweep.png.",
             file=sys.stderr,
         )
-    flow, ae = _load(spec, device, dtype, weights_dir)  # only now that every flag has been checked
-    replay_device = flow.img_in.weight.device
+    flow, ae, visit = _load(spec, device, dtype, weights_dir, offload)  # now that every flag is checked
+    replay_device = ae.decoder.conv_in.weight.device
     state: dict = {"rows": list(done)}
 
     def save_state(complete: bool) -> None:
@@ -585,6 +600,7 @@ def sweep_command(
             done=done,
             on_reference=on_reference,
             on_row=on_row,
+            visit=visit,
         )
     except BaseException:
         if "out" in state:
@@ -672,6 +688,7 @@ def replay_command(
     save_capture: bool = False,
     device: str | None = None,
     weights_dir: str | None = None,
+    offload: bool = False,
     progress: bool = True,
 ) -> None:
     """Re-run steps of a captured run from the stored latent, optionally with interventions; save the image.
@@ -694,6 +711,8 @@ def replay_command(
         save_capture: Also write a capture of the replayed steps (needs the replay to run to the last step).
         device: Torch device; cuda when available, else cpu. Exact replays need the capture's device.
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; as for generation.
+        offload: Keep the flow model in host memory and move it to the GPU for the replay only, so that the
+            VAE has the GPU to itself while decoding (a 24 GB card at 1024 px).
         progress: Show progress bars (default True).
     """
     from flux.decode import decode_latents, save_jpeg, to_image
@@ -747,10 +766,11 @@ def replay_command(
     check_output_dir(out)
     if save_capture:
         _check_record_fits(spec, capture, device, out, num_steps - step)
-    flow, ae = _load(spec, device, dtype, weights_dir)  # only now that every flag has been checked
+    flow, ae, visit = _load(spec, device, dtype, weights_dir, offload)  # now that every flag is checked
     record = CapturePlan.everything(flow, num_steps) if save_capture else None
     bar = (lambda steps: tqdm(steps, desc="replay", unit="step")) if progress else None
-    result = replay(flow, capture, step, until, ivs, record=record, progress=bar)
+    with visit():
+        result = replay(flow, capture, step, until, ivs, record=record, progress=bar)
     height, width = int(meta["height"]), int(meta["width"])
     decoded = decode_latents(result.x0, ae, height, width)
     image = to_unit(decoded)

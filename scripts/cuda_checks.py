@@ -9,6 +9,7 @@ Prints one line per check and exits non-zero if any fails.
 """
 
 import itertools
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -190,19 +191,28 @@ def offload_checks(spec, device: torch.device, report) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         opts = RunOptions(
             model="flux-tiny", prompt="a red cube", seed=1, width=64, height=64, device=str(device),
-            output_dir=tmp, capture=False, should_decode_intermediates=False,
+            output_dir=tmp, should_decode_intermediates=False,
         )  # fmt: skip
         for offload in (False, True):
             models = load_models(spec, device, offload=offload, progress=False)
             loaded = {n: p.data_ptr() for n, p in models.flow.named_parameters()}
-            images[offload] = generate(
-                models, replace(opts, offload=offload).validate(), progress=False
-            ).image
+            result = generate(models, replace(opts, offload=offload).validate(), progress=False)
+            images[offload], capture = result.image, result.capture_path
             if offload:
                 back = {n: p.data_ptr() for n, p in models.flow.named_parameters()} == loaded
                 on_cpu = all(p.device.type == "cpu" for p in models.flow.parameters())
                 report("offload", "the flow model is back on the tensors it was loaded into", back and on_cpu)
-    report("offload", "--offload gives the same image", torch.equal(images[False], images[True]))
+        report("offload", "--offload gives the same image", torch.equal(images[False], images[True]))
+        # sweep --offload: the flow model visits the GPU for each replay and leaves before each decode.
+        from flux.sweep import sweep_command
+
+        rows = []
+        for offload in (False, True):
+            out = Path(tmp) / f"sweep_{offload}"
+            sweep_command(str(capture), "skip", blocks="double:0,single:1", output_dir=str(out),
+                          device=str(device), offload=offload, progress=False)  # fmt: skip
+            rows.append(json.loads((out / "sweep.json").read_text())["rows"])
+        report("offload", "sweep --offload gives the same scores", rows[0] == rows[1])
 
 
 if __name__ == "__main__":

@@ -1065,3 +1065,34 @@ def test_save_capture_that_host_memory_cannot_hold_is_refused_before_loading(cap
     monkeypatch.setattr(flux.options, "available_host_memory", lambda: models + int(held / 0.8) + 1)
     with pytest.raises(pytest.fail.Exception, match="loaded"):  # past the check, to the loading
         replay_command(str(path), step=1, save_capture=True, output_dir=str(tmp_path), device="cpu")
+
+
+def test_offload_sweeps_and_replays_give_the_same_results(captures, tmp_path):
+    """With --offload the flow model stays in host memory and visits the device for each replay: the same
+    rows and images (on the CPU the visit is no move at all, but the whole path runs)."""
+    (path, _), _ = captures
+    flags = {"blocks": "double:1,single:2", "steps": "2-3", "device": "cpu", "progress": False}
+    for offload in (False, True):
+        sweep_command(
+            str(path), "skip", output_dir=str(tmp_path / f"sweep_{offload}"), offload=offload, **flags
+        )
+        out = str(tmp_path / f"replay_{offload}")
+        replay_command(str(path), intervention="skip:double:1@2", output_dir=out, device="cpu",
+                       offload=offload, progress=False)  # fmt: skip
+    rows = [json.loads((tmp_path / f"sweep_{o}" / "sweep.json").read_text())["rows"] for o in (False, True)]
+    assert rows[0] == rows[1]
+    images = [(tmp_path / f"replay_{o}" / "replay_0.jpg").read_bytes() for o in (False, True)]
+    assert images[0] == images[1]
+
+
+def test_a_visiting_module_comes_back_to_the_tensors_it_held():
+    from flux.pipeline import visiting
+
+    module = torch.nn.Linear(4, 4)
+    held = {n: t.data_ptr() for n, t in module.named_parameters()}
+    visit = visiting(module, torch.device("cpu"))
+    with visit():
+        module.to(torch.bfloat16)  # stands in for the move to the GPU: new tensors
+        assert {n: t.data_ptr() for n, t in module.named_parameters()} != held
+    assert {n: t.data_ptr() for n, t in module.named_parameters()} == held
+    assert all(t.dtype == torch.float32 for t in module.parameters())
