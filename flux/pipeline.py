@@ -102,7 +102,7 @@ class Models:
     def keep_host_weights(self) -> None:
         """Remember the host tensors of the modules --offload moves to the GPU and back."""
         for name in self.OFFLOADED:
-            self.host[name] = {n: t.data for n, t in _tensors(attrgetter(name)(self))}
+            self.host[name] = _held(attrgetter(name)(self))
 
     def to_host(self, *names: str) -> None:
         """Move modules back to the CPU. A module whose loaded tensors were kept points its parameters at them
@@ -112,9 +112,8 @@ class Models:
             module, kept = attrgetter(name)(self), self.host.get(name)
             if kept is None:
                 module.cpu()
-                continue
-            for n, t in _tensors(module):
-                t.data = kept[n]
+            else:
+                _point_back(module, kept)
 
     def encode_prompt(self, prompt: str) -> tuple[Tensor, Tensor]:
         """(T5 tokens (1, T, 4096), CLIP pooled (1, 768)) on the device, in the model dtype."""
@@ -211,10 +210,21 @@ def _tensors(module: torch.nn.Module):
     return (*module.named_parameters(), *module.named_buffers())
 
 
+def _held(module: torch.nn.Module) -> dict[str, Tensor]:
+    """The tensors a module's parameters and buffers hold now, by name."""
+    return {n: t.data for n, t in _tensors(module)}
+
+
+def _point_back(module: torch.nn.Module, held: dict[str, Tensor]) -> None:
+    """Point a module's parameters and buffers at tensors `_held` took: a move back without a copy."""
+    for n, t in _tensors(module):
+        t.data = held[n]
+
+
 def visiting(module: torch.nn.Module, device: torch.device):
     """For a module in host memory: a context manager factory under which it runs on `device`, coming back
     after to the tensors it holds now (no copy back, no new host memory), as --offload moves the models."""
-    kept = {n: t.data for n, t in _tensors(module)}
+    held = _held(module)
 
     @contextlib.contextmanager
     def visit():
@@ -222,8 +232,7 @@ def visiting(module: torch.nn.Module, device: torch.device):
         try:
             yield
         finally:
-            for n, t in _tensors(module):
-                t.data = kept[n]
+            _point_back(module, held)
             _empty_cache(device)
 
     return visit
