@@ -332,7 +332,8 @@ def help_text(command, name: str) -> str:
     from fire import helptext, trace
 
     text = helptext.HelpText(checked(command, name), trace=trace.FireTrace(command, name=name))
-    return text.replace("-h, --height", "--height")
+    # Fire quotes a name with a space in it ('capture_sample.py sweep'), which reads as one word to type.
+    return text.replace("-h, --height", "--height").replace(f"'{name}'", name)
 
 
 def run(argv: list[str] | None = None) -> int:

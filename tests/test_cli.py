@@ -621,6 +621,7 @@ def test_every_command_has_a_help_screen_listing_its_flags(command, capsys):
 
     assert capture_sample.run([command, "--help"]) == 0
     shown = capsys.readouterr().out
+    assert f"SYNOPSIS\n    capture_sample.py {command} PATH <flags>" in shown  # as it is typed, unquoted
     module, _, name = capture_sample.COMMANDS[command].partition(":")
     function = getattr(importlib.import_module(module), name)
     words = " ".join(shown.split())
