@@ -451,33 +451,9 @@ def sweep_command(
             VAE has the GPU to itself while decoding (a 24 GB card at 1024 px). Each move takes seconds.
         progress: Show progress bars (default True).
     """
-    from flux.decode import save_jpeg
-    from flux.options import check_output_dir
-    from flux.pipeline import device_name
-    from flux.store import beside_capture, load_capture, new_dir, write_json
+    from flux.store import load_capture
 
-    if intervention not in KINDS:
-        raise UsageError(f"--intervention must be one of {', '.join(KINDS)}; got {intervention!r}.")
-    if tokens is not None and tokens not in TOKENS:
-        raise UsageError(f"--tokens must be img, txt or both; got {tokens!r}.")
-    if intervention == "patch" and source is None:
-        raise UsageError(
-            "--intervention patch needs --source CAPTURE (the capture to take activations from)."
-        )
-    if intervention == "add" and direction is None:
-        raise UsageError("--intervention add needs --direction FILE (a .pt file holding one tensor).")
-    try:
-        scale = float(scale)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"--scale must be a number; got {scale!r}.") from e
-    # A flag the intervention would ignore is refused: the results would be recorded as if it had applied.
-    for flag, given, kind in (
-        ("scale", scale != 1.0, "add"),
-        ("direction", direction, "add"),
-        ("source", source, "patch"),
-    ):
-        if given and intervention != kind:
-            raise UsageError(f"--{flag} applies only to --intervention {kind}, not {intervention}.")
+    scale = _check_sweep_flags(intervention, tokens, scale, source, direction)
     capture, spec, device, dtype = _open(path, device)
     p = spec.params
     num_steps = len(timesteps_of(capture)) - 1
@@ -507,16 +483,12 @@ def sweep_command(
     if resume is not None:
         if output_dir is not None:
             raise UsageError("--resume writes into the sweep's own folder: leave out --output_dir.")
-        out, done, digest = _resumable(Path(resume), settings)
+        files = _SweepFiles.resumed(Path(resume), path, capture, settings)
     else:
         label = (
-            intervention
-            + (f"_{tokens}" if tokens else "")
-            + (f"_steps{format_steps(step_set)}" if steps else "")
+            intervention + (f"_{tokens}" if tokens else "") + (f"_steps{settings['steps']}" if steps else "")
         )
-        sweeps, stem = beside_capture(path, "sweeps")
-        out, done, digest = Path(output_dir) if output_dir else sweeps / f"{stem}_{label}", [], None
-        check_output_dir(out)
+        files = _SweepFiles.new(path, capture, settings, output_dir, label)
     chart = importlib.util.find_spec("matplotlib") is not None
     if not chart:
         print(
@@ -525,65 +497,7 @@ def sweep_command(
             file=sys.stderr,
         )
     flow, ae, visit = _load(spec, device, dtype, weights_dir, offload)  # now that every flag is checked
-    replay_device = ae.decoder.conv_in.weight.device
-    state: dict = {"rows": list(done)}
-
-    def save_state(complete: bool) -> None:
-        """sweep.csv and sweep.json as they stand: rewritten after every block, so a sweep that stops
-        keeps what it has done, and `--resume` can go on from there."""
-        rows = state["rows"]
-        write_csv(rows, state["out"] / "sweep.csv")
-        write_json(
-            state["out"] / "sweep.json",
-            _provenance(
-                path,
-                capture,
-                **{k: v for k, v in settings.items() if k != "capture"},
-                complete=complete,
-                blocks_done=len(rows),
-                reference="unmodified replay on this device",
-                reference_latent_sha256=state["digest"],
-                reference_vs_stored_latent_mse=state["vs_stored"],
-                replay_device=str(replay_device),
-                replay_device_name=device_name(replay_device),
-                rows=[
-                    {
-                        "rank": n,
-                        "intervention": r.spec,
-                        "stream": r.stream,
-                        "block": r.block,
-                        "mse": r.mse,
-                        "psnr": r.psnr,
-                        "ssim": r.ssim,
-                        "latent_mse": r.latent_mse,
-                        "image": f"{r.stream}_block_{r.block}.jpg",
-                    }
-                    for n, r in enumerate(rank(rows), 1)
-                ],
-            ),
-        )
-
-    def on_reference(latent: Tensor, image: Image.Image) -> None:
-        state["digest"] = latent_digest(latent)
-        if digest is not None and state["digest"] != digest:
-            raise UserError(
-                f"The unmodified replay differs from the one the sweep in {str(out)!r} was scored against "
-                "(another device, dtype or library version?), so new rows would not compare with its rows. "
-                "Start a new sweep: leave out --resume."
-            )
-        final = capture["denoising_context"].get("final_latent")  # none in an interrupted capture
-        state["vs_stored"] = (
-            None if final is None else float(((latent.float().cpu() - final.float()) ** 2).mean())
-        )
-        state["out"] = out if resume is not None else new_dir(out)
-        save_jpeg(image, state["out"] / "unmodified.jpg")
-        save_state(complete=False)
-
-    def on_row(row: SweepRow) -> None:
-        save_jpeg(row.image, state["out"] / f"{row.stream}_block_{row.block}.jpg")
-        state["rows"].append(row)
-        save_state(complete=False)
-
+    files.replay_device = ae.decoder.conv_in.weight.device
     try:
         rows, reference, _ = sweep(
             flow,
@@ -597,34 +511,167 @@ def sweep_command(
             source=src,
             direction=direction_tensor,
             progress=progress,
-            done=done,
-            on_reference=on_reference,
-            on_row=on_row,
+            done=list(files.rows),
+            on_reference=files.start,
+            on_row=files.add,
             visit=visit,
         )
     except BaseException:
-        if "out" in state:
+        if files.out is not None:
             print(
-                f"The sweep stopped after {len(state['rows'])} of {len(planned)} blocks; their results are "
-                "in "
-                f'{state["out"]} (sweep.json says "complete": false). To go on, run the same command with '
-                f"--resume {state['out']}",
+                f"The sweep stopped after {len(files.rows)} of {len(planned)} blocks; their results are in "
+                f'{files.out} (sweep.json says "complete": false). To go on, run the same command with '
+                f"--resume {files.out}",
                 file=sys.stderr,
             )
         raise
-    out = state["out"]
-    state["rows"] = rows  # in block order
     title = (
         f"{intervention} sweep{f' of {tokens} tokens' if tokens else ''}: {capture['metadata'].get('model')} "
-        f"(steps {format_steps(step_set)})"
+        f"(steps {settings['steps']})"
     )
-    if chart:
-        write_chart(rows, out / "sweep.png", title)
-    save_jpeg(contact_sheet(rows, reference), out / "contact_sheet.jpg")
-    save_state(complete=True)
+    files.finish(rows, reference, title if chart else None)
     top = ", ".join(f"{r.stream} {r.block} (mse {r.mse:.4g})" for r in rank(rows)[:5])
     print(f"Most disruptive: {top}")
-    print(f"Sweep:    {out}")
+    print(f"Sweep:    {files.out}")
+
+
+def _check_sweep_flags(
+    intervention: str, tokens: str | None, scale, source: str | None, direction: str | None
+) -> float:
+    """The sweep's flags checked against each other before anything is read; returns --scale as a float."""
+    if intervention not in KINDS:
+        raise UsageError(f"--intervention must be one of {', '.join(KINDS)}; got {intervention!r}.")
+    if tokens is not None and tokens not in TOKENS:
+        raise UsageError(f"--tokens must be img, txt or both; got {tokens!r}.")
+    if intervention == "patch" and source is None:
+        raise UsageError(
+            "--intervention patch needs --source CAPTURE (the capture to take activations from)."
+        )
+    if intervention == "add" and direction is None:
+        raise UsageError("--intervention add needs --direction FILE (a .pt file holding one tensor).")
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--scale must be a number; got {scale!r}.") from e
+    # A flag the intervention would ignore is refused: the results would be recorded as if it had applied.
+    for flag, given, kind in (
+        ("scale", scale != 1.0, "add"),
+        ("direction", direction, "add"),
+        ("source", source, "patch"),
+    ):
+        if given and intervention != kind:
+            raise UsageError(f"--{flag} applies only to --intervention {kind}, not {intervention}.")
+    return scale
+
+
+@dataclass(eq=False)
+class _SweepFiles:
+    """A sweep's folder as the sweep runs. The folder is made once the unmodified replay is scored
+    (`start`), and sweep.csv and sweep.json are rewritten after every block (`add`), so a sweep that stops
+    keeps what it has done and `--resume` goes on from there; `finish` adds the chart and contact sheet."""
+
+    path: str  # the capture swept
+    capture: dict
+    settings: dict  # the flags that define the sweep, recorded and compared on --resume
+    target: Path  # the folder to write into: new (made by `start`), or a stopped sweep's own
+    resuming: bool
+    rows: list[SweepRow] = field(default_factory=list)  # finished, in the order they finished
+    resumed_digest: str | None = None  # the reference the resumed rows were scored against
+    replay_device: torch.device | None = None
+    out: Path | None = None  # the folder, once made
+    digest: str | None = None  # SHA-256 of this run's unmodified final latent
+    vs_stored: float | None = None  # its MSE against the stored final latent
+
+    @classmethod
+    def new(
+        cls, path: str, capture: dict, settings: dict, output_dir: str | None, label: str
+    ) -> "_SweepFiles":
+        from flux.options import check_output_dir
+        from flux.store import beside_capture
+
+        sweeps, stem = beside_capture(path, "sweeps")
+        target = Path(output_dir) if output_dir else sweeps / f"{stem}_{label}"
+        check_output_dir(target)
+        return cls(path, capture, settings, target, resuming=False)
+
+    @classmethod
+    def resumed(cls, folder: Path, path: str, capture: dict, settings: dict) -> "_SweepFiles":
+        out, done, digest = _resumable(folder, settings)
+        return cls(path, capture, settings, out, resuming=True, rows=done, resumed_digest=digest)
+
+    def start(self, latent: Tensor, image: Image.Image) -> None:
+        """The unmodified replay is done: check it against a resumed sweep's, make the folder, save it."""
+        from flux.decode import save_jpeg
+        from flux.store import new_dir
+
+        self.digest = latent_digest(latent)
+        if self.resumed_digest is not None and self.digest != self.resumed_digest:
+            raise UserError(
+                f"The unmodified replay differs from the one the sweep in {str(self.target)!r} was scored "
+                "against (another device, dtype or library version?), so new rows would not compare with its "
+                "rows. Start a new sweep: leave out --resume."
+            )
+        final = self.capture["denoising_context"].get("final_latent")  # none in an interrupted capture
+        self.vs_stored = (
+            None if final is None else float(((latent.float().cpu() - final.float()) ** 2).mean())
+        )
+        self.out = self.target if self.resuming else new_dir(self.target)
+        save_jpeg(image, self.out / "unmodified.jpg")
+        self.save(complete=False)
+
+    def add(self, row: SweepRow) -> None:
+        from flux.decode import save_jpeg
+
+        save_jpeg(row.image, self.out / f"{row.stream}_block_{row.block}.jpg")
+        self.rows.append(row)
+        self.save(complete=False)
+
+    def finish(self, rows: list[SweepRow], reference: Image.Image, chart_title: str | None) -> None:
+        """Every block is done: the chart (when matplotlib is there), the contact sheet, and the record."""
+        from flux.decode import save_jpeg
+
+        self.rows = rows  # in block order
+        if chart_title is not None:
+            write_chart(rows, self.out / "sweep.png", chart_title)
+        save_jpeg(contact_sheet(rows, reference), self.out / "contact_sheet.jpg")
+        self.save(complete=True)
+
+    def save(self, complete: bool) -> None:
+        """sweep.csv and sweep.json as they stand."""
+        from flux.pipeline import device_name
+        from flux.store import write_json
+
+        write_csv(self.rows, self.out / "sweep.csv")
+        record = {k: v for k, v in self.settings.items() if k != "capture"}
+        write_json(
+            self.out / "sweep.json",
+            _provenance(
+                self.path,
+                self.capture,
+                **record,
+                complete=complete,
+                blocks_done=len(self.rows),
+                reference="unmodified replay on this device",
+                reference_latent_sha256=self.digest,
+                reference_vs_stored_latent_mse=self.vs_stored,
+                replay_device=str(self.replay_device),
+                replay_device_name=device_name(self.replay_device),
+                rows=[
+                    {
+                        "rank": n,
+                        "intervention": r.spec,
+                        "stream": r.stream,
+                        "block": r.block,
+                        "mse": r.mse,
+                        "psnr": r.psnr,
+                        "ssim": r.ssim,
+                        "latent_mse": r.latent_mse,
+                        "image": f"{r.stream}_block_{r.block}.jpg",
+                    }
+                    for n, r in enumerate(rank(self.rows), 1)
+                ],
+            ),
+        )
 
 
 def latent_digest(latent: Tensor) -> str:
