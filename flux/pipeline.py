@@ -516,7 +516,7 @@ def generate(
     `intermediates/capture_{stamp}_{model}` (`.pt` or a safetensors directory), its
     `intermediates/metadata_{stamp}_{model}.json`, and with the lens `intermediates/decoded/{stem}/`.
     """
-    from flux.decode import final_layer_from, save_jpeg, to_image
+    from flux.decode import save_jpeg, to_image
 
     spec, device, dtype = models.spec, models.device, models.dtype
     seed = opts.seed if opts.seed is not None else random.SystemRandom().randrange(2**63)
@@ -532,15 +532,7 @@ def generate(
     timesteps = get_schedule(opts.num_steps, inp["img"].shape[1], shift=spec.shift_schedule)
     txt_len, img_len = inp["txt"].shape[1], inp["img"].shape[1]
     metadata = run_metadata(models, opts, seed, timesteps, txt_len, img_len)
-    context: dict[str, Any] = {
-        "y": y.cpu(),
-        "txt": inp["txt"].cpu(),
-        "txt_ids": inp["txt_ids"].cpu(),
-        "img_ids": inp["img_ids"].cpu(),
-        "txt_seq_len": txt_len,
-        "guidance": opts.guidance,
-        "timestep_pairs": list(itertools.pairwise(timesteps)),
-    }
+    context = _known_context(inp, y, opts.guidance, timesteps)
 
     session = stem = None
     pool = _take_buffers(buffers)  # before the name is claimed: waiting here may end in Ctrl-C
@@ -549,19 +541,8 @@ def generate(
         inter_dir.mkdir(parents=True, exist_ok=True)
         stem = claim_stem(inter_dir, spec.name)
         path = inter_dir / (stem if opts.format == "safetensors" else f"{stem}.pt")
-        metadata.update(
-            capture_dtype=str(plan.dtype or dtype).removeprefix("torch."),
-            captured_blocks={"double": list(plan.double), "single": list(plan.single)},
-            captured_steps=list(plan.steps),
-            streams=plan.streams,
-            format=opts.format,
-            estimated_capture_bytes=opts.estimated_capture_bytes(),
-            shapes={
-                k: list(v)
-                for k, v in plan.keys_and_shapes(1, txt_len, img_len, models.flow.hidden_size).items()
-            },
-            files={"capture": str(path), "metadata": str(metadata_path_for(stem, inter_dir))},
-        )
+        metadata.update(_capture_metadata(opts, plan, dtype, txt_len, img_len, models.flow.hidden_size))
+        metadata["files"] = {"capture": str(path), "metadata": str(metadata_path_for(stem, inter_dir))}
     try:
         if opts.capture:
             session = CaptureSession.open(
@@ -644,54 +625,103 @@ def generate(
         models.offload_decoder()
         return result
 
-    def wait_for_the_write() -> None:
-        """Wait for the overlapped write (its thread also writes the metadata and frees the name, so a
-        second Ctrl-C here still leaves a complete capture). If it failed, its error is raised and the
-        lens, which would show a capture that does not exist, is removed."""
-        if not saving.done():
-            print(f"Waiting for the capture to finish writing to {session.path} ...", file=sys.stderr)
-        error = saving.exception()
-        if error is not None:
-            shutil.rmtree(result.decoded_dir, ignore_errors=True)
-            raise error
+    if lens:
+        _run_lens(models, opts, result, capture, saving, inter_dir / "decoded" / stem, progress)
+    if saving is not None:
+        _wait_for_the_write(saving, result)
+        capture = None  # the last reference to the host buffers, so the pinned memory can go back
+        _free_pinned_memory()
+    models.offload_decoder()
+    return result
+
+
+def _known_context(inp: dict[str, Tensor], y: Tensor, guidance: float, timesteps: list[float]) -> dict:
+    """The denoising context known before sampling (on the CPU): what a replay needs besides the latents,
+    which the sampler adds step by step, and the final latent, added at the end."""
+    return {
+        "y": y.cpu(),
+        "txt": inp["txt"].cpu(),
+        "txt_ids": inp["txt_ids"].cpu(),
+        "img_ids": inp["img_ids"].cpu(),
+        "txt_seq_len": inp["txt"].shape[1],
+        "guidance": guidance,
+        "timestep_pairs": list(itertools.pairwise(timesteps)),
+    }
+
+
+def _capture_metadata(
+    opts: RunOptions, plan: CapturePlan, dtype: torch.dtype, txt_len: int, img_len: int, hidden_size: int
+) -> dict[str, Any]:
+    """What a capture holds, for its metadata: the plan, the stored dtype and every tensor's shape."""
+    return {
+        "capture_dtype": str(plan.dtype or dtype).removeprefix("torch."),
+        "captured_blocks": {"double": list(plan.double), "single": list(plan.single)},
+        "captured_steps": list(plan.steps),
+        "streams": plan.streams,
+        "format": opts.format,
+        "estimated_capture_bytes": opts.estimated_capture_bytes(),
+        "shapes": {k: list(v) for k, v in plan.keys_and_shapes(1, txt_len, img_len, hidden_size).items()},
+    }
+
+
+def _run_lens(
+    models: Models,
+    opts: RunOptions,
+    result: RunResult,
+    capture: dict | None,
+    saving: Future | None,
+    decoded_dir: Path,
+    progress: bool,
+) -> None:
+    """The lens of the saved capture (or, with `saving`, of the collected `capture` while a thread writes
+    it) into `decoded_dir`; its timings go into `result`. If it stops, the write is waited for first (a
+    failed write's error raised instead), and the user is told which outputs are complete."""
+    from flux.decode import final_layer_from
 
     def stop_if_the_write_failed() -> None:
         if saving is not None and saving.done() and saving.exception() is not None:
-            raise saving.exception()  # the lens stops; wait_for_the_write cleans up once its files are done
+            raise saving.exception()  # the lens stops; _wait_for_the_write cleans up once its files are done
 
-    if lens:
-        result.decoded_dir = inter_dir / "decoded" / stem
-        try:
-            # The lens's own copy of the final layer, built as decode-later builds it (so both give the
-            # same files); with --offload the model itself stays on the CPU.
-            state = {f"final_layer.{k}": v for k, v in models.flow.final_layer.state_dict().items()}
-            final_layer = final_layer_from(state, spec.params, "the loaded model", device, dtype)
-            report = decode_saved(
-                capture if saving is not None else result.capture_path, final_layer, models.ae,
-                result.decoded_dir, target=opts.decode_target, device=device,
-                batch_size=opts.decode_batch_size, compile=opts.compile_decoder, progress=progress,
-                between_batches=stop_if_the_write_failed,
-            )  # fmt: skip
-        except BaseException as e:  # the run's other outputs are complete (once the write is); the lens not
-            if saving is not None:
-                wait_for_the_write()  # a failed write's error replaces the lens's
-            print(
-                f"\n{_stopped(e)} while decoding the lens. Saved and complete: the image {image_path}, the "
-                f"capture {result.capture_path} and its metadata {result.metadata_path}. "
-                f"{result.decoded_dir} holds only the JPEGs finished so far; decode again with "
-                f"`capture_sample.py decode {result.capture_path}`.",
-                file=sys.stderr,
-            )
-            raise
+    result.decoded_dir = decoded_dir
+    spec, device, dtype = models.spec, models.device, models.dtype
+    try:
+        # The lens's own copy of the final layer, built as decode-later builds it (so both give the same
+        # files); with --offload the model itself stays on the CPU.
+        state = {f"final_layer.{k}": v for k, v in models.flow.final_layer.state_dict().items()}
+        final_layer = final_layer_from(state, spec.params, "the loaded model", device, dtype)
+        report = decode_saved(
+            capture if saving is not None else result.capture_path, final_layer, models.ae, decoded_dir,
+            target=opts.decode_target, device=device, batch_size=opts.decode_batch_size,
+            compile=opts.compile_decoder, progress=progress, between_batches=stop_if_the_write_failed,
+        )  # fmt: skip
+    except BaseException as e:  # the run's other outputs are complete (once the write is); the lens not
         if saving is not None:
-            wait_for_the_write()
-            capture = None  # the last reference to the host buffers, so the pinned memory can go back
-            _free_pinned_memory()
-        timings["lens_compile_s"] = report.compile_seconds
-        timings["lens_decode_s"] = report.decode_seconds
-        timings["lens_images"] = report.n_images
-    models.offload_decoder()
-    return result
+            _wait_for_the_write(saving, result)  # a failed write's error replaces the lens's
+        print(
+            f"\n{_stopped(e)} while decoding the lens. Saved and complete: the image {result.image_path}, "
+            f"the capture {result.capture_path} and its metadata {result.metadata_path}. "
+            f"{decoded_dir} holds only the JPEGs finished so far; decode again with "
+            f"`capture_sample.py decode {result.capture_path}`.",
+            file=sys.stderr,
+        )
+        raise
+    result.timings["lens_compile_s"] = report.compile_seconds
+    result.timings["lens_decode_s"] = report.decode_seconds
+    result.timings["lens_images"] = report.n_images
+
+
+def _wait_for_the_write(saving: Future, result: RunResult) -> None:
+    """Wait for a `.pt` write running beside the lens (its thread also writes the metadata and frees the
+    name, so a second Ctrl-C here still leaves a complete capture). If it failed, its error is raised and
+    the lens, which would show a capture that does not exist, is removed."""
+    if not saving.done():
+        print(f"Waiting for the capture to finish writing to {result.metadata['files']['capture']} ...",
+              file=sys.stderr)  # fmt: skip
+    error = saving.exception()
+    if error is not None:
+        if result.decoded_dir is not None:
+            shutil.rmtree(result.decoded_dir, ignore_errors=True)
+        raise error
 
 
 def _record_saved(result: RunResult, stem: str, folder: Path, seconds: float) -> None:
