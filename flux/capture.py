@@ -166,6 +166,17 @@ class CapturePlan:
             out[f"single_blocks.{i}"] = (batch, tokens, hidden)
         return out
 
+    def describe(self, batch: int, txt_len: int, img_len: int, hidden: int, run_dtype: torch.dtype) -> dict:
+        """What a capture made with this plan holds, for its metadata: blocks, steps, streams, the stored
+        dtype (`run_dtype`, the model's, unless the plan names one) and every key's shape."""
+        return {
+            "captured_blocks": {"double": list(self.double), "single": list(self.single)},
+            "captured_steps": list(self.steps),
+            "streams": self.streams,
+            "capture_dtype": str(self.dtype or run_dtype).removeprefix("torch."),
+            "shapes": {k: list(v) for k, v in self.keys_and_shapes(batch, txt_len, img_len, hidden).items()},
+        }
+
     def bytes_per_step(
         self, batch: int, txt_len: int, img_len: int, hidden: int, itemsize: int, pinned: bool = False
     ) -> int:

@@ -447,6 +447,61 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
+def _batch_size_arg(batch_size) -> int | None:
+    """decode_capture's batch_size as an int (numpy ints too), or None for the default."""
+    if batch_size is None:
+        return None
+    try:
+        count = _index(batch_size)
+    except TypeError:
+        count = None
+    if count is None or count < 1:
+        raise ValueError(
+            f"batch_size must be a whole number >= 1 (or None for the default); got {batch_size!r}"
+        )
+    return count
+
+
+def _ready_decoder(
+    ae: AutoEncoder,
+    height: int,
+    width: int,
+    device: torch.device,
+    compile: bool,
+    batch_size: int,
+    sizes: list[int],
+) -> tuple[torch.nn.Module, bool, float]:
+    """The decoder to run the lens with: compiled for `batch_size` if asked (falling back to eager when the
+    compiler fails), and warmed up, on CUDA or when compiled, so that the compile or cuDNN's set-up happens
+    once, outside the timed decode. Returns (decoder, compiled, seconds spent)."""
+    if not (compile or device.type == "cuda"):
+        return ae.decoder, False, 0.0
+    h_lat, w_lat = latent_size(height, width)
+
+    def warm_up(batch: int, decoder) -> None:
+        decode_latents(torch.zeros(batch, h_lat * w_lat // 4, 64), ae, height, width, decoder)
+
+    start, decoder = time.perf_counter(), ae.decoder
+    if compile:
+        try:
+            decoder = torch.compile(ae.decoder, dynamic=False)
+            warm_up(batch_size, decoder)
+        except torch.cuda.OutOfMemoryError:
+            raise  # not the compiler's fault: the batch does not fit, eagerly either
+        except Exception as e:  # no C compiler or Triton, an inductor bug: any of them, decode eagerly
+            if "out of memory" in str(e).lower():  # the compiler's wrapping of the same
+                raise torch.cuda.OutOfMemoryError(str(e)) from e
+            print(
+                f"Compiling the VAE decoder failed, so it runs uncompiled ({type(e).__name__}: {e}).",
+                file=sys.stderr,
+            )
+            decoder, compile = ae.decoder, False
+    if not compile:
+        warm_up(max(sizes, default=1), decoder)
+    _sync(device)
+    return decoder, compile, time.perf_counter() - start
+
+
 def decode_capture(
     capture: dict,
     final_layer: LastLayer,
@@ -474,16 +529,7 @@ def decode_capture(
     between_batches: called before each batch; it may raise to stop the lens (a failed capture write).
     """
     _check_target(target)
-    if batch_size is not None:
-        try:
-            count = _index(batch_size)  # numpy ints too
-        except TypeError:
-            count = None
-        if count is None or count < 1:
-            raise ValueError(
-                f"batch_size must be a whole number >= 1 (or None for the default); got {batch_size!r}"
-            )
-        batch_size = count
+    batch_size = _batch_size_arg(batch_size)
     meta, ctx = capture["metadata"], capture["denoising_context"]
     height, width = int(meta["height"]), int(meta["width"])
     if (batch := ctx["img_state"][0].shape[0]) != 1:
@@ -511,31 +557,7 @@ def decode_capture(
     cell = sheet_cell(w_lat * scale, h_lat * scale, n_rows, n_cols, decode_final)
 
     sizes = chunk_sizes(n, batch_size)
-
-    def warm_up(batch: int, decoder) -> None:
-        decode_latents(torch.zeros(batch, h_lat * w_lat // 4, 64), ae, height, width, decoder)
-
-    decoder, compile_seconds = ae.decoder, 0.0
-    if compile or device.type == "cuda":  # compile (or cuDNN set-up) once, outside the timed decode
-        start = time.perf_counter()
-        if compile:
-            try:
-                decoder = torch.compile(ae.decoder, dynamic=False)
-                warm_up(batch_size, decoder)
-            except torch.cuda.OutOfMemoryError:
-                raise  # not the compiler's fault: the batch does not fit, eagerly either
-            except Exception as e:  # no C compiler or Triton, an inductor bug: any of them, decode eagerly
-                if "out of memory" in str(e).lower():  # the compiler's wrapping of the same
-                    raise torch.cuda.OutOfMemoryError(str(e)) from e
-                print(
-                    f"Compiling the VAE decoder failed, so it runs uncompiled ({type(e).__name__}: {e}).",
-                    file=sys.stderr,
-                )
-                decoder, compile = ae.decoder, False
-        if not compile:
-            warm_up(max(sizes, default=1), decoder)
-        _sync(device)
-        compile_seconds = time.perf_counter() - start
+    decoder, compile, compile_seconds = _ready_decoder(ae, height, width, device, compile, batch_size, sizes)
     if not compile:
         batch_size = max(sizes, default=1)
 

@@ -572,14 +572,7 @@ def replay(
         # stored tensors made true of this capture; the source's files and size estimate are not its own.
         new_meta = {k: v for k, v in meta.items() if k not in ("files", "estimated_capture_bytes")}
         new_meta.update(
-            captured_steps=list(plan.steps),
-            captured_blocks={"double": list(plan.double), "single": list(plan.single)},
-            streams=plan.streams,
-            capture_dtype=str(plan.dtype or img.dtype).removeprefix("torch."),
-            shapes={
-                k: list(v)
-                for k, v in plan.keys_and_shapes(img.shape[0], txt_len, img_len, model.hidden_size).items()
-            },
+            plan.describe(img.shape[0], txt_len, img_len, model.hidden_size, img.dtype),
             complete=stop == num_steps - 1,  # only then is there a final latent
             steps_done=list(range(stop + 1)),
             interventions=[iv.spec for iv in interventions],

@@ -541,8 +541,12 @@ def generate(
         inter_dir.mkdir(parents=True, exist_ok=True)
         stem = claim_stem(inter_dir, spec.name)
         path = inter_dir / (stem if opts.format == "safetensors" else f"{stem}.pt")
-        metadata.update(_capture_metadata(opts, plan, dtype, txt_len, img_len, models.flow.hidden_size))
-        metadata["files"] = {"capture": str(path), "metadata": str(metadata_path_for(stem, inter_dir))}
+        metadata.update(
+            plan.describe(1, txt_len, img_len, models.flow.hidden_size, dtype),
+            format=opts.format,
+            estimated_capture_bytes=opts.estimated_capture_bytes(),
+            files={"capture": str(path), "metadata": str(metadata_path_for(stem, inter_dir))},
+        )
     try:
         if opts.capture:
             session = CaptureSession.open(
@@ -646,21 +650,6 @@ def _known_context(inp: dict[str, Tensor], y: Tensor, guidance: float, timesteps
         "txt_seq_len": inp["txt"].shape[1],
         "guidance": guidance,
         "timestep_pairs": list(itertools.pairwise(timesteps)),
-    }
-
-
-def _capture_metadata(
-    opts: RunOptions, plan: CapturePlan, dtype: torch.dtype, txt_len: int, img_len: int, hidden_size: int
-) -> dict[str, Any]:
-    """What a capture holds, for its metadata: the plan, the stored dtype and every tensor's shape."""
-    return {
-        "capture_dtype": str(plan.dtype or dtype).removeprefix("torch."),
-        "captured_blocks": {"double": list(plan.double), "single": list(plan.single)},
-        "captured_steps": list(plan.steps),
-        "streams": plan.streams,
-        "format": opts.format,
-        "estimated_capture_bytes": opts.estimated_capture_bytes(),
-        "shapes": {k: list(v) for k, v in plan.keys_and_shapes(1, txt_len, img_len, hidden_size).items()},
     }
 
 
