@@ -762,18 +762,9 @@ def replay_command(
             VAE has the GPU to itself while decoding (a 24 GB card at 1024 px).
         progress: Show progress bars (default True).
     """
-    from flux.decode import decode_latents, save_jpeg, to_image
+    from flux.decode import decode_latents, to_image
     from flux.options import check_output_dir
-    from flux.store import (
-        atomic_write,
-        beside_capture,
-        file_sha256,
-        load_capture,
-        next_free_index,
-        publish_new,
-        torch_save,
-        write_json,
-    )
+    from flux.store import beside_capture, load_capture
 
     step = 0 if step is None else step  # `--step None` asks for the default, as for any other flag
     for flag, value in (("step", step), ("until", until)):
@@ -782,16 +773,7 @@ def replay_command(
     capture, spec, device, dtype = _open(path, device)
     p, meta = spec.params, capture["metadata"]
     num_steps = len(timesteps_of(capture)) - 1
-    for flag, value in (("step", step), ("until", until)):
-        if value is not None and not 0 <= value < num_steps:
-            raise UsageError(f"--{flag} must be a step of this capture, 0..{num_steps - 1}; got {value}.")
-    if until is not None and until < step:
-        raise UsageError(
-            f"--until {until} comes before --step {step}: the replay runs from --step to --until, both "
-            "included."
-        )
-    if save_capture and until is not None and until != num_steps - 1:
-        raise UsageError("--save_capture needs the replay to run to the last step: leave --until out.")
+    _check_replay_steps(step, until, num_steps, save_capture)
     ivs = parse_interventions(
         intervention,
         p.depth,
@@ -823,16 +805,6 @@ def replay_command(
     image = to_unit(decoded)
     final = capture["denoising_context"].get("final_latent")  # none in an interrupted capture
     stored = None if final is None else to_unit(decode_latents(final, ae, height, width))
-
-    out.mkdir(parents=True, exist_ok=True)
-    image_path = publish_new(
-        lambda n: out / f"replay_{n}.jpg",
-        lambda tmp: save_jpeg(to_image(decoded[0]), tmp),
-        # replay_{n}.json and .pt go with the image: a number none of them has (an image deleted by hand
-        # must not hand its number, and so its old .json, to this replay)
-        start=max(next_free_index(out, "replay_", suffix) for suffix in (".jpg", ".json", ".pt")),
-    )
-    base = image_path.with_suffix("")
     record_meta = _provenance(
         path,
         capture,
@@ -841,25 +813,56 @@ def replay_command(
         source=str(Path(source).resolve()) if source else None,
         direction=str(Path(direction).resolve()) if direction else None,
         applied=[list(pair) for pair in result.applied],  # [spec, step] of every change made
-        image=str(image_path),
         vs_stored_final=None
         if stored is None
         else {"mse": float(mse(image, stored)[0]), "psnr": float(psnr(image, stored)[0])},
     )
-    if result.capture is not None:
+    _write_replay(out, to_image(decoded[0]), record_meta, result.capture)
+
+
+def _check_replay_steps(step: int, until: int | None, num_steps: int, save_capture: bool) -> None:
+    """--step and --until within the capture's steps and in order; --save_capture only to the last step."""
+    for flag, value in (("step", step), ("until", until)):
+        if value is not None and not 0 <= value < num_steps:
+            raise UsageError(f"--{flag} must be a step of this capture, 0..{num_steps - 1}; got {value}.")
+    if until is not None and until < step:
+        raise UsageError(
+            f"--until {until} comes before --step {step}: the replay runs from --step to --until, both "
+            "included."
+        )
+    if save_capture and until is not None and until != num_steps - 1:
+        raise UsageError("--save_capture needs the replay to run to the last step: leave --until out.")
+
+
+def _write_replay(out: Path, image: Image.Image, record: dict, capture: dict | None) -> None:
+    """replay_{n}.jpg, its record replay_{n}.json and (a recorded replay) its capture replay_{n}.pt, under
+    a number none of the three has: an image deleted by hand must not hand its number, and so its old
+    .json, to this replay."""
+    from flux.decode import save_jpeg
+    from flux.store import atomic_write, file_sha256, next_free_index, publish_new, torch_save, write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    image_path = publish_new(
+        lambda n: out / f"replay_{n}.jpg",
+        lambda tmp: save_jpeg(image, tmp),
+        start=max(next_free_index(out, "replay_", suffix) for suffix in (".jpg", ".json", ".pt")),
+    )
+    base = image_path.with_suffix("")
+    record["image"] = str(image_path)
+    if capture is not None:
         capture_path = base.with_suffix(".pt")
-        result.capture["metadata"]["files"] = {
+        capture["metadata"]["files"] = {
             "image": str(image_path), "image_sha256": file_sha256(image_path), "capture": str(capture_path)
         }  # fmt: skip
-        result.capture["metadata"]["format"] = "pt"
-        result.capture["metadata"]["replayed_from"] = {
-            "capture": str(Path(path).resolve()),
-            "source": record_meta["source"],
-            "direction": record_meta["direction"],
+        capture["metadata"]["format"] = "pt"
+        capture["metadata"]["replayed_from"] = {
+            "capture": record["capture"],
+            "source": record["source"],
+            "direction": record["direction"],
         }
-        atomic_write(capture_path, lambda tmp: torch_save(result.capture, tmp))
-        record_meta["capture_file"] = str(capture_path)
+        atomic_write(capture_path, lambda tmp: torch_save(capture, tmp))
+        record["capture_file"] = str(capture_path)
         print(f"Capture:  {capture_path}")
-    write_json(base.with_suffix(".json"), record_meta)
+    write_json(base.with_suffix(".json"), record)
     print(f"Image:    {image_path}")
     print(f"Metadata: {base.with_suffix('.json')}")
