@@ -69,6 +69,26 @@ def captures(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+def some_steps(tmp_path_factory) -> Path:
+    """The `.pt` run of `captures` again (same seed and prompt), capturing steps 1 and 3 only: a capture
+    where a step's list position is not its index."""
+    from flux.pipeline import RunOptions, generate, load_models
+
+    opts = RunOptions(
+        model="flux-tiny",
+        prompt="a red cube",
+        seed=1,
+        width=SIZE,
+        height=SIZE,
+        device="cpu",
+        steps="1,3",
+        output_dir=str(tmp_path_factory.mktemp("some_steps")),
+        should_decode_intermediates=False,
+    ).validate()
+    return generate(load_models(opts.spec, "cpu"), opts, progress=False).capture_path
+
+
+@pytest.fixture(scope="module")
 def final_layer():
     spec = get_spec("flux-tiny")
     return load_final_layer(resolve_flow_path(spec), spec.params, "cpu", torch.float32)
@@ -154,6 +174,20 @@ def test_one_row_per_block_step_metric_and_continuous_depth(metrics):
     expected = np.where(df.stream == "double", df.block, N_DOUBLE + df.block)
     assert (df.depth.to_numpy() == expected).all()
     assert df.depth.is_monotonic_increasing
+
+
+def test_a_capture_of_some_steps_scores_them_as_the_capture_of_every_step_does(
+    some_steps, metrics, final_layer
+):
+    """Each step is scored with its own latent, prediction and t, wherever it sits in the capture's lists."""
+    part = analysis.block_metrics(load_capture(some_steps), final_layer)
+    full = metrics["pt"]
+    full = full[full.step.isin([1, 3])].reset_index(drop=True)
+    assert sorted(set(part.step)) == [1, 3] and len(part) == len(full) > 0
+    for column in ("stream", "block", "step", "metric"):
+        assert part[column].tolist() == full[column].tolist()
+    np.testing.assert_allclose(part.t, full.t, rtol=0, atol=0)
+    np.testing.assert_allclose(part.value, full.value, rtol=1e-6, atol=1e-9)
 
 
 def test_formats_agree(metrics):
@@ -564,6 +598,16 @@ def test_compare_captures_measures_each_block_against_the_other_run(captures, tm
     with pytest.raises(UserError, match="The captures differ in width"):
         other["metadata"] = {**other["metadata"], "width": 128}
         analysis.compare_captures(mine, other)
+
+
+def test_compare_captures_pairs_steps_by_index_not_by_list_position(captures, some_steps):
+    """The run against itself captured at steps 1 and 3 only: those two steps, identical, either way round."""
+    full, part = load_capture(captures["pt"]), load_capture(some_steps)
+    for a, b in ((full, part), (part, full)):
+        df = analysis.compare_captures(a, b)
+        assert sorted(set(df.step)) == [1, 3] and len(df) == N_BLOCKS * 2 * 4
+        assert (df[df.metric.str.endswith("cosine")].value.round(12) == 1).all()
+        assert (df[df.metric.str.endswith("rel_l2")].value == 0).all()
 
 
 def test_latest_capture(tmp_path):

@@ -246,6 +246,23 @@ def test_patch_from_another_capture_puts_its_tokens_in(flow, captures):
     assert not torch.equal(result.latent, cap["denoising_context"]["final_latent"])
 
 
+def test_a_source_of_some_steps_gives_the_tokens_of_the_step_patched_not_of_its_list_position(
+    models, flow, captures, tmp_path
+):
+    """A source captured with --steps 1,3 holds step 3 at list position 1: the patch must read step 3's."""
+    (_, cap), (_, other) = captures
+    part = load_capture(_capture(models, tmp_path, prompt="a blue ball", steps="1,3"))
+    assert part["metadata"]["captured_steps"] == [1, 3]
+    t_len = int(cap["denoising_context"]["txt_seq_len"])
+    iv = Intervention("patch", "single", 1, (3,), "img", source=part)
+    got = _out(replay(flow, cap, interventions=[iv], record=_everything(flow)), "single", 1, 3)
+    assert torch.equal(got[:, t_len:], _stored(other, "single", 1, 3)[:, t_len:])
+    # Patching at every step needs the source to hold every step: refused, naming the ones it lacks.
+    with pytest.raises(UserError, match=r"no block outputs at steps \[0, 2\]"):
+        replay(flow, cap, interventions=[Intervention("patch", "single", 1, None, "img", source=part)])
+    assert _no_hooks(flow)
+
+
 def test_patch_sources_are_read_between_model_calls_not_inside_them(
     models, flow, captures, tmp_path, monkeypatch
 ):
@@ -300,6 +317,14 @@ def test_a_patch_source_must_share_the_grid_and_the_schedule(models, flow, captu
     for source, words in ((turned, "is 48x64 and this run 64x48"), (longer, "ran another schedule")):
         with pytest.raises(UserError, match=words):
             replay(flow, cap, interventions=[Intervention("patch", "double", 0, (1,), source=source)])
+    assert _no_hooks(flow)
+
+
+def test_an_intervention_at_a_step_the_run_does_not_have_is_refused(flow, captures):
+    (_, cap), _ = captures
+    for steps in ((NUM_STEPS,), (NUM_STEPS - 1, NUM_STEPS)):
+        with pytest.raises(UsageError, match=f"this run has steps 0 to {NUM_STEPS - 1}"):
+            replay(flow, cap, interventions=[Intervention("skip", "double", 0, steps)])
     assert _no_hooks(flow)
 
 
