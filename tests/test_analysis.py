@@ -300,6 +300,19 @@ def test_image_only_capture_has_no_text_norms(captures, metrics, final_layer, tm
     assert Image.open(tmp_path / "norms.png").size == PX
 
 
+def test_a_prompt_that_fills_every_text_token_has_prompt_norms_equal_to_the_text_norms(captures):
+    """The prompt norms cover the T5 tokens of the prompt; with no padding left they are the text norms."""
+    capture = load_capture(captures["pt"])
+    n_txt = capture["denoising_context"]["txt_seq_len"]
+    capture["metadata"]["t5_tokens"] = ["▁word"] * n_txt
+    df = analysis.block_metrics(capture, norms=True)
+    for stat in ("mean", "max"):
+        prompt = df[df.metric == f"txt_prompt_norm_{stat}"].reset_index(drop=True)
+        text = df[df.metric == f"txt_norm_{stat}"].reset_index(drop=True)
+        assert len(prompt) == len(text) == N_BLOCKS * N_STEPS
+        np.testing.assert_array_equal(prompt.value, text.value)
+
+
 def test_csv_round_trip(metrics, tmp_path):
     import pandas as pd
 

@@ -20,6 +20,7 @@ from flux.layers import (
     EmbedND,
     LastLayer,
     Modulation,
+    RMSNorm,
     SingleStreamBlock,
     timestep_embedding,
 )
@@ -215,6 +216,21 @@ def test_inconsistent_head_dim_raises():
 # Modulation order (sections 3.5, 3.9)
 
 
+def test_rms_norm_is_float32_with_eps_1e_6_then_cast_then_scaled():
+    """x / sqrt(mean(x^2) + 1e-6) computed in float32, cast to x's dtype, then times the learned scale: a
+    bf16 norm differs by up to two bf16 steps, and the eps shows on small inputs."""
+    torch.manual_seed(0)
+    norm = RMSNorm(128)
+    with torch.no_grad():
+        norm.scale.copy_(torch.rand(128) + 0.5)
+        x = (torch.randn(64, 128) * 3).bfloat16()
+        x32 = x.float()
+        expected = (x32 / torch.sqrt((x32 * x32).mean(-1, keepdim=True) + 1e-6)).bfloat16() * norm.scale
+        assert torch.equal(norm(x), expected)
+        small = RMSNorm(4)(torch.full((1, 4), 1e-3))  # 1e-3 / sqrt(1e-6 + 1e-6)
+    assert_close(small, torch.full((1, 4), 1 / math.sqrt(2)))
+
+
 def test_final_layer_is_shift_then_scale():
     d, shift, scale = 8, 0.3, 2.0
     layer = LastLayer(hidden_size=d, patch_size=1, out_channels=d)
@@ -337,6 +353,15 @@ def test_double_block_attends_over_txt_then_img(monkeypatch):
     )
     assert torch.equal(seen["txt_attn.proj:in"], joint["out"][:, :n_txt])
     assert torch.equal(seen["img_attn.proj:in"], joint["out"][:, n_txt:])
+
+
+@pytest.mark.parametrize(("img_shape", "txt_shape"), [((1, 4, 64), (1, 3)), ((4, 64), (1, 3, 64))])
+def test_flux_refuses_inputs_without_a_batch_and_a_sequence_axis(img_shape, txt_shape):
+    with torch.device("meta"):
+        model = Flux(TINY)
+        img, txt = torch.zeros(img_shape), torch.zeros(txt_shape)
+    with pytest.raises(ValueError, match=r"must be \(B, N, C\)"):
+        model(img, torch.zeros(1, 4, 3), txt, torch.zeros(1, 3, 3), torch.zeros(1), torch.zeros(1, 8))
 
 
 def test_flux_sequence_and_ids_are_txt_first():
@@ -577,6 +602,17 @@ def test_ae_attention_is_single_head_softmax_on_a_fused_kernel():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_the_decoder_returns_to_its_up_blocks_dtype_after_the_mid_block():
+    """The mid block may run in another dtype (bf16 under autocast): the up blocks still get theirs."""
+    ae = AutoEncoder(CONFIGS["flux-tiny"].ae_params)
+    seen = []
+    ae.decoder.mid.block_2.register_forward_hook(lambda _m, _a, out: out.bfloat16())
+    ae.decoder.up[-1].block[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    with torch.no_grad():
+        image = ae.decoder(torch.randn(1, 16, 2, 3))
+    assert seen == [torch.float32] and image.dtype == torch.float32
+
+
 def test_ae_decode_unscales_before_the_decoder():
     ae = AutoEncoder(CONFIGS["flux-tiny"].ae_params)
     image = torch.randn(1, 3, 16, 24)
@@ -642,6 +678,8 @@ def test_denoise_passes_timesteps_in_the_latent_dtype():
     denoise(stub, torch.zeros(1, 3, 4, dtype=torch.bfloat16), None, None, None, None, [1.0, 0.55, 0.0], 3.5)
     assert [c[0].dtype for c in stub.calls] == [torch.bfloat16] * 2
     assert stub.calls[1][0].item() == round_bf16(0.55)
+    # Guidance too: a float32 guidance vector would meet the bf16 guidance embedder's weights.
+    assert [(c[1].dtype, c[1].tolist()) for c in stub.calls] == [(torch.bfloat16, [3.5])] * 2
 
 
 def test_prepare_repeats_a_batch_of_one_to_match_the_other_side():
