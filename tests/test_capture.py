@@ -139,7 +139,15 @@ def test_plan_selects_exactly_what_it_names(model):
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("0,3", [0, 3]), ("2-5", [2, 3, 4, 5]), ("0-9:5", [0, 5]), ("all", list(range(10))), ("4:3", [4, 7])],
+    [
+        ("0,3", [0, 3]),
+        ("2-5", [2, 3, 4, 5]),
+        ("0-9:5", [0, 5]),
+        ("all", list(range(10))),
+        ("4:3", [4, 7]),
+        ("1:4", [1, 5, 9]),  # start:stride runs to the last step, 9
+        ("0:3", [0, 3, 6, 9]),
+    ],
 )
 def test_step_ranges(text, expected):
     assert list(CapturePlan.parse(None, text, "both", None, 2, 3, 10).steps) == expected
@@ -205,3 +213,18 @@ def test_pt_structure_from_steps(model, tmp_path):
     torch.save(capture, path)
     loaded = torch.load(path, weights_only=True)  # the default from torch 2.6; 2.4 and 2.5 need it said
     assert torch.equal(loaded["single_blocks"]["block_2"][1], capture["single_blocks"]["block_2"][1])
+
+
+def test_a_released_context_set_is_never_handed_out_for_a_captured_step(model):
+    """Steps the plan skips get context-only sets; once released they must not come back as a full set, or
+    a captured step's shard would silently lack its block outputs."""
+    plan = CapturePlan.parse(None, "1", "both", None, 2, 3, 3)
+    shapes, dtypes = BlockCapture.shapes_for(model, plan, 1, 5, 12, torch.float32)
+    pool = HostBufferPool(shapes, dtypes, pin=False, limit=1)
+    context_only = pool.acquire(captured=False)
+    assert set(context_only) < set(shapes)
+    pool.release(context_only)
+    full = pool.acquire(captured=True)
+    assert set(full) == set(shapes)
+    pool.release(full)
+    assert set(pool.acquire(captured=True)) == set(shapes) and set(pool.acquire(captured=False)) < set(shapes)

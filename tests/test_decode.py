@@ -263,6 +263,10 @@ def test_subset_of_steps(model, ae, tmp_path):
             LABEL_W + 2 * (WIDTH + PAD) + FINAL_GAP + WIDTH + PAD,
             LABEL_H + n_single * (HEIGHT + PAD),
         )
+    # -1 is the run's last step (3), not the last captured one (2): not captured here.
+    with pytest.raises(UserError, match=r"Steps \[3\]"):
+        lens_plan(capture, steps=-1)
+    assert [key.step for key in lens_plan(capture, blocks={"single": [0]}, steps=-2)] == [2]
     # Step 2 is list position 1: its image is the x0 of entry 1, decoded with step 2's context.
     [(key, latent)] = block_latents(capture, model.final_layer, blocks={"double": [0]}, steps=[2])
     assert (key.step, key.position) == (2, 1)
@@ -555,3 +559,14 @@ def test_a_jpeg_cut_short_by_a_full_disk_is_an_error_and_leaves_nothing(tmp_path
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("UserError:") and "full" in done.stdout, done.stdout
     assert os.listdir(tmp_path) == []  # neither the image nor its temporary file
+
+
+def test_the_sheet_columns_name_each_step_and_the_time_it_starts_at(model, ae, tmp_path, monkeypatch):
+    capture = make_capture(model, keep_steps=[0, 2])
+    seen = []
+    real = flux.decode.make_grid
+    monkeypatch.setattr(flux.decode, "make_grid", lambda *a, **k: seen.append(a[2]) or real(*a, **k))
+    decode_capture(capture, model.final_layer, ae, tmp_path, progress=False)
+    pairs = capture["denoising_context"]["timestep_pairs"]
+    expected = [f"step {k} (t={float(pairs[k][0]):.2f})" for k in (0, 2)]
+    assert seen == [expected, expected]  # the double and the single sheet

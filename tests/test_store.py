@@ -1005,3 +1005,25 @@ def test_buffers_allocated_for_another_capture_are_refused(model, tmp_path):
         model, plan, "pt", tmp_path / "c.pt", 8, 12, torch.float32, {}, 2, torch.device("cpu"), pool
     )
     assert session.capture.pool is pool
+
+
+def test_the_next_free_number_is_one_past_the_highest_not_the_count(tmp_path):
+    """A file deleted by hand leaves a gap; numbering goes on after the highest, so an orphan replay_3.json
+    is never paired with a new replay_3.jpg, and nothing is written over."""
+    (tmp_path / "replay_3.json").write_text("{}")
+    assert next_free_index(tmp_path, "replay_", ".json") == 4
+    assert next_free_index(tmp_path, "replay_", ".jpg") == 0
+    for n in (0, 5):
+        (tmp_path / f"img_{n}.jpg").write_bytes(b"")
+    assert next_free_index(tmp_path, "img_", ".jpg") == 6
+
+
+def test_decode_saved_never_writes_into_a_folder_that_holds_files(tmp_path):
+    from flux.pipeline import decode_saved
+
+    out = tmp_path / "lens"
+    out.mkdir()
+    (out / "grid_single.jpg").write_text("an earlier lens")
+    with pytest.raises(FileExistsError, match="is not empty"):
+        decode_saved({"metadata": {}, "denoising_context": {}}, None, None, out)
+    assert (out / "grid_single.jpg").read_text() == "an earlier lens"
