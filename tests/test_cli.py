@@ -874,6 +874,8 @@ def test_single_dash_flags_are_read_and_checked_like_long_ones(monkeypatch, caps
     assert "-p could be --prompt, --progress; spell the flag out" in capsys.readouterr().err
     assert capture_sample.run(["-promt", "a cat"]) == 2
     assert "has no flag --promt. Did you mean --prompt?" in capsys.readouterr().err
+    assert capture_sample.run(["--nosuchflag", "--model", "flux-tiny"]) == 2  # "no" + a name it lacks
+    assert "has no flag --nosuchflag." in capsys.readouterr().err
     assert len(seen) == 2  # refused before the run started
     assert capture_sample.run(["--guidance", "-inf", "--model", "flux-tiny"]) == 2  # a value, not a flag
     assert seen[2][::2] == ("flux-tiny", "-inf")  # which validation then refuses as not a number
@@ -1008,3 +1010,33 @@ def test_metadata_names_the_weights_it_loaded(tiny_run):
         "ae": str(repo / "ae.safetensors"),
         "text_encoders": str(repo),
     }
+
+
+def test_the_capture_estimate_counts_every_block_output_in_the_stored_dtype():
+    """flux-schnell at 256 px, worked out from the architecture: 19 double and 38 single blocks, 256 text and
+    256 image tokens of 3,072 channels each, 4 steps, 2 bytes (bf16, fp16 and the model's bf16) or 4 (fp32)
+    an element."""
+    from flux.options import RunOptions
+
+    per_step = (19 + 38) * (256 + 256) * 3072
+    for dtype, itemsize in ((None, 2), ("bf16", 2), ("fp16", 2), ("fp32", 4)):
+        opts = RunOptions(model="flux-schnell", capture_dtype=dtype, device="cpu").validate()
+        assert opts.estimated_capture_bytes() == per_step * itemsize * 4
+    opts = RunOptions(model="flux-schnell", capture_dtype="fp32", device="cpu", steps="0", streams="img")
+    assert opts.validate().estimated_capture_bytes() == (19 + 38) * 256 * 3072 * 4  # image tokens, one step
+
+
+def test_the_metadata_names_the_dtype_the_tensors_are_stored_in(tmp_path):
+    """flux-tiny computes in float32; --capture_dtype fp16 stores float16, and the metadata says so."""
+    flags = [
+        "--capture_dtype",
+        "fp16",
+        "--should_decode_intermediates",
+        "False",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    assert cli("--model", "flux-tiny", *SIZE, *flags) == 0
+    capture = load_capture(_only(tmp_path / "intermediates", "capture_*_flux-tiny.pt"))
+    assert capture["metadata"]["capture_dtype"] == "float16" and capture["metadata"]["dtype"] == "float32"
+    assert capture["single_blocks"]["block_0"][0].dtype == torch.float16
