@@ -133,6 +133,11 @@ def lens_plan(
     if blocks is not None and (unknown := sorted(set(blocks) - set(STREAMS))):
         raise UsageError(f"blocks keys must be 'double' and/or 'single'; got {unknown}.")
     captured_steps = list(meta["captured_steps"])
+    if not captured_steps:
+        raise UserError(
+            "No captured step of this capture reached the disk (the run stopped before its first captured "
+            "step), so the lens has nothing to decode."
+        )
     wanted_steps = captured_steps
     if steps is not None:
         wanted_steps = [k + int(meta["num_steps"]) if k < 0 else k for k in as_indices(steps, "steps")]

@@ -452,7 +452,7 @@ def test_the_norms_leave_a_gap_where_blocks_were_not_captured():
     assert np.isnan(y[2]) and list(y[[0, 1, 3, 4]]) == [10.0, 11.0, 13.0, 14.0]
 
 
-def test_a_capture_with_no_step_on_disk_is_refused_before_any_folder(captures, tmp_path):
+def test_a_capture_with_no_step_on_disk_is_refused_before_any_folder(captures, tmp_path, capsys):
     import json
     import shutil
 
@@ -464,6 +464,10 @@ def test_a_capture_with_no_step_on_disk_is_refused_before_any_folder(captures, t
     with pytest.raises(UserError, match="No captured step"):
         analysis.analyze(copy, tmp_path / "analysis", device="cpu", progress=False)
     assert not (tmp_path / "analysis").exists()
+    # The lens too (it raised an IndexError from the empty latent list).
+    assert capture_sample.run(["decode", str(copy), "--output_dir", str(tmp_path / "lens")]) == 1
+    assert not (tmp_path / "lens").exists()
+    assert "the lens has nothing to decode" in capsys.readouterr().err
 
 
 def test_the_lens_of_a_later_decode_is_reused_too(captures, tmp_path):
