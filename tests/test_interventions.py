@@ -570,6 +570,21 @@ def test_sweep_scores_follow_their_formulas_on_the_decoded_images(models, flow, 
         assert math.isclose(row.latent_mse, want_latent, rel_tol=1e-5)
 
 
+def test_a_sweep_replays_only_from_the_first_step_it_intervenes_at(models, flow, captures):
+    """Steps before the first intervened one would run exactly as stored: the unmodified replay and each
+    block's replay start at step 2 of 4, so each runs the model twice, not four times."""
+    (_, cap), _ = captures
+    calls = []
+    handle = flow.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        rows, _, base_latent = sweep(flow, models.ae, cap, "skip", [("double", 1), ("single", 0)], (2, 3),
+                                     progress=False)  # fmt: skip
+    finally:
+        handle.remove()
+    assert len(calls) == 2 * (1 + len(rows)) and len(rows) == 2
+    assert torch.equal(base_latent, cap["denoising_context"]["final_latent"])
+
+
 def test_scores_match_their_formulas():
     a = torch.full((1, 3, 16, 16), 0.5)
     b = torch.full((1, 3, 16, 16), 0.6)
