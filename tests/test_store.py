@@ -1027,3 +1027,30 @@ def test_decode_saved_never_writes_into_a_folder_that_holds_files(tmp_path):
     with pytest.raises(FileExistsError, match="is not empty"):
         decode_saved({"metadata": {}, "denoising_context": {}}, None, None, out)
     assert (out / "grid_single.jpg").read_text() == "an earlier lens"
+
+
+def test_a_capture_whose_final_context_cannot_be_written_is_not_marked_complete(model, tmp_path, monkeypatch):
+    """The index says "complete" only once context.safetensors (with the final latent) is on disk: a full
+    disk at that write leaves the capture marked incomplete, its steps readable, also after `abort`."""
+    import flux.store
+
+    real = flux.store.save_file
+
+    def full_at_the_context(tensors, path, *args, **kwargs):
+        if "final_latent" in tensors:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(flux.store, "save_file", full_at_the_context)
+    plan = CapturePlan.everything(model, NUM_STEPS)
+    sinks = []
+    with pytest.raises(UserError, match="is full"):
+        _capture(
+            model, lambda pool, meta: sinks.append(SafetensorsSink(tmp_path, pool, meta)) or sinks[0], plan
+        )
+    assert json.loads((tmp_path / "index.json").read_text())["complete"] is False
+    sinks[0].abort()
+    monkeypatch.undo()
+    capture = load_capture(tmp_path)
+    assert capture["metadata"]["complete"] is False and capture["metadata"]["steps_done"] == [0, 1, 2]
+    assert "final_latent" not in capture["denoising_context"]
