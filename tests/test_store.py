@@ -304,7 +304,7 @@ def _torch_save_bytes(obj, path) -> bytes:
     return path.read_bytes()
 
 
-def test_pt_captures_are_byte_for_byte_what_torch_save_writes(tmp_path):
+def test_pt_captures_are_byte_for_byte_what_torch_save_writes(tmp_path, monkeypatch):
     """The CRC32s filled in after the write, and the serialization id torch derives from them, make the same
     file as torch.save computing them inline: which passes zipfile's integrity check (as `unzip -t` and the
     pickle scanners built on zipfile need; torch.load never checks) and differs from capture to capture."""
@@ -312,10 +312,19 @@ def test_pt_captures_are_byte_for_byte_what_torch_save_writes(tmp_path):
 
     from flux.torchsave import _crc_config, torch_save
 
-    ids = set()
+    ids, saves, real_save = set(), [], torch.save
+
+    def counted_save(*args, **kwargs):
+        saves.append(1)
+        return real_save(*args, **kwargs)
+
     for seed in range(2):
         obj, ours = _capture_like(seed), tmp_path / f"c{seed}.pt"
+        saves.clear()
+        monkeypatch.setattr(torch, "save", counted_save)
         torch_save(obj, ours)
+        monkeypatch.undo()
+        assert saves == [1]  # written once: the fallback, which writes it again, was not needed
         assert ours.read_bytes() == _torch_save_bytes(obj, tmp_path / "plain.pt")
         with zipfile.ZipFile(ours) as archive:
             assert archive.testzip() is None
