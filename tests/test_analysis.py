@@ -45,33 +45,8 @@ FRAME_PX = (analysis.FRAME_SIDE, analysis.FRAME_SIDE + analysis.LABEL_BAND)
 HAS_FFMPEG = importlib.util.find_spec("imageio_ffmpeg") is not None
 
 
-@pytest.fixture(scope="module")
-def captures(tmp_path_factory) -> dict[str, Path]:
-    """One flux-tiny run per capture format, made once for the module."""
-    from flux.pipeline import RunOptions, generate, load_models
-
-    out, models = {}, None
-    for fmt in ("pt", "safetensors"):
-        opts = RunOptions(
-            model="flux-tiny",
-            prompt="a red cube",
-            seed=1,
-            width=SIZE,
-            height=SIZE,
-            device="cpu",
-            format=fmt,
-            output_dir=str(tmp_path_factory.mktemp(fmt)),
-            should_decode_intermediates=False,
-        ).validate()
-        models = models or load_models(opts.spec, "cpu")
-        out[fmt] = generate(models, opts, progress=False).capture_path
-    return out
-
-
-@pytest.fixture(scope="module")
-def some_steps(tmp_path_factory) -> Path:
-    """The `.pt` run of `captures` again (same seed and prompt), capturing steps 1 and 3 only: a capture
-    where a step's list position is not its index."""
+def _tiny_run(folder: Path, models=None, **flags) -> Path:
+    """The capture of one flux-tiny run of "a red cube", seed 1, at SIZE x SIZE on the CPU (no lens)."""
     from flux.pipeline import RunOptions, generate, load_models
 
     opts = RunOptions(
@@ -81,11 +56,27 @@ def some_steps(tmp_path_factory) -> Path:
         width=SIZE,
         height=SIZE,
         device="cpu",
-        steps="1,3",
-        output_dir=str(tmp_path_factory.mktemp("some_steps")),
+        output_dir=str(folder),
         should_decode_intermediates=False,
+        **flags,
     ).validate()
-    return generate(load_models(opts.spec, "cpu"), opts, progress=False).capture_path
+    return generate(models or load_models(opts.spec, "cpu"), opts, progress=False).capture_path
+
+
+@pytest.fixture(scope="module")
+def captures(tmp_path_factory) -> dict[str, Path]:
+    """One flux-tiny run per capture format, made once for the module."""
+    from flux.pipeline import load_models
+
+    models = load_models(get_spec("flux-tiny"), "cpu")
+    return {fmt: _tiny_run(tmp_path_factory.mktemp(fmt), models, format=fmt) for fmt in ("pt", "safetensors")}
+
+
+@pytest.fixture(scope="module")
+def some_steps(tmp_path_factory) -> Path:
+    """The `.pt` run of `captures` again, capturing steps 1 and 3 only: a capture where a step's list
+    position is not its index."""
+    return _tiny_run(tmp_path_factory.mktemp("some_steps"), steps="1,3")
 
 
 @pytest.fixture(scope="module")
