@@ -990,6 +990,30 @@ def test_buffers_are_left_to_generate_when_loading_could_not_hold_them_too(monke
     assert buffers_while_loading(opts) is None
 
 
+def test_a_streamed_capture_is_pinned_while_loading_when_a_few_steps_fit(monkeypatch):
+    """The safetensors writer holds a few steps' buffers (`streaming_buffer_sets`), not the run's, so a long
+    streamed run whose whole capture would not fit beside the models is still pinned while they load: the
+    check counts those few steps, to the byte."""
+    import flux.pipeline
+    from flux.options import model_host_bytes
+    from flux.pipeline import STREAMING_MAX_SETS, RunOptions, buffers_while_loading, streaming_buffer_sets
+
+    steps = 3 * STREAMING_MAX_SETS
+    opts = RunOptions(
+        model="flux-tiny", width=64, height=48, device="cpu", format="safetensors", num_steps=steps
+    ).validate()
+    per_step = opts.estimated_capture_bytes() // steps
+    assert per_step * steps == opts.estimated_capture_bytes()
+    needed = STREAMING_MAX_SETS * per_step + model_host_bytes(opts.spec)
+    assert streaming_buffer_sets(per_step, needed) == STREAMING_MAX_SETS  # a few steps, far from the run's
+    monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: needed)
+    future = buffers_while_loading(opts)
+    assert future is not None
+    assert future.result(timeout=60).allocated == STREAMING_MAX_SETS  # what the check counted
+    monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: needed - 1)
+    assert buffers_while_loading(opts) is None
+
+
 def test_buffers_allocated_for_another_capture_are_refused(model, tmp_path):
     from flux.pipeline import CaptureSession
 
