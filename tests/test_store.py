@@ -459,6 +459,20 @@ def test_publish_new_never_overwrites_under_concurrency(tmp_path):
     assert next_free_index(tmp_path, "img_", ".jpg") == 8
 
 
+def test_publish_new_keeps_a_name_taken_while_it_was_writing(tmp_path):
+    """Another run takes the free name while this one is still writing: the name is chosen only when the
+    written file is linked to it, so the other run's file stays as it is and this one gets the next."""
+
+    def write(tmp):
+        (tmp_path / "img_0.jpg").write_text("the other run")
+        tmp.write_text("this run")
+
+    assert publish_new(lambda n: tmp_path / f"img_{n}.jpg", write) == tmp_path / "img_1.jpg"
+    assert (tmp_path / "img_0.jpg").read_text() == "the other run"
+    assert (tmp_path / "img_1.jpg").read_text() == "this run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img_0.jpg", "img_1.jpg"]  # no temporary left
+
+
 def test_claim_stem_is_unique(tmp_path):
     stems = {claim_stem(tmp_path, "flux-tiny") for _ in range(5)}
     assert len(stems) == 5
