@@ -30,6 +30,7 @@ TOKENS is img, txt or both (default both; `add` takes img only). STEPS uses the 
 """
 
 import contextlib
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -224,6 +225,8 @@ def parse_interventions(
             scale = float(m["scale"]) if m["scale"] is not None else 1.0
         except ValueError as e:
             raise UsageError(f"Intervention {spec!r}: {m['scale']!r} is not a number.") from e
+        if not math.isfinite(scale):  # '1e999' reads as inf: every image would be NaN
+            raise UsageError(f"Intervention {spec!r}: the scale must be a finite number; got {m['scale']}.")
         if m["scale"] is not None and kind != "add":
             raise UsageError(f"Intervention {spec!r}: *SCALE only applies to add.")
         steps = parse_steps(m["steps"], num_steps, f"Intervention {spec!r}")
@@ -326,7 +329,10 @@ def load_direction(path: str | None) -> Tensor | None:
         obj = tensors[0]
     if not isinstance(obj, Tensor):
         raise UsageError(f"--direction {path!r} holds a {type(obj).__name__}, not a tensor.")
-    return obj.float()
+    obj = obj.float()
+    if not obj.isfinite().all():
+        raise UsageError(f"--direction {path!r} holds NaN or infinite values; every image would be NaN.")
+    return obj
 
 
 # ----------------------------------------------------------------------------------------- hooks

@@ -553,6 +553,8 @@ def _check_sweep_flags(
         scale = float(scale)
     except (TypeError, ValueError) as e:
         raise UsageError(f"--scale must be a number; got {scale!r}.") from e
+    if not math.isfinite(scale):  # every image would be NaN, and its scores NaN too
+        raise UsageError(f"--scale must be a finite number; got {scale}.")
     # A flag the intervention would ignore is refused: the results would be recorded as if it had applied.
     for flag, given, kind in (
         ("scale", scale != 1.0, "add"),

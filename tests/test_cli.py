@@ -728,11 +728,39 @@ def test_every_command_refuses_an_output_dir_it_cannot_make_before_loading(
 def test_flags_that_cannot_apply_are_refused_before_loading(
     argv, message, tiny_run, tmp_path, monkeypatch, capsys
 ):
+    _refused_before_loading(argv, message, tiny_run, tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        *[
+            (["sweep", "PT", "--intervention", "add", "--direction", "DIR", "--scale", v], "finite number")
+            for v in ("nan", "inf", "-inf")
+        ],
+        (["replay", "PT", "--intervention", "add:double:0*1e999", "--direction", "DIR"], "finite number"),
+        (["replay", "PT", "--intervention", "add:double:0", "--direction", "NAN_DIR"], "NaN or infinite"),
+        (["sweep", "PT", "--intervention", "add", "--direction", "NAN_DIR"], "NaN or infinite"),
+    ],
+)
+def test_a_scale_or_direction_that_is_not_finite_is_refused_before_loading(
+    argv, message, tiny_run, tmp_path, monkeypatch, capsys
+):
+    """It would make every image NaN, and a sweep's scores NaN, which its JSON writes as null: 'unchanged'."""
+    _refused_before_loading(argv, message, tiny_run, tmp_path, monkeypatch, capsys)
+
+
+def _refused_before_loading(argv, message, tiny_run, tmp_path, monkeypatch, capsys):
     import flux.sweep
 
     monkeypatch.setattr(flux.sweep, "_load", lambda *a, **k: pytest.fail("a model was loaded"))
-    files = {"PT": str(_only(tiny_run / "intermediates", "capture_*.pt")), "DIR": str(tmp_path / "d.pt")}
+    files = {
+        "PT": str(_only(tiny_run / "intermediates", "capture_*.pt")),
+        "DIR": str(tmp_path / "d.pt"),
+        "NAN_DIR": str(tmp_path / "nan.pt"),
+    }
     torch.save(torch.zeros(D), files["DIR"])
+    torch.save(torch.zeros(D).index_fill(0, torch.tensor([3]), float("nan")), files["NAN_DIR"])
     out = tmp_path / "out"
     assert capture_sample.run([files.get(a, a) for a in argv] + ["--output_dir", str(out)]) == 2
     assert message in capsys.readouterr().err and not out.exists()
