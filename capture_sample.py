@@ -68,11 +68,13 @@ def main(
         height: Image height in pixels, a positive multiple of 16 (default 256).
         seed: Noise seed; random when omitted (the one used is recorded in the metadata).
         num_steps: Denoising steps; default 4 for flux-schnell and flux-tiny, 50 for dev/Krea.
-        guidance: Distilled guidance for dev/Krea (default 2.5; flux-tiny 3.5); flux-schnell ignores it.
+        guidance: Distilled guidance for dev/Krea (default 2.5; flux-tiny 3.5); flux-schnell has no guidance
+            input, so there it warns and is ignored.
         offload: Keep models on the CPU and move each to the GPU only while it runs (less GPU memory).
         device: Torch device; cuda when available, else cpu.
         output_dir: Folder for all outputs (default "output").
-        capture: Capture block outputs (default True). False runs plain generation with no hooks.
+        capture: Capture block outputs (default True). False runs plain generation with no hooks (the
+            capture and lens flags are then refused, as they would not apply).
         format: pt (default; one file, held in memory until the end) or safetensors (a directory with one
             shard per step, streamed to disk by a background thread; use it for big runs).
         blocks: Which blocks to capture, e.g. "double:0-5,single:10,37" (default: all; a range after a
@@ -85,7 +87,8 @@ def main(
         force: Capture even when the estimated size exceeds the free disk space (or, for .pt, the host
             memory).
         should_decode_intermediates: Decode every captured block output as if it were the last (the lens),
-            writing JPEGs and labelled grids under intermediates/decoded/ (default True).
+            writing JPEGs and labelled grids under intermediates/decoded/ (default True). With False, the
+            lens flags are refused; `capture_sample.py decode CAPTURE` takes them later.
         decode_target: What the lens shows: x0 (default; the clean image each block predicts) or next (the
             latent one Euler step later).
         decode_batch_size: Images per VAE decoder call in the lens; default: set by the image size within

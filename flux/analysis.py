@@ -72,6 +72,8 @@ ANNOTATE_CELLS = 120  # heatmaps with at most this many cells print their values
 FRAME_SIDE = 256  # longest side of an animation frame's image, in pixels (the label band comes on top)
 FRAME_MIN_WIDTH = 112  # the widest label line ("(the sampler's output)") needs about 104 pixels
 LABEL_BAND = 30  # pixels of label above each animation frame
+ANIMATION_STEPS = 8  # captured steps the animation sweeps through, by default
+FRAME_MS = 120  # milliseconds per animation frame, by default
 EXTRA_HINT = (
     "install the analysis extra: uv sync --extra analysis "
     "(or pip install 'flux-intermediate-representation[analysis]')"
@@ -580,7 +582,9 @@ def render_frames(
     return frames
 
 
-def write_gif(frames: list[Image.Image], path: str | Path, frame_ms: int = 120, hold_ms: int = 1500) -> Path:
+def write_gif(
+    frames: list[Image.Image], path: str | Path, frame_ms: int = FRAME_MS, hold_ms: int = 1500
+) -> Path:
     """An endlessly looping GIF; the last frame is held for `hold_ms`. Written atomically."""
     from flux.store import atomic_write
 
@@ -599,7 +603,9 @@ def mp4_available() -> bool:
     return importlib.util.find_spec("imageio_ffmpeg") is not None
 
 
-def write_mp4(frames: list[Image.Image], path: str | Path, frame_ms: int = 120, hold_ms: int = 1500) -> Path:
+def write_mp4(
+    frames: list[Image.Image], path: str | Path, frame_ms: int = FRAME_MS, hold_ms: int = 1500
+) -> Path:
     """H.264 MP4 through imageio-ffmpeg (must be installed); the last frame is repeated to last `hold_ms`."""
     import imageio_ffmpeg
 
@@ -657,8 +663,8 @@ def analyze(
     device: str | None = None,
     animation: bool = True,
     weights_dir: str | None = None,
-    animation_steps: int = 8,
-    frame_ms: int = 120,
+    animation_steps: int = ANIMATION_STEPS,
+    frame_ms: int = FRAME_MS,
     progress: bool = True,
     log=print,
 ) -> dict[str, Path]:
@@ -678,6 +684,14 @@ def analyze(
         raise UsageError(f"--animation_steps must be a whole number >= 0; got {animation_steps!r}.")
     if isinstance(frame_ms, bool) or not isinstance(frame_ms, int) or frame_ms < 20:
         raise UsageError(f"--frame_ms must be a whole number of milliseconds >= 20; got {frame_ms!r}.")
+    if not isinstance(animation, bool):
+        raise UsageError(f"--animation is a switch: pass --animation or --noanimation; got {animation!r}.")
+    for flag, value, default in (
+        ("animation_steps", animation_steps, ANIMATION_STEPS),
+        ("frame_ms", frame_ms, FRAME_MS),
+    ):
+        if not animation and value != default:
+            raise UsageError(f"--{flag} applies only to the animation; leave it out with --animation False.")
     dev = check_device(device)
     capture = load_capture(path)
     meta = capture["metadata"]
@@ -752,8 +766,8 @@ def analyze_command(
     device: str | None = None,
     animation: bool = True,
     weights_dir: str | None = None,
-    animation_steps: int = 8,
-    frame_ms: int = 120,
+    animation_steps: int = ANIMATION_STEPS,
+    frame_ms: int = FRAME_MS,
     progress: bool = True,
 ) -> None:
     """Measure where in the network the image appears, and plot it, for one capture.

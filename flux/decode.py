@@ -142,14 +142,17 @@ def lens_plan(
     if steps is not None:
         wanted_steps = [k + int(meta["num_steps"]) if k < 0 else k for k in as_indices(steps, "steps")]
     if missing := sorted(set(wanted_steps) - set(captured_steps)):
-        raise UserError(f"Steps {missing} were not captured; this capture holds steps {captured_steps}.")
+        raise UsageError(
+            f"Steps {missing} (--steps) were not captured; this capture holds steps {captured_steps}."
+        )
     plan = []
     for stream in STREAMS:
         captured = {int(name.removeprefix("block_")): name for name in capture[f"{stream}_blocks"]}
         wanted = captured if blocks is None else as_indices(blocks.get(stream, []), f"blocks[{stream!r}]")
         if missing := sorted(set(wanted) - set(captured)):
-            raise UserError(
-                f"{stream} blocks {missing} were not captured; this capture holds {sorted(captured)}."
+            raise UsageError(
+                f"{stream} blocks {missing} (--blocks) were not captured; this capture holds "
+                f"{sorted(captured)}."
             )
         for block in sorted(wanted):
             for position, step in enumerate(captured_steps):

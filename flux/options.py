@@ -28,6 +28,10 @@ def compute_dtype(spec: ModelSpec) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------- options
+CAPTURE_FLAGS = ("format", "blocks", "steps", "streams", "capture_dtype", "force")  # used only by a capture
+LENS_FLAGS = ("decode_target", "decode_batch_size", "compile_decoder")  # used only by the lens
+
+
 @dataclass
 class RunOptions:
     """Every knob of one run; `validate()` checks them all before anything is loaded or written."""
@@ -118,6 +122,7 @@ class RunOptions:
                 )
         if self.compile_decoder is not None and not isinstance(self.compile_decoder, bool):
             raise UsageError(f"--compile_decoder is a switch; got {self.compile_decoder!r}.")
+        self._refuse_unused_flags()
         if self.plan().dtype == torch.float16 and compute_dtype(spec) == torch.bfloat16:
             self.warnings.append(
                 "warning: --capture_dtype fp16 holds magnitudes up to 65504; with the published weights some "
@@ -138,6 +143,25 @@ class RunOptions:
 
             check_extra()  # before a long run, not after it
         return self
+
+    def _refuse_unused_flags(self) -> None:
+        """A capture or lens flag given to a run that neither captures nor runs the lens is refused: the
+        metadata would record it as if it had applied, and the user may believe it did."""
+        defaults = RunOptions()
+        given = [
+            flag
+            for flag in CAPTURE_FLAGS + LENS_FLAGS
+            if getattr(self, flag) != getattr(defaults, flag)
+            and not (flag == "capture_dtype" and self.capture_dtype == "auto")
+        ]
+        if not self.capture and given:
+            raise UsageError(f"--{given[0]} applies only to a capture; leave it out with --capture False.")
+        unused = [flag for flag in given if flag in LENS_FLAGS]
+        if not self.should_decode_intermediates and unused:
+            raise UsageError(
+                f"--{unused[0]} applies only to the lens; leave it out with --should_decode_intermediates "
+                "False, or pass it to `capture_sample.py decode CAPTURE` later."
+            )
 
     def _check_capture_fits(self) -> None:
         """Refuse, before anything loads, a capture that the disk (or, for .pt, host memory) cannot hold."""

@@ -422,11 +422,10 @@ def sweep_command(
     and compared with an unmodified replay. Writes into
     {capture folder}/sweeps/{capture name}_{intervention}[_{tokens}][_steps{steps}]/ (a new folder each
     time): sweep.csv (ranked, most disruptive first), sweep.json (every row's intervention spec and scores,
-    plus provenance), sweep.png (bar chart), contact_sheet.jpg, unmodified.jpg and one JPEG per altered
-    image. sweep.csv, sweep.json and the
-    JPEGs are written as each block finishes, so a sweep that stops keeps its finished blocks (sweep.json:
-    "complete": false) and --resume goes on from there. Only the flow model and the autoencoder are loaded,
-    never the text encoders.
+    plus provenance), sweep.png (bar chart; needs the analysis extra), contact_sheet.jpg, unmodified.jpg
+    and one JPEG per altered image. sweep.csv, sweep.json and the JPEGs are written as each block
+    finishes, so a sweep that stops keeps its finished blocks (sweep.json: "complete": false) and --resume
+    goes on from there. Only the flow model and the autoencoder are loaded, never the text encoders.
 
     Args:
         path: A capture: a capture_*.pt file or a capture_* safetensors directory.

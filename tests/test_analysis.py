@@ -461,6 +461,46 @@ def test_a_capture_with_no_step_on_disk_is_refused_before_any_folder(captures, t
     assert "the lens has nothing to decode" in capsys.readouterr().err
 
 
+def test_a_capture_cut_short_gets_the_velocity_metrics_and_no_final_frame(metrics, tmp_path):
+    """The run of `captures`, streamed and interrupted in its last step: steps 0-2 on disk, no final latent
+    and no image. Its velocity metrics are the full run's at those steps; nothing needs the final latent."""
+    import pandas as pd
+
+    from flux.pipeline import load_models
+
+    models, calls = load_models(get_spec("flux-tiny"), "cpu"), []
+
+    def interrupt_the_last_step(module, args):
+        calls.append(1)
+        if len(calls) == N_STEPS:
+            raise KeyboardInterrupt
+
+    models.flow.register_forward_pre_hook(interrupt_the_last_step)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_run(tmp_path, models, format="safetensors")
+    capture = next((tmp_path / "intermediates").glob("capture_*"))
+    assert load_capture(capture)["metadata"]["captured_steps"] == [0, 1, 2]
+    assert not list(tmp_path.glob("*.jpg"))  # the run's image: none
+
+    logged, out = [], tmp_path / "analysis"
+    written = analysis.analyze(
+        capture, out, device="cpu", animation_steps=0, progress=False, log=logged.append
+    )
+    df = pd.read_csv(written["metrics"])
+    velocity = ["pred_cosine", "pred_rel_l2"]
+    assert set(df.metric) == METRICS - {"x0_cosine", "x0_rel_l2"}
+    full = metrics["pt"]
+    full = full[full.step.isin([0, 1, 2]) & full.metric.isin(velocity)].reset_index(drop=True)
+    part = df[df.metric.isin(velocity)].reset_index(drop=True)
+    assert part[["stream", "block", "step", "metric"]].values.tolist() == (
+        full[["stream", "block", "step", "metric"]].values.tolist()
+    )
+    np.testing.assert_allclose(part.value, full.value, rtol=1e-6, atol=1e-9)
+    with Image.open(written["animation"]) as gif:
+        assert gif.n_frames == N_BLOCKS * 3  # every block at each of the 3 steps, and no final frame
+    assert any("no final frame (the run was cut short)" in line for line in logged)
+
+
 def test_the_lens_of_a_later_decode_is_reused_too(captures, tmp_path):
     capture = load_capture(captures["pt"])
     keys = analysis.animation_keys(capture)
@@ -517,6 +557,10 @@ def test_analyze_rejects_bad_values_with_exit_code_2(captures, tmp_path, capsys)
         (["--animation_steps", "-1"], "--animation_steps"),
         (["--frame_ms", "10"], "--frame_ms"),
         (["--device", "tpu:x"], "--device"),
+        (["--animation", "maybe"], "--animation is a switch"),
+        # Flags the run would ignore: the user may believe they applied.
+        (["--animation", "False", "--frame_ms", "50"], "--frame_ms applies only to the animation"),
+        (["--noanimation", "--animation_steps", "3"], "--animation_steps applies only to the animation"),
     ):
         argv = ["analyze", str(captures["pt"]), "--output_dir", str(out), *flags, "--progress", "False"]
         assert capture_sample.run(argv) == 2, flags

@@ -52,6 +52,7 @@ def test_writes_the_three_documented_files(tiny_run):
     assert Image.open(tiny_run / "img_0.jpg").size == (64, 48)
     data = json.loads(meta.read_text())
     assert data["seed"] == 1 and data["model"] == "flux-tiny" and data["complete"] is True
+    assert data["guidance"] == 3.5 and data["guidance_used"] is True  # tiny has dev's guidance input
     assert data["files"]["image"].endswith("img_0.jpg")
     assert data["flags"]["prompt"] == "a red cube"
 
@@ -141,6 +142,20 @@ def test_subcommands_write_beside_the_capture_by_default(tiny_run, tmp_path, cap
     assert capture_sample.run(sweep) == 0
     assert [p.name for p in (tmp_path / "sweeps").iterdir()] == [f"{stem}_skip_steps3"]
     assert (tmp_path / "sweeps" / f"{stem}_skip_steps3" / "sweep.csv").is_file()
+    sweep = [
+        "sweep",
+        pt,
+        "--intervention",
+        "zero",
+        "--tokens",
+        "img",
+        "--blocks",
+        "double:0",
+        "--steps",
+        "2-3",
+    ]
+    assert capture_sample.run([*sweep, "--progress", "False"]) == 0
+    assert (tmp_path / "sweeps" / f"{stem}_zero_img_steps2-3" / "sweep.csv").is_file()  # the README's name
     assert "%|" not in capfd.readouterr().err  # --progress False: no progress bar from any of them
 
 
@@ -222,6 +237,22 @@ def test_safetensors_capture_matches_pt(tiny_run, tmp_path):
         (["--format", "npz"], "--format"),
         (["--streams", "image"], "--streams"),
         (["--capture_dtype", "int8"], "--capture_dtype"),
+        # Flags the run would ignore: its metadata would record them as if they had applied.
+        (["--capture", "False", "--format", "safetensors"], "--format applies only to a capture"),
+        (["--nocapture", "--blocks", "double:0"], "--blocks applies only to a capture"),
+        (["--capture", "False", "--steps", "0"], "--steps applies only to a capture"),
+        (["--capture", "False", "--streams", "img"], "--streams applies only to a capture"),
+        (["--capture", "False", "--capture_dtype", "fp16"], "--capture_dtype applies only to a capture"),
+        (["--capture", "False", "--force"], "--force applies only to a capture"),
+        (["--capture", "False", "--decode_target", "next"], "--decode_target applies only to a capture"),
+        (
+            ["--should_decode_intermediates", "False", "--decode_batch_size", "4"],
+            "--decode_batch_size applies only to the lens",
+        ),
+        (
+            ["--noshould_decode_intermediates", "--compile_decoder"],
+            "--compile_decoder applies only to the lens",
+        ),
     ],
 )
 def test_bad_values_exit_2_with_one_line_naming_the_flag(args, flag, tmp_path, capsys):
@@ -235,6 +266,16 @@ def test_bad_values_exit_2_with_one_line_naming_the_flag(args, flag, tmp_path, c
     assert rc == 2
     assert err[-1].startswith("error: ") and flag in err[-1]
     assert not out.exists()
+
+
+def test_capture_flags_at_their_defaults_pass_without_a_capture(tmp_path):
+    """Only a value the run would ignore is refused: the defaults, spelled out (`auto` included), are not."""
+    from flux.options import RunOptions
+
+    at = {"model": "flux-tiny", "output_dir": str(tmp_path), "device": "cpu"}
+    RunOptions(**at, capture=False, format="pt", streams="both", capture_dtype="auto", decode_target="x0",
+               force=False).validate()  # fmt: skip
+    RunOptions(**at, should_decode_intermediates=False, format="safetensors", steps="0").validate()
 
 
 @pytest.mark.parametrize("flag", ["width", "height"])
@@ -764,6 +805,25 @@ def _refused_before_loading(argv, message, tiny_run, tmp_path, monkeypatch, caps
     out = tmp_path / "out"
     assert capture_sample.run([files.get(a, a) for a in argv] + ["--output_dir", str(out)]) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_decode_of_blocks_or_steps_the_capture_lacks_is_a_usage_error_before_loading(
+    tmp_path, monkeypatch, capsys
+):
+    import flux.decode
+
+    assert cli("--model", "flux-tiny", *SIZE, "--steps", "1,3", "--blocks", "double:0",
+               "--should_decode_intermediates", "False", "--output_dir", str(tmp_path)) == 0  # fmt: skip
+    monkeypatch.setattr(flux.decode, "load_model_final_layer", lambda *a, **k: pytest.fail("loaded"))
+    capture = _only(tmp_path / "intermediates", "capture_*.pt")
+    out = tmp_path / "lens"
+    for flags, message in (
+        (["--steps", "0-3"], "Steps [0, 2] (--steps) were not captured; this capture holds steps [1, 3]."),
+        (["--blocks", "single:1"], "single blocks [1] (--blocks) were not captured; this capture holds []."),
+    ):
+        assert capture_sample.run(["decode", str(capture), "--output_dir", str(out), *flags]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {message}"
+        assert not out.exists()
 
 
 def test_a_text_only_capture_is_refused_by_decode_before_loading(tmp_path, monkeypatch, capsys):

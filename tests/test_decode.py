@@ -25,6 +25,7 @@ from flux.decode import (
     decode_latents,
     grid_size,
     lens_plan,
+    lens_velocity,
     load_final_layer,
     make_grid,
     save_jpeg,
@@ -50,7 +51,7 @@ def make_capture(model: Flux, keep_steps: list[int] | None = None, seed: int = 0
     keep = list(range(N_STEPS)) if keep_steps is None else keep_steps
     doubles = {f"block_{i}": [] for i in range(len(model.double_blocks))}
     singles = {f"block_{i}": [] for i in range(len(model.single_blocks))}
-    ctx = {"img_state": [], "timestep_pairs": [], "vec": []}
+    ctx = {"img_state": [], "timestep_pairs": [], "vec": [], "pred": []}
     step = [0]
     guidance = 3.5
 
@@ -74,6 +75,9 @@ def make_capture(model: Flux, keep_steps: list[int] | None = None, seed: int = 0
     handles += [
         b.register_forward_hook(hook(singles, f"block_{i}")) for i, b in enumerate(model.single_blocks)
     ]
+    handles.append(
+        model.final_layer.register_forward_hook(lambda _m, _a, out: ctx["pred"].append(out.clone()))
+    )
     try:
         with torch.inference_mode():
             final = denoise(model, **inp, timesteps=timesteps, guidance=guidance, before_step=before_step)
@@ -125,6 +129,16 @@ def test_last_block_at_last_step_is_the_final_latent(model, capture):
         assert torch.equal(latent, final)
 
 
+def test_the_last_blocks_velocity_is_the_models_own_prediction_at_every_step(model, capture):
+    """The final layer reads the last single block's image tokens exactly as the model's forward does."""
+    last = len(model.single_blocks) - 1
+    for step in range(N_STEPS):
+        [key] = lens_plan(capture, {"single": [last]}, [step])
+        velocity = lens_velocity(capture, key, model.final_layer)
+        assert velocity.shape == (1, N_IMG, 64)
+        assert torch.equal(velocity, capture["denoising_context"]["pred"][step])
+
+
 def _final_layer_by_hand(layer, h, vec):
     mod = F.linear(F.silu(vec), layer.adaLN_modulation[1].weight, layer.adaLN_modulation[1].bias)
     shift, scale = mod[:, : h.shape[-1]], mod[:, h.shape[-1] :]
@@ -144,6 +158,8 @@ def test_x0_and_next_match_a_hand_computation(model, capture, stream, block, ste
     img = ctx["img_state"][step]
     [(_, x0)] = block_latents(capture, model.final_layer, "x0", {stream: [block]}, [step])
     [(_, nxt)] = block_latents(capture, model.final_layer, "next", {stream: [block]}, [step])
+    [key] = lens_plan(capture, {stream: [block]}, [step])
+    torch.testing.assert_close(lens_velocity(capture, key, model.final_layer), pred, rtol=0, atol=1e-5)
     torch.testing.assert_close(x0, img - t_curr * pred, rtol=0, atol=1e-5)
     torch.testing.assert_close(nxt, img - (t_curr - t_prev) * pred, rtol=0, atol=1e-5)
     assert not torch.allclose(x0, nxt)

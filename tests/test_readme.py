@@ -2,6 +2,8 @@
 
 import inspect
 import re
+import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -144,3 +146,61 @@ def test_every_flag_is_in_the_readme_table_with_its_real_default():
             assert param.default == literal[shown] and type(param.default) is type(literal[shown]), name
         else:
             assert param.default is None, f"--{name}: the README says {shown!r}, the code {param.default!r}"
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every `capture_sample.py` command in the README's bash blocks, as the argv after the script's name."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for line in block.splitlines():
+            if line.startswith("uv run python capture_sample.py"):
+                commands.append(shlex.split(line, comments=True)[4:])
+    return commands
+
+
+# The README's commands name blocks of the published models (19 double, 38 single); flux-tiny has 2 and 3.
+TINY_BLOCKS = {"double:0-5": "double:0-1", "double:3": "double:1", "single:10": "single:2"}
+
+
+def test_every_command_in_the_readme_gets_past_validation_to_loading(tmp_path, monkeypatch, capsys):
+    """Each command a reader would copy passes every check of its flags and reaches the loading of its models,
+    stopped there (flux-schnell's weights are not here). Saved captures are flux-tiny's, two of one size."""
+    import flux.decode
+    import flux.pipeline
+    import flux.sweep
+
+    captures = {
+        "CAPTURE": _tiny_capture(tmp_path / "a", 1),
+        "OTHER_CAPTURE": _tiny_capture(tmp_path / "b", 2),
+    }
+
+    def stop(*args, **kwargs):
+        raise capture_sample.UsageError("stopped where the models load")
+
+    for module, loader in ((flux.pipeline, "load_models"), (flux.decode, "load_model_final_layer"),
+                           (flux.sweep, "_load")):  # fmt: skip
+        monkeypatch.setattr(module, loader, stop)
+    monkeypatch.setattr(flux.pipeline, "buffers_while_loading", lambda opts: None)  # no big allocation here
+    # flux-dev at 1024 px with every block is a 270 GB capture: the disk check is for the reader's disk.
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**60, 0, 2**60))
+    monkeypatch.chdir(tmp_path)  # the main command's default output folder, ./output
+    commands = _readme_commands()
+    assert len(commands) == 10 and {argv[0] for argv in commands} >= {"decode", "analyze", "sweep", "replay"}
+    for argv in commands:
+        argv = [
+            str(captures["CAPTURE"]) if a.startswith("output/intermediates/capture_") else a for a in argv
+        ]
+        argv = [str(captures.get(a, a)) for a in argv]
+        for published, tiny in TINY_BLOCKS.items():
+            argv = [a.replace(published, tiny) for a in argv]
+        assert capture_sample.run(argv) == 2, argv
+        assert capsys.readouterr().err.strip().splitlines()[-1] == "error: stopped where the models load", (
+            argv
+        )
+    assert not (tmp_path / "output").exists()
+
+
+def test_the_decode_flags_the_readme_lists_are_the_commands_flags():
+    listed = README.split("Its flags (`decode --help`):", 1)[1].split("\n\n", 1)[0]
+    flags = set(re.findall(r"`--(\w+)`", listed))
+    assert flags == set(inspect.signature(capture_sample.decode).parameters) - {"path"}
