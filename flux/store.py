@@ -514,7 +514,7 @@ def _context_from(meta: dict) -> dict:
     """The non-tensor context of a run, as far as its metadata holds it."""
     ctx = {k: meta[k] for k in ("txt_seq_len", "guidance") if k in meta}
     if "timesteps" in meta:
-        ctx["timestep_pairs"] = [list(pair) for pair in itertools.pairwise(meta["timesteps"])]
+        ctx["timestep_pairs"] = list(itertools.pairwise(meta["timesteps"]))
     return ctx
 
 
@@ -539,6 +539,8 @@ def _load_dir(directory: Path) -> dict:
         # A run killed before it could write its context (by a version that wrote it only at the end)
         # still has what the lens needs of it in its metadata.
         ctx: dict[str, Any] = dict(index.get("context") or _context_from(meta))
+        if "timestep_pairs" in ctx:  # JSON has no tuples; a .pt holds (t_curr, t_prev) tuples
+            ctx["timestep_pairs"] = [(float(a), float(b)) for a, b in ctx["timestep_pairs"]]
         # Touch every key used below now, so a damaged index is one clear error, not a KeyError later.
         meta["captured_blocks"]["double"], meta["captured_blocks"]["single"], list(meta["captured_steps"])
     except FileNotFoundError as e:

@@ -218,6 +218,8 @@ def test_safetensors_capture_matches_pt(tiny_run, tmp_path):
         for (ai, at), (bi, bt) in zip(entries, b["double_blocks"][name]):
             assert torch.equal(ai, bi) and torch.equal(at, bt)
     assert torch.equal(a["denoising_context"]["final_latent"], b["denoising_context"]["final_latent"])
+    pairs = a["denoising_context"]["timestep_pairs"]
+    assert b["denoising_context"]["timestep_pairs"] == pairs and {type(p) for p in pairs} == {tuple}
     assert (tmp_path / "img_0.jpg").read_bytes() == (tiny_run / "img_0.jpg").read_bytes()
 
 
