@@ -43,28 +43,32 @@ class TextEmbedder(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def tokenize(self, prompts: list[str]) -> Tensor:
-        """Token ids (B, max_length): truncated, then padded to max_length, as FLUX tokenizes."""
+    def _encode(self, prompts: list[str]):
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, not a single string")
-        batch = self.tokenizer(
+        return self.tokenizer(
             list(prompts),
             truncation=True,
             max_length=self.max_length,
             padding="max_length",
+            return_attention_mask=True,
             return_length=False,
             return_overflowing_tokens=False,
             return_tensors="pt",
         )
-        return batch["input_ids"]
+
+    def tokenize(self, prompts: list[str]) -> Tensor:
+        """Token ids (B, max_length): truncated, then padded to max_length, as FLUX tokenizes."""
+        return self._encode(prompts)["input_ids"]
 
     def token_strings(self, prompt: str) -> list[str]:
         """The tokens `prompt` becomes, up to and including the end-of-text token: the positions of the text
-        stream that are not padding (padding fills the rest, up to max_length)."""
-        ids = self.tokenize([prompt])[0].tolist()
-        pad = self.tokenizer.pad_token_id
-        real = ids.index(pad) if pad is not None and pad in ids else len(ids)
-        return self.tokenizer.convert_ids_to_tokens(ids[:real])
+        stream that are not padding (padding fills the rest, up to max_length). Told apart from padding by
+        the tokenizer's own mask, not by the pad id: CLIP pads with its end-of-text token, and a prompt may
+        spell out the pad token itself."""
+        batch = self._encode([prompt])
+        real = int(batch["attention_mask"][0].sum())
+        return self.tokenizer.convert_ids_to_tokens(batch["input_ids"][0, :real].tolist())
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Tensor:

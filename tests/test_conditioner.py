@@ -67,9 +67,33 @@ def test_padding_to_max_length_without_mask(t5, repo):
         SPEC.t5_max_length - 3
     )
     assert ids[0].tolist() == expected
-    # No mask: padding tokens attend and are attended to, so the padded length changes every position.
+    # No mask: padding tokens attend and are attended to, so the padded length changes every position, by
+    # far more than float noise (with a mask, the two differ by about 1e-6).
     short = load_text_embedder("t5", repo, "text_encoder_2", "tokenizer_2", 8, "cpu", torch.float32)
-    assert not torch.allclose(t5(["a cat"])[0, :3], short(["a cat"])[0, :3])
+    assert (t5(["a cat"])[0, :3] - short(["a cat"])[0, :3]).abs().max() > 1e-2
+
+
+def test_a_single_string_is_refused(t5):
+    with pytest.raises(TypeError, match="list of strings"):
+        t5("a cat")  # it would be read as five one-letter prompts
+
+
+def test_token_strings_end_with_the_end_of_text_token_however_the_text_pads(t5, clip):
+    """The positions that are not padding, told by the tokenizer's mask: CLIP pads with its end-of-text
+    token, and a prompt may spell out T5's pad token, which must not end the list early."""
+    assert clip.token_strings("a red cat") == [
+        "<|startoftext|>",
+        "a</w>",
+        "red</w>",
+        "cat</w>",
+        "<|endoftext|>",
+    ]
+    assert t5.token_strings("a cat") == ["▁a", "▁cat", "</s>"]
+    assert t5.token_strings("a <pad> cat") == ["▁a", "<pad>", "▁cat", "</s>"]
+    # A character outside the vocabulary is T5's <unk>, id 2 (0 is <pad>, 1 is </s>), not padding.
+    assert t5.token_strings("a 日 cat") == ["▁a", "▁", "<unk>", "▁cat", "</s>"]
+    assert t5.tokenize(["a 日 cat"])[0, :5].tolist()[2] == 2
+    assert len(t5.token_strings(" ".join(["a red cat"] * 40))) == SPEC.t5_max_length  # truncated: no padding
 
 
 def test_truncation_of_long_prompt(t5, clip):
@@ -138,9 +162,29 @@ def test_a_cut_weights_shard_is_a_user_error(tmp_path, repo):
         load_text_embedder("t5", tmp_path, "text_encoder_2", "tokenizer_2", 8, "cpu", torch.float32)
 
 
-def test_nonexistent_path_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="neither an existing directory nor a hub repo id"):
-        load_text_embedder("t5", tmp_path / "nope", "text_encoder_2", "tokenizer_2", 8, "cpu", torch.float32)
+def test_nonexistent_path_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("sent to the hub"))
+    for path in (tmp_path / "nope", "./no-such-dir", "~/no-such-dir"):  # paths, not repo ids
+        with pytest.raises(UserError, match="neither an existing directory nor a hub repo id"):
+            load_text_embedder("t5", path, "text_encoder_2", "tokenizer_2", 8, "cpu", torch.float32)
+
+
+def test_a_hub_repo_is_fetched_for_its_two_subfolders_only(repo, monkeypatch):
+    asked = {}
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.update(kwargs, repo_id=repo_id)
+        return str(repo)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    t5 = load_text_embedder("t5", "org/name", "text_encoder_2", "tokenizer_2", 8, "cpu", torch.float32)
+    assert asked == {"repo_id": "org/name", "allow_patterns": ["text_encoder_2/*", "tokenizer_2/*"]}
+    assert t5(["a cat"]).shape == (1, 8, SPEC.params.context_in_dim)
+
+
+def test_the_encoder_is_moved_to_the_device_asked_for(repo):
+    t5 = load_text_embedder("t5", repo, "text_encoder_2", "tokenizer_2", 8, "meta", torch.float32)
+    assert t5.device.type == "meta" and {p.device.type for p in t5.parameters()} == {"meta"}
 
 
 @pytest.fixture
@@ -157,8 +201,18 @@ def offline_hub(monkeypatch, tmp_path):
         reset_sessions()
 
 
-def test_hub_repo_missing_offline_is_a_user_error(offline_hub):
-    with pytest.raises(UserError, match=r"hub repo flux-intermediate-representation/absent.*HF_HUB_OFFLINE"):
+OFFLINE_HINT = (
+    "If you are offline or HF_HUB_OFFLINE is set, the files must already be in the Hugging Face cache"
+)
+
+
+def test_hub_repo_missing_offline_is_a_user_error(offline_hub, tmp_path, repo):
+    (tmp_path / "text_encoder_2").mkdir()
+    (tmp_path / "tokenizer_2").symlink_to(repo / "tokenizer_2")
+    with pytest.raises(UserError) as local:  # a local folder: the hub is not to blame
+        load_text_embedder("t5", tmp_path, "text_encoder_2", "tokenizer_2", 8, "cpu", torch.float32)
+    assert OFFLINE_HINT not in str(local.value)
+    with pytest.raises(UserError, match=r"hub repo flux-intermediate-representation/absent.*" + OFFLINE_HINT):
         load_text_embedder(
             "t5",
             "flux-intermediate-representation/absent",
