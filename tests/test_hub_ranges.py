@@ -281,9 +281,17 @@ def test_missing_file_ignored_ranges_unreachable_and_offline_say_what_to_do(
     in_process_hub.files["org/model/broken.safetensors"] = broken
     with pytest.raises(UserError, match="malformed safetensors header"):
         fetch_hub_tensors("org/model", "broken.safetensors", "final_layer.")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
-        fetch_hub_tensors("org/model", "flow.safetensors", "final_layer.")
+    # Offsets that do not fit the shape: 2 x 3 float32 is 24 bytes, not 8.
+    header = json.dumps({"final_layer.x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 8]}}).encode()
+    broken.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(UserError, match=r"malformed safetensors header.*do not fit shape \[2, 3\]"):
+        fetch_hub_tensors("org/model", "broken.safetensors", "final_layer.")
+    sent = in_process_hub.sent
+    for value in ("1", "true", "YES", "on"):  # what huggingface_hub itself reads as set
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
+            fetch_hub_tensors("org/model", "flow.safetensors", "final_layer.")
+    assert in_process_hub.sent == sent  # nothing was asked of the hub
     monkeypatch.delenv("HF_HUB_OFFLINE")
     closed = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)  # bind a port, then free it: nothing listens
     port = closed.server_address[1]
@@ -314,3 +322,27 @@ def test_a_cached_checkpoint_is_read_locally_without_the_network(
     for name, tensor in layer.state_dict().items():
         assert torch.equal(cached.state_dict()[name], tensor), name
     assert load_file(str(flow)).keys() > only_final.keys()  # the full file was never needed
+
+
+def test_a_file_the_cache_knows_is_missing_is_fetched_by_range_requests(
+    in_process_hub, tiny_repo, tmp_path, monkeypatch
+):
+    """huggingface_hub remembers files a repo lacked (`.no_exist/`); its cache lookup then answers with a
+    marker that is neither a path nor None. The lens must go to the hub for the final layer, not read it."""
+    from huggingface_hub import constants
+
+    commit = "0" * 40
+    repo = tmp_path / "hf-cache" / f"models--{TINY.repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / ".no_exist" / commit).mkdir(parents=True)
+    (repo / ".no_exist" / commit / TINY.repo_flow).touch()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("FLUX_MODEL", raising=False)
+    flow = tiny_repo / TINY.repo_flow
+    in_process_hub.files[f"{TINY.repo_id}/{TINY.repo_flow}"] = flow
+    fetched = load_model_final_layer(TINY, HUB, "cpu", torch.float32)
+    assert in_process_hub.sent == _final_layer_bytes(flow)
+    local = load_final_layer(flow, TINY_PARAMS, "cpu", torch.float32)
+    for name, tensor in local.state_dict().items():
+        assert torch.equal(fetched.state_dict()[name], tensor), name
