@@ -122,6 +122,10 @@ def test_truncated_checkpoint_gives_clear_error(tiny_repo, tmp_path):
     with pytest.raises(UserError, match=f"is truncated: its header describes {len(data):,} bytes, the file "
                        f"has {len(data) // 2:,}"):  # fmt: skip
         load_flow_model(TINY, "cpu", torch.float32, weights_dir=folder)
+    (folder / TINY.repo_flow).write_bytes(data[:-4])  # short by its last float: the 8-byte length counts
+    with pytest.raises(UserError, match=f"is truncated: its header describes {len(data):,} bytes, the file "
+                       f"has {len(data) - 4:,}"):  # fmt: skip
+        load_flow_model(TINY, "cpu", torch.float32, weights_dir=folder)
     (folder / TINY.repo_flow).write_bytes(data[:100])  # cut inside the JSON header
     with pytest.raises(UserError, match="is truncated: it ends inside its own header"):
         load_flow_model(TINY, "cpu", torch.float32, weights_dir=folder)
@@ -322,7 +326,7 @@ def test_checkpoints_in_other_dtypes_are_refused(name, why, tiny_repo, tmp_path)
 
 def test_a_float32_checkpoint_loads_converted_to_bf16(tiny_repo, tmp_path):
     path = tiny_repo / TINY.repo_flow  # flux-tiny's own file is float32
-    model = load_flow_model(TINY, "cpu", torch.bfloat16, path=path)
+    model = load_flow_model(TINY, "cpu", path=path)  # bf16 by default, the published models' dtype
     on_disk = load_file(path)
     assert all(v.dtype == torch.float32 for v in on_disk.values())
     state = model.state_dict()
@@ -330,6 +334,17 @@ def test_a_float32_checkpoint_loads_converted_to_bf16(tiny_repo, tmp_path):
         state[k].dtype == torch.bfloat16 and torch.equal(state[k], v.to(torch.bfloat16))
         for k, v in on_disk.items()
     )
+
+
+def test_text_encoders_load_and_answer_in_the_dtype_asked_for(tiny_repo):
+    """bf16 by default (the published encoders' dtype): parameters and outputs both (the tiny files are
+    float32, so a loader that ignored the dtype would give float32)."""
+    from flux.loading import load_text_encoders
+
+    t5, clip = load_text_encoders(TINY, "cpu", weights_dir=tiny_repo)
+    for embedder in (t5, clip):
+        assert {p.dtype for p in embedder.parameters()} == {torch.bfloat16}
+        assert embedder(["a red cube"]).dtype == torch.bfloat16
 
 
 def test_text_encoders_of_another_width_are_refused(tiny_repo):
