@@ -395,6 +395,7 @@ def test_each_published_model_runs_with_the_reference_defaults(
     if guidance is not None:
         assert opts.guidance == guidance
     assert spec.text_repo_id == "black-forest-labs/FLUX.1-schnell"  # T5 and CLIP for all three
+    assert spec.clip_max_length == 77  # the reference's CLIP context, for all three
     assert (spec.gated, spec.repo_ae) == (model != "flux-schnell", "ae.safetensors")
     assert (spec.repo_id, spec.repo_flow) == (f"black-forest-labs/{repo}", flow)
 

@@ -71,6 +71,10 @@ def test_weights_follow_default_init_bounds(repo):
     assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
     assert b.abs().max() <= bound and b.std() > 0
     assert torch.equal(state["double_blocks.0.img_attn.norm.query_norm.scale"], torch.ones(32))
+    # A convolution's fan_in counts its kernel: 3 channels x 3 x 3 for the AE's first one.
+    conv = load_file(repo / SPEC.repo_ae)["encoder.conv_in.weight"]
+    assert conv.shape[1:] == (3, 3, 3)
+    assert 0.9 / 27**0.5 < conv.abs().max() <= 1 / 27**0.5
 
 
 def test_same_seed_same_bytes_and_global_rng_untouched(repo, tmp_path):
@@ -139,6 +143,18 @@ def test_lost_race_keeps_the_winner(monkeypatch, tmp_path, repo):
     assert ensure_tiny_repo(root) == root
     assert _files(root) == _files(repo)
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
+
+
+def test_a_rename_that_fails_for_another_reason_is_not_taken_for_a_lost_race(monkeypatch, tmp_path):
+    import errno
+
+    def refuse(src, dst):
+        raise PermissionError(errno.EACCES, "permission denied", str(dst))
+
+    monkeypatch.setattr(flux.tiny.os, "replace", refuse)
+    with pytest.raises(PermissionError):
+        ensure_tiny_repo(tmp_path / "tiny")  # not a path to a folder that holds nothing
+    assert list(tmp_path.iterdir()) == []  # and its temporary copy is gone
 
 
 def test_foreign_nonempty_dir_is_a_user_error(tmp_path):
