@@ -783,10 +783,9 @@ def test_same_seed_gives_equal_tensors_everywhere_in_the_capture(models, earlier
 
 def test_metadata_records_everything_needed_to_reproduce_the_run(tmp_path):
     first = tmp_path / "first"
-    # No --seed: a random one, which the metadata must record. --decode_batch_size: a flag that has no
-    # effect on the image, to check that all flags are recorded, not only those that matter.
-    assert cli(*TINY, "--decode_batch_size", "3", "--should_decode_intermediates", "False",
-               "--output_dir", str(first)) == 0  # fmt: skip
+    # No --seed: a random one, which the metadata must record. --force: a flag that has no effect here (the
+    # disk has room), to check that all flags are recorded, not only those that matter.
+    assert cli(*TINY, "--force", "--should_decode_intermediates", "False", "--output_dir", str(first)) == 0
     meta = json.loads(only(first / "intermediates", "metadata_*.json").read_text())
     for key in ("model", "prompt", "width", "height", "num_steps", "timesteps", "seed", "guidance", "dtype",
                 "capture_dtype", "device", "versions", "flags", "schema_version", "timestamp"):  # fmt: skip
@@ -794,7 +793,7 @@ def test_metadata_records_everything_needed_to_reproduce_the_run(tmp_path):
     assert {"python", "torch", "transformers", "safetensors", "numpy"} <= meta["versions"].keys()
     assert meta["dtype"] == "float32" and meta["device"] == "cpu" and isinstance(meta["seed"], int)
     assert set(inspect.signature(capture_sample.main).parameters) - {"progress"} <= meta["flags"].keys()
-    assert meta["flags"]["decode_batch_size"] == 3 and meta["flags"]["seed"] is None
+    assert meta["flags"]["force"] is True and meta["flags"]["seed"] is None
 
     flags = {k: v for k, v in meta["flags"].items() if v is not None and k != "output_dir"}
     argv = [arg for k, v in flags.items() for arg in (f"--{k}", str(v))]
