@@ -24,12 +24,19 @@ from flux.model import FluxParams
 from flux.sampling import latent_size
 
 
-def synthetic_capture(params: FluxParams, height: int, width: int, n: int, n_txt: int, dtype) -> dict:
-    """n block outputs at step 0 (a third double, the rest single with text tokens), plus a final latent."""
+def synthetic_capture(
+    params: FluxParams, height: int, width: int, n: int, n_txt: int, dtype, pin: bool = False
+) -> dict:
+    """n block outputs at step 0 (a third double, the rest single with text tokens), plus a final latent;
+    `pin`: in pinned memory, as a capture's host buffers are on CUDA (the lens copies from them)."""
     h, w = latent_size(height, width)
     n_img, d = (h // 2) * (w // 2), params.hidden_size
     gen = torch.Generator().manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)
+
+    def rand(*shape):
+        values = torch.randn(*shape, generator=gen).to(dtype)
+        return values.pin_memory() if pin else values
+
     n_double = n // 3
     doubles = {f"block_{i}": [(rand(1, n_img, d), None)] for i in range(n_double)}
     singles = {f"block_{i}": [rand(1, n_txt + n_img, d)] for i in range(n - n_double)}
@@ -82,8 +89,11 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
+        # No gradients, as loaded models have none (loading.load_checkpoint).
         final_layer = LastLayer(spec.params.hidden_size, 1, spec.params.out_channels).to(dtype).eval()
         ae = AutoEncoder(spec.ae_params).eval()  # float32 weights, bf16 autocast on CUDA, as the reference
+        final_layer.requires_grad_(False)
+        ae.requires_grad_(False)
 
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     modes = [("one at a time", 1, False), ("batched", None, False)]
@@ -97,7 +107,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for size in sizes:
-        capture = synthetic_capture(spec.params, size, size, args.n, spec.t5_max_length, dtype)
+        capture = synthetic_capture(spec.params, size, size, args.n, spec.t5_max_length, dtype, pin=cuda)
         h, w = latent_size(size, size)
         with torch.inference_mode():  # untimed first call: allocator, kernel selection
             decode_latents(torch.zeros(1, h * w // 4, 64), ae, size, size)

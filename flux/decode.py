@@ -454,7 +454,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
 def _batch_size_arg(batch_size) -> int | None:
     """decode_capture's batch_size as an int (numpy ints too), or None for the default."""
     if batch_size is None:
@@ -510,6 +509,7 @@ def _ready_decoder(
     return decoder, compile, time.perf_counter() - start
 
 
+@torch.inference_mode()
 def decode_capture(
     capture: dict,
     final_layer: LastLayer,

@@ -178,6 +178,25 @@ def test_single_entries_holding_only_image_tokens(model, capture):
         assert torch.equal(full[key], sliced[key])
 
 
+def test_the_lens_records_no_autograd_graph(model, ae, capture, tmp_path, monkeypatch):
+    """Models built in a notebook (as these fixtures are) require gradients; the lens must not keep their
+    activations for a backward pass, which at 1024 px takes tens of GB."""
+    assert any(p.requires_grad for p in ae.parameters())
+    seen = []
+    real = flux.decode.decode_latents
+
+    def spy(latents, *args, **kwargs):
+        images = real(latents, *args, **kwargs)
+        seen.append((torch.is_inference_mode_enabled(), latents.requires_grad, images.requires_grad))
+        return images
+
+    monkeypatch.setattr(flux.decode, "decode_latents", spy)
+    decode_capture(
+        capture, model.final_layer, ae, tmp_path, blocks={"single": [0]}, steps=[0], progress=False
+    )
+    assert seen and all(entry == (True, False, False) for entry in seen)
+
+
 def test_plan_rejects_what_was_not_captured(capture):
     with pytest.raises(UserError, match=r"Steps \[7\]"):
         lens_plan(capture, steps=[7])
