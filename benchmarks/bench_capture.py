@@ -281,7 +281,9 @@ class Case:
                 capture, self.flow.final_layer, self.ae, decoded, batch_size=self.batch_size,
                 compile=self.compile, progress=False,
             )  # fmt: skip
-            lens_s = time.perf_counter() - start - report.compile_seconds
+            # The decoder's set-up counts: after the first run it is no compile but a warm-up batch (and
+            # the memory the lens allocates after the emptied caches), which every CLI run pays too.
+            lens_s = time.perf_counter() - start
             save_s = saving.result() - start
             del capture
             return {
@@ -290,10 +292,10 @@ class Case:
                 "setup_s": setup_s,
                 "save_s": save_s,  # from the end of sampling, beside the lens
                 "decode_s": report.decode_seconds,  # beside the write, the compile left out
-                "lens_s": lens_s,  # the whole lens from the end of sampling: decode_s + the sheets left after
+                "lens_s": lens_s,  # the whole lens from the end of sampling: set-up, decode_s, the sheets
                 # Both together: the write began with the lens (and the compile), so it counts in full.
                 "save_lens_s": max(save_s, lens_s),
-                "compile_s": report.compile_seconds,
+                "compile_s": report.compile_seconds,  # the first run's is the one-time compile
                 "images": report.n_images,
                 "decode_batch": report.batch_size,
             }
@@ -325,13 +327,20 @@ class Case:
             start = time.perf_counter()
             context["final_latent"] = latent.cpu()
             session.sink.finish(context, metadata)  # waits for the writer thread to drain
+            save_s = time.perf_counter() - start
+            # The writer's own time is writing into the page cache; the disk test fsyncs. Flushing what the
+            # run left dirty gives the writer's speed to the disk, comparable with the disk's.
+            start = time.perf_counter()
+            os.sync()
+            flush_s = time.perf_counter() - start
             return {
                 "sample_s": sample_s,
                 "hook_s": hooks[0],
-                "save_s": time.perf_counter() - start,
+                "save_s": save_s,
                 "setup_s": setup_s,
                 "write_bytes": session.sink.bytes_written,
                 "write_s": session.sink.write_seconds,
+                "flush_s": flush_s,
             }
         finally:
             del session
@@ -435,6 +444,7 @@ def summarise(runs: list[dict[str, float]]) -> dict[str, float]:
             run["total_after_setup_s"] = run["total_s"] - run["setup_s"]
         if run.get("write_s"):
             run["write_Bps"] = run["write_bytes"] / run["write_s"]
+            run["flushed_Bps"] = run["write_bytes"] / (run["write_s"] + run["flush_s"])
     for key in runs[0]:
         out[key] = statistics.median(run[key] for run in runs)
     return out
@@ -446,30 +456,36 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 HEADER = (
     f"{'size':>5} {'mode':<12} {'s/step':>8} {'vs off':>7} {'1st run':>7} {'hooks ms':>8} {'setup s':>7} "
-    f"{'save s':>7} {'decode s':>8} {'total s':>8} {'compile s':>9} {'MB/step':>8} {'write GB/s':>15} "
+    f"{'save s':>7} {'decode s':>8} {'lens s':>7} {'total s':>8} {'compile s':>9} {'MB/step':>8} "
+    f"{'write GB/s':>15} {'flushed':>7} "
     f"{'RSS GB':>7} {'dev GB':>7} {'naive/ours':>10} {'w/o setup':>9}"
 )
 
 
 def table_rows(size: int, results: dict[str, dict], disk_Bps: float) -> list[str]:
-    """One line per mode at one size; `vs off` compares sampling times, `naive/ours` whole totals."""
+    """One line per mode at one size; `vs off` compares sampling times (the median of each round's ratio:
+    the runs of a round ran side by side), `naive/ours` whole totals."""
     off, ours = results.get("off"), results.get("pt")
     rows = []
     for mode, r in results.items():
-        vs_off = r["sample_s"] / off["sample_s"] if off else None
+        paired = zip(r["sample_s_runs"], off["sample_s_runs"]) if off else ()
+        vs_off = statistics.median(a / b for a, b in paired) if off else None
         first = r["first_sample_s"] / off["sample_s"] if off and "first_sample_s" in r else None
         naive_vs_ours = r["total_s"] / ours["total_s"] if mode == "naive" and ours else None
         after_setup = r["total_s"] / ours["total_after_setup_s"] if mode == "naive" and ours else None
         write = r.get("write_Bps")
         write_txt = "-" if write is None else f"{write / GB:.2f} ({100 * write / disk_Bps:.0f}%)"
+        flushed = 100 * r["flushed_Bps"] / disk_Bps if "flushed_Bps" in r else None
         device_gb = r["peak_device"] / GB if "peak_device" in r else None
         mb_step = r["bytes_per_step"] / 1e6 if mode != "off" else None
         hook_ms = 1e3 * r["hook_s"] / r["steps"] if "hook_s" in r else None
         rows.append(
             f"{size:>5} {mode:<12} {r['sample_s'] / r['steps']:>8.4f} {fmt(vs_off, '.2f', 'x'):>7} "
             f"{fmt(first, '.2f', 'x'):>7} {fmt(hook_ms, '.2f'):>8} {fmt(r.get('setup_s'), '.3f'):>7} "
-            f"{fmt(r.get('save_s'), '.3f'):>7} {fmt(r.get('decode_s'), '.3f'):>8} {r['total_s']:>8.3f} "
+            f"{fmt(r.get('save_s'), '.3f'):>7} {fmt(r.get('decode_s'), '.3f'):>8} "
+            f"{fmt(r.get('lens_s'), '.3f'):>7} {r['total_s']:>8.3f} "
             f"{fmt(r.get('compile_s'), '.2f'):>9} {fmt(mb_step, '.1f'):>8} {write_txt:>15} "
+            f"{fmt(flushed, '.0f', '%'):>7} "
             f"{r['peak_rss'] / GB:>7.2f} {fmt(device_gb, '.2f'):>7} {fmt(naive_vs_ours, '.2f', 'x'):>10} "
             f"{fmt(after_setup, '.2f', 'x'):>9}"
         )
@@ -486,10 +502,15 @@ def settle(device: torch.device) -> bool:
 
 
 def measure(
-    case: Case, modes: list[str], warmup: int, repeats: int, naive_repeats: int | None = None
+    case: Case,
+    modes: list[str],
+    warmup: int,
+    repeats: int,
+    naive_repeats: int | None = None,
+    on_run: Callable[[str, dict], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each mode's medians over `repeats` runs (`naive`: `naive_repeats`, default the same) after
-    `warmup` runs, with the peaks of its runs.
+    `warmup` runs, with the peaks of its runs. `on_run(mode, figures)` is told each measured run as it ends.
 
     The warm-ups run mode by mode; the measured runs go round the modes in turn, each round starting one
     mode later, so slow drift of the machine (clocks, other load) and the order itself fall on every mode
@@ -520,6 +541,8 @@ def measure(
                 continue
             rss_reset = settle(device) and rss_reset
             measured[mode].append(runs[mode]())
+            if on_run is not None:
+                on_run(mode, dict(measured[mode][-1]))
             peaks[mode]["peak_rss"] = max(peaks[mode]["peak_rss"], peak_rss())
             if device.type == "cuda":
                 peaks[mode]["peak_device"] = max(
@@ -648,6 +671,7 @@ def main() -> None:
         "warmup": args.warmup,
         "model_build_s": build_s,
         "results": [],
+        "runs": [],  # every measured run as it ends: what a run cut short (timeout -s INT) still has
     }
     print(
         f"capture benchmark: {spec.name} ({weights}, {info['dtype']}), {num_steps} steps, "
@@ -666,14 +690,17 @@ def main() -> None:
         print(
             f"medians of {args.repeats} run(s){naive_note} after {args.warmup} warm-up(s), the modes taken "
             "in turn\n"
-            "vs off: sampling time over that with capture off; 1st run: the same for the first (warm-up)\n"
-            "run of the mode (cold caches, as in a one-shot CLI run)\n"
+            "vs off: sampling time over that with capture off (median of each round's ratio); 1st run: the\n"
+            "same for the first (warm-up) run of the mode (cold caches, as in a one-shot CLI run)\n"
             "hooks ms: CPU time per step in the capture hooks (what capture adds where launching kernels\n"
             "is the bottleneck, as at 256 and 512 px on a GPU)\n"
             "setup s: allocating and pinning the host buffers (emptied caches, as in a one-shot run;\n"
             "the CLI does it while the models load)\n"
-            f"total: setup + {what} in seconds, the one-time compile s left out\n"
-            "write GB/s: the safetensors writer, in percent of the disk's speed (target >= 80%)\n"
+            "decode s: the lens's decoding; lens s: the whole lens after sampling (the decoder's set-up,\n"
+            "a warm-up batch after the first run, and the contact sheets included), beside the .pt's write\n"
+            f"total: setup + {what} in seconds, the first run's one-time compile (compile s) left out\n"
+            "write GB/s: the safetensors writer into the page cache, in percent of the disk's fsync'd speed\n"
+            "flushed: the same with the run's dirty pages flushed (os.sync), like for like (target >= 80%)\n"
             "naive/ours: total of naive over total of pt; w/o setup: the same, pt's setup left out (the\n"
             "CLI pins its buffers while the models load)\n"
             + ("" if rss_resets else "RSS GB: the process's peak so far (this system cannot reset it)\n")
@@ -693,7 +720,13 @@ def main() -> None:
                 flow, ae, spec, txt, y, size, num_steps, out, decode=not args.skip_decode,
                 batch_size=batch_size, compile=compile,
             )  # fmt: skip
-            results = measure(case, args.modes, args.warmup, args.repeats, args.naive_repeats)
+
+            def record(mode: str, run: dict, size: int = size) -> None:
+                info["runs"].append({"size": size, "mode": mode, **run})
+                if args.json:
+                    Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
+
+            results = measure(case, args.modes, args.warmup, args.repeats, args.naive_repeats, record)
             info["results"] += [{"size": size, "mode": mode, **r} for mode, r in results.items()]
             if args.json:  # after every size, so a run cut short still leaves its figures
                 Path(args.json).write_text(json.dumps(info, indent=2) + "\n")

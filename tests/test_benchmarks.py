@@ -52,6 +52,13 @@ def test_bench_capture_runs_every_mode_with_random_weights(tmp_path):
     # The hooks' own time is part of the sampling time, and only our capture modes have it.
     assert all(0 < r["hook_s"] < r["sample_s"] for r in (pt, st)) and "hook_s" not in naive
     assert "naive/ours" in printed and "w/o setup" in printed and "64 pt" in printed
+    # Every measured run is in the JSON as it ended, so a run cut short keeps what it measured.
+    modes = ["naive", "off", "off", "pt", "pt", "safetensors", "safetensors"]
+    assert sorted(r["mode"] for r in data["runs"]) == modes
+    # The writer to the disk (its dirty pages flushed) is never faster than into the page cache; the lens
+    # counts its decoding and more (set-up, sheets).
+    assert 0 < st["flushed_Bps"] <= st["write_Bps"] and st["flush_s"] >= 0
+    assert pt["lens_s"] >= pt["decode_s"] > 0
     assert list(work.iterdir()) == [leftovers]  # each run's files are deleted once measured
 
 
