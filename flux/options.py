@@ -249,6 +249,16 @@ def check_device(name: str | None) -> torch.device:
         raise UsageError(
             f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0."
         )
+    if device.type == "meta":
+        raise UsageError("--device meta holds no data, so nothing can run on it. Use cpu or cuda.")
+    if device.type not in ("cpu", "cuda"):
+        try:
+            torch.empty(1, device=device)  # mps, xpu, ...: present in this build and this machine?
+        except (RuntimeError, AssertionError) as e:
+            raise UsageError(
+                f"--device {device.type}: this PyTorch or machine cannot use it "
+                f"({' '.join(str(e).split()).split('. ')[0].removesuffix('.')}). Use cpu or cuda."
+            ) from e
     return device
 
 

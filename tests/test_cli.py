@@ -239,6 +239,8 @@ def test_safetensors_capture_matches_pt(tiny_run, tmp_path):
         (["--format", "npz"], "--format"),
         (["--streams", "image"], "--streams"),
         (["--capture_dtype", "int8"], "--capture_dtype"),
+        (["--device", "meta"], "--device meta holds no data"),
+        (["--device", "xpu"], "--device xpu: this PyTorch or machine cannot use it"),  # a CPU-only build
         # Flags the run would ignore: its metadata would record them as if they had applied.
         (["--capture", "False", "--format", "safetensors"], "--format applies only to a capture"),
         (["--nocapture", "--blocks", "double:0"], "--blocks applies only to a capture"),
