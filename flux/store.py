@@ -601,4 +601,27 @@ def load_capture(path: str | Path, lazy: bool = True) -> dict:
         except (OSError, ValueError, KeyError, TypeError):
             named = "the capture_... file or folder beside it"
         raise UsageError(f"{str(path)!r} is a run's metadata, not its capture: pass {named}.")
+    _refuse_other_formats(path)
     return _load_pt(path)
+
+
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8")  # JPEG, PNG, GIF: what runs and analyses write beside
+_CAPTURES_ARE = "a capture is a capture_*.pt file or a capture_* folder (output/intermediates/)"
+
+
+def _refuse_other_formats(path: Path) -> None:
+    """A file that is plainly something else (an image, a safetensors shard or checkpoint) gets a sentence
+    that names it, where torch.load would call it pickled objects or not a capture."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return  # _load_pt says why it cannot be read
+    if head.startswith(_IMAGE_MAGIC) or path.suffix.lower() in (".jpg", ".jpeg", ".png", ".gif", ".mp4"):
+        raise UsageError(f"{str(path)!r} is an image, not a capture: {_CAPTURES_ARE}.")
+    if path.suffix == ".safetensors":
+        if (path.parent / "index.json").is_file():
+            raise UsageError(
+                f"{str(path)!r} is one file of a capture: pass its folder, {str(path.parent)!r}."
+            )
+        raise UsageError(f"{str(path)!r} is a safetensors file, not a capture: {_CAPTURES_ARE}.")

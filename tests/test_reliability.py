@@ -666,6 +666,28 @@ def test_damaged_pt_is_a_clear_error_naming_the_file(damage, earlier, tmp_path, 
     assert not (tmp_path / "decoded").exists()
 
 
+def test_a_file_of_another_kind_is_named_not_called_tampered_with(earlier, st_capture, tmp_path, capsys):
+    """An image or a safetensors file passed as a capture: a sentence saying what it is and what to pass
+    (exit 2), where torch.load's failure read as pickled code or a torch file of other things."""
+    image = only(earlier, "img_*.jpg")
+    png = tmp_path / "figure.bin"  # named by its bytes, not its suffix
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    weights = tmp_path / "weights.safetensors"
+    shutil.copy(st_capture / "context.safetensors", weights)
+    for path, words in (
+        (image, "is an image, not a capture: a capture is a capture_*.pt file or a capture_* folder"),
+        (png, "is an image, not a capture"),
+        (
+            st_capture / "step_0001.safetensors",
+            f"is one file of a capture: pass its folder, {str(st_capture)!r}",
+        ),
+        (weights, "is a safetensors file, not a capture"),
+    ):
+        rc, err = decode(path, tmp_path, capsys)
+        assert rc == 2 and words in error_line(err), err
+    assert not (tmp_path / "decoded").exists()
+
+
 def _drop_steps_done(p: Path) -> None:
     index = json.loads(p.read_text())
     del index["steps_done"]
