@@ -125,6 +125,8 @@ def main(
     print(f"Models loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     result = generate(models, opts, progress=progress, buffers=buffers)
     print(f"Image:    {result.image_path}")
+    if opts.seed is None and result.metadata_path is None:  # nothing else records the random seed
+        print(f"Seed:     {result.metadata['seed']} (drawn at random: pass --seed to repeat this run)")
     if result.capture_path is not None:
         print(f"Capture:  {result.capture_path}")
         print(f"Metadata: {result.metadata_path}")

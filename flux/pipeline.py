@@ -518,6 +518,8 @@ def generate(
     """
     from flux.decode import save_jpeg, to_image
 
+    if opts.num_steps is None or opts.guidance is None:  # the model's defaults, filled in by validate
+        raise ValueError("generate needs validated options: pass RunOptions(...).validate().")
     spec, device, dtype = models.spec, models.device, models.dtype
     seed = opts.seed if opts.seed is not None else random.SystemRandom().randrange(2**63)
     out_dir = Path(opts.output_dir)

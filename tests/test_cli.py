@@ -181,6 +181,18 @@ def test_subcommands_run_from_inside_a_safetensors_capture_write_beside_it(tmp_p
     assert sorted(p.name for p in (intermediates / "replays").iterdir()) == ["replay_0.jpg", "replay_0.json"]
 
 
+def test_a_plain_run_with_a_random_seed_prints_it_to_be_repeated(tmp_path, capsys):
+    """--capture False writes no metadata, so the seed it drew is printed instead: passing it back gives
+    the same image."""
+    plain = ["--model", "flux-tiny", *SIZE, "--capture", "False"]
+    assert cli(*plain, "--output_dir", str(tmp_path / "a")) == 0
+    seeds = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("Seed:")]
+    assert len(seeds) == 1 and seeds[0].isdigit()
+    assert cli(*plain, "--seed", seeds[0], "--output_dir", str(tmp_path / "b")) == 0
+    assert "Seed:" not in capsys.readouterr().out  # given, so known
+    assert (tmp_path / "a" / "img_0.jpg").read_bytes() == (tmp_path / "b" / "img_0.jpg").read_bytes()
+
+
 def test_capture_is_observation_only_and_runs_are_deterministic(tiny_run, tmp_path):
     base = ["--model", "flux-tiny", "--prompt", "a red cube", "--seed", "1", *SIZE]
     assert cli(*base, "--capture", "False", "--output_dir", str(tmp_path / "plain")) == 0

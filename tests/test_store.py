@@ -1028,6 +1028,15 @@ def test_a_streamed_capture_is_pinned_while_loading_when_a_few_steps_fit(monkeyp
     assert buffers_while_loading(opts) is None
 
 
+def test_generate_says_when_its_options_were_not_validated(tmp_path):
+    from flux.pipeline import RunOptions, generate, load_models
+
+    opts = RunOptions(model="flux-tiny", width=64, height=48, device="cpu", output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"validated options: pass RunOptions\(\.\.\.\)\.validate\(\)"):
+        generate(load_models(opts.spec, "cpu"), opts, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
 def test_buffers_allocated_for_another_capture_are_refused(model, tmp_path):
     from flux.pipeline import CaptureSession
 
