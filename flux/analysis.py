@@ -656,6 +656,31 @@ def lens_jpeg(jpeg_dir: str | Path, key: LensKey) -> Path | None:
     return path if path.is_file() and jpeg_comment(path) == lens_comment(key, "x0") else None
 
 
+WEIGHTS_TOLERANCE = 1e-2  # relative L2 of the last block's velocity to the stored prediction
+
+
+def check_same_weights(df, meta: dict, log=print) -> bool:
+    """Warn (and return False) when the final layer loaded now does not give the model's own prediction
+    from the last single block, as the one that ran the capture did: other weights than the run's (another
+    FLUX_MODEL or --weights_dir) would make every metric and frame silently wrong. Needs the last block
+    captured; an fp16 capture of a bf16 run differs by rounding only, far below the tolerance."""
+    from flux.configs import CONFIGS
+
+    last = CONFIGS[meta["model"]].params.depth_single_blocks - 1
+    rows = df[(df.stream == "single") & (df.block == last) & (df.metric == "pred_rel_l2")]
+    if rows.empty:
+        return True
+    worst = float(rows.value.max())
+    if worst <= WEIGHTS_TOLERANCE:
+        return True
+    log(
+        f"warning: the final layer loaded now does not reproduce this capture's own prediction from its last "
+        f"block (relative L2 {worst:.3g}): the weights differ from the run's ({meta.get('weights', {})}). "
+        "Every metric and frame is then wrong; point FLUX_MODEL or --weights_dir at the run's weights."
+    )
+    return False
+
+
 def analyze(
     path: str | Path,
     output_dir: str | Path | None = None,
@@ -730,6 +755,7 @@ def analyze(
                 log("Reference prediction: recovered from img_state (the last single block was not captured)")
             else:
                 log(f"Reference prediction: {df.attrs['reference']} (the model's own)")
+                check_same_weights(df, meta, log)
             for family in FAMILIES:
                 written[f"heatmap_{family}"] = out / f"heatmap_{family}.png"
                 plot_heatmap(df, family, written[f"heatmap_{family}"])

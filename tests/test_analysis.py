@@ -501,6 +501,30 @@ def test_a_capture_cut_short_gets_the_velocity_metrics_and_no_final_frame(metric
     assert any("no final frame (the run was cut short)" in line for line in logged)
 
 
+def test_weights_other_than_the_runs_are_caught_by_the_last_blocks_prediction(captures, tmp_path):
+    """The final layer loaded for the analysis must give the run's own prediction from its last block;
+    other weights (here its linear layer scaled by 3) would make every metric silently wrong."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from flux.tiny import ensure_tiny_repo
+
+    spec = get_spec("flux-tiny")
+    other = tmp_path / "other-weights"
+    shutil.copytree(ensure_tiny_repo(), other)
+    state = load_file(other / spec.repo_flow)
+    state["final_layer.linear.weight"] *= 3
+    save_file(state, other / spec.repo_flow)
+    for weights_dir, warned in ((None, False), (str(other), True)):
+        logged = []
+        analysis.analyze(captures["pt"], tmp_path / f"analysis_{warned}", device="cpu", animation=False,
+                         weights_dir=weights_dir, progress=False, log=logged.append)  # fmt: skip
+        warning = [line for line in logged if line.startswith("warning: the final layer loaded now")]
+        assert bool(warning) is warned, logged
+    assert "the weights differ from the run's" in warning[0]
+
+
 def test_the_lens_of_a_later_decode_is_reused_too(captures, tmp_path):
     capture = load_capture(captures["pt"])
     keys = analysis.animation_keys(capture)
