@@ -765,13 +765,13 @@ def analyze(
         if animate:
             reused = len(keys) - len(missing)
             if final_image is not None:
-                last = "the last frame is the run's image"
+                last = "then the run's image as a final frame"
             elif capture["denoising_context"].get("final_latent") is not None:
-                last = "the last frame is the final latent decoded"
+                last = "then the final latent, decoded, as a final frame"
             else:
                 last = "no final frame (the run was cut short)"
             log(
-                f"Animation: {len(keys)} frames"
+                f"Animation: {len(keys)} block frames"
                 + (f", {reused} from the lens in {jpegs}" if reused else "")
                 + (f", {len(missing)} to decode" if missing else "")
                 + f"; {last}"

@@ -53,8 +53,10 @@ def parse_ranges(text: str, upper: int, where: str, what: str) -> list[int]:
         stride = int(m[3]) if m[3] is not None else 1
         if m[3] is not None and m[2] is None:
             stop = upper - 1
-        if stride < 1 or stop < start:
-            raise UsageError(f"{where}: {part!r} is an empty range.")
+        if stride < 1:
+            raise UsageError(f"{where}: {part!r} has a stride of 0; a stride (after ':') is 1 or more.")
+        if stop < start:
+            raise UsageError(f"{where}: {part!r} is an empty range (it ends before it starts).")
         if stop >= upper:
             raise UsageError(f"{where}: {part!r} is out of range: {what} go from 0 to {upper - 1}.")
         picked.update(range(start, stop + 1, stride))

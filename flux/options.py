@@ -64,7 +64,13 @@ class RunOptions:
     def validate(self) -> "RunOptions":
         """Normalise and check values; raise UsageError naming the flag. Touches no files."""
         if self.model not in CONFIGS:
-            raise UsageError(f"--model {self.model!r} is not known. Choose one of: {', '.join(CONFIGS)}.")
+            hint = ""
+            if isinstance(self.model, str) and Path(self.model).expanduser().exists():  # Fire: 1st positional
+                hint = " To work on a saved capture, name a subcommand: "
+                hint += f"`capture_sample.py decode {self.model}`."
+            raise UsageError(
+                f"--model {self.model!r} is not known. Choose one of: {', '.join(CONFIGS)}.{hint}"
+            )
         spec = get_spec(self.model)
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise UsageError(

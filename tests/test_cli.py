@@ -247,7 +247,8 @@ def test_safetensors_capture_matches_pt(tiny_run, tmp_path):
         (["--prompt", "  "], "--prompt"),  # a number is a fine prompt; blank is not
         (["--decode_target", "x1"], "--decode_target"),
         (["--blocks", "double:99"], "--blocks"),
-        (["--steps", "3-1"], "--steps"),
+        (["--steps", "3-1"], "--steps: '3-1' is an empty range (it ends before it starts)"),
+        (["--steps", "0-3:0"], "--steps: '0-3:0' has a stride of 0"),
         (["--format", "npz"], "--format"),
         (["--streams", "image"], "--streams"),
         (["--capture_dtype", "int8"], "--capture_dtype"),
@@ -282,6 +283,14 @@ def test_bad_values_exit_2_with_one_line_naming_the_flag(args, flag, tmp_path, c
     assert rc == 2
     assert err[-1].startswith("error: ") and flag in err[-1]
     assert not out.exists()
+
+
+def test_a_capture_passed_to_the_main_command_is_pointed_to_the_subcommands(tiny_run, capsys):
+    pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
+    assert capture_sample.run([pt]) == 2  # Fire reads it as --model
+    assert f"To work on a saved capture, name a subcommand: `capture_sample.py decode {pt}`." in (
+        capsys.readouterr().err
+    )
 
 
 def test_capture_flags_at_their_defaults_pass_without_a_capture(tmp_path):
