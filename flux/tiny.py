@@ -160,8 +160,11 @@ def _seeded_state_dict(module: nn.Module, generator: torch.Generator) -> dict[st
 
 
 def _save(tensors: dict[str, Tensor], path: Path) -> None:
+    from flux.store import atomic_write  # which gives the file the folder's usual permissions
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(dict(sorted(tensors.items())), str(path), metadata={"format": "pt"})
+    ordered = dict(sorted(tensors.items()))
+    atomic_write(path, lambda tmp: save_file(ordered, str(tmp), metadata={"format": "pt"}))
 
 
 def _save_sharded(tensors: dict[str, Tensor], folder: Path, num_shards: int) -> None:

@@ -1,6 +1,7 @@
 """flux-tiny: deterministic bytes, the real repo layout, atomic creation."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,15 @@ def test_layout_matches_the_real_repos(repo):
     assert "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" in index["weight_map"]
     size = sum(p.stat().st_size for p in repo.rglob("*") if p.is_file())
     assert size < 20e6
+    # Every file with the permissions the folder gives new files (safetensors 0.8 makes its own owner-only).
+    modes = {p.stat().st_mode & 0o777 for p in repo.rglob("*") if p.is_file()}
+    assert modes == {0o666 & ~_umask()}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_flow_and_ae_weights_load_strictly_in_float32(repo):
