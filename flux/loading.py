@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from flux.autoencoder import AutoEncoder
-from flux.configs import ModelSpec
+from flux.configs import CONFIGS, ModelSpec
 from flux.errors import UsageError, UserError
 from flux.model import Flux
 
@@ -82,6 +82,18 @@ def check_weights_dir(spec: ModelSpec, weights_dir: str | Path | None) -> None:
     """A UsageError for a --weights_dir that cannot work, before anything loads."""
     if weights_dir is None:
         return
+    if weights_dir == HUB and spec.repo_id == CONFIGS["flux-tiny"].repo_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        on_huggingface_co = constants.ENDPOINT.rstrip("/") == "https://huggingface.co"  # not a mirror
+        if on_huggingface_co and not isinstance(try_to_load_from_cache(spec.repo_id, spec.repo_flow), str):
+            from flux.tiny import tiny_repo_dir
+
+            raise UsageError(
+                "flux-tiny is not on the Hugging Face hub: its weights are made on this machine from a seed "
+                f"(into {tiny_repo_dir()}), and the Hugging Face cache holds no copy for --weights_dir hub "
+                "to read. Leave out --weights_dir to use them."
+            )
     if weights_dir != HUB and not Path(weights_dir).expanduser().is_dir():
         how = (
             "made by `flux.tiny.ensure_tiny_repo(FOLDER)`"

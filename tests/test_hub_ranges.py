@@ -153,6 +153,7 @@ def _point_hub_at(monkeypatch, endpoint: str) -> None:
     from huggingface_hub import constants
 
     template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
     if hasattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE"):
         monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template)

@@ -138,6 +138,42 @@ def test_missing_file_in_weights_dir(tmp_path):
         resolve_flow_path(TINY, tmp_path / "nope")
 
 
+def test_flux_tiny_from_the_hub_is_refused_unless_a_cache_or_a_mirror_has_it(
+    tiny_repo, tmp_path, monkeypatch
+):
+    """flux-tiny was never uploaded: `--weights_dir hub` would retry huggingface.co for half a minute and then
+    suggest downloading it. It is refused before loading, unless the cache holds a copy or HF_ENDPOINT names
+    another hub."""
+    from huggingface_hub import constants
+
+    import capture_sample
+    from flux.loading import check_weights_dir
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "ENDPOINT", "https://huggingface.co")
+    with pytest.raises(UserError, match=r"flux-tiny is not on the Hugging Face hub.*Leave out --weights_dir"):
+        check_weights_dir(TINY, HUB)
+    check_weights_dir(CONFIGS["flux-schnell"], HUB)  # the published models are looked up when they load
+    args = [
+        "--model",
+        "flux-tiny",
+        "--weights_dir",
+        "hub",
+        "--prompt",
+        "a cat",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    assert capture_sample.run(args) == 2
+    assert not any(tmp_path.glob("capture_*")) and not (tmp_path / "intermediates").exists()
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # a mirror may hold it
+    check_weights_dir(TINY, HUB)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://huggingface.co/")
+    _populate_hf_cache(tmp_path / "cache", TINY.repo_id, tiny_repo)
+    check_weights_dir(TINY, HUB)
+
+
 def test_gated_repo_error_explains_licence_and_token(monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError
