@@ -16,6 +16,7 @@ bytes depend only on the seed, not on the global RNG or on how a transformers ve
 import json
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,9 @@ def ensure_tiny_repo(root: Path | None = None) -> Path:
             "program or by an older version of it; delete the directory, or point FLUX_TINY_DIR elsewhere."
         )
     root.parent.mkdir(parents=True, exist_ok=True)
+    print(
+        f"Making flux-tiny's weights from seed {TINY_SEED} in {root} (once, a few seconds).", file=sys.stderr
+    )
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         write_tiny_repo(tmp, TINY_SEED)

@@ -108,18 +108,22 @@ def test_tiny_repo_dir_env(monkeypatch, tmp_path):
     assert tiny_repo_dir() == tmp_path / "cache" / "flux-intermediate-representation" / "flux-tiny-v2"
 
 
-def test_ensure_creates_once_and_is_idempotent(monkeypatch, tmp_path, repo):
+def test_ensure_creates_once_and_is_idempotent(monkeypatch, tmp_path, repo, capfd):
     root = tmp_path / "tiny"
     monkeypatch.setenv("FLUX_TINY_DIR", str(root))
     assert ensure_tiny_repo() == root
     assert _files(root) == _files(repo)
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no temporary sibling left
+    assert (
+        capfd.readouterr().err == f"Making flux-tiny's weights from seed 0 in {root} (once, a few seconds).\n"
+    )
 
     def must_not_rebuild(*args, **kwargs):
         raise AssertionError("rebuilt an existing repo")
 
     monkeypatch.setattr(flux.tiny, "write_tiny_repo", must_not_rebuild)
     assert ensure_tiny_repo() == root
+    assert capfd.readouterr().err == ""  # said only when the files are made
 
 
 def test_failure_mid_write_leaves_nothing(monkeypatch, tmp_path):
