@@ -2,6 +2,7 @@
 
 import math
 import os
+import shlex
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,11 @@ class RunOptions:
             if isinstance(self.model, str) and Path(self.model).expanduser().exists():  # Fire: 1st positional
                 hint = " To work on a saved capture, name a subcommand: "
                 hint += f"`capture_sample.py decode {self.model}`."
+            elif isinstance(self.model, str) and " " in self.model.strip():  # a prompt without its flag
+                hint = (
+                    " A value given without a flag is read as --model (the first parameter): give a prompt "
+                )
+                hint += f"as --prompt {shlex.quote(self.model)}."
             raise UsageError(
                 f"--model {self.model!r} is not known. Choose one of: {', '.join(CONFIGS)}.{hint}"
             )

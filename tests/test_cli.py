@@ -285,6 +285,14 @@ def test_bad_values_exit_2_with_one_line_naming_the_flag(args, flag, tmp_path, c
     assert not out.exists()
 
 
+def test_a_prompt_without_its_flag_is_pointed_to_prompt(capsys):
+    assert capture_sample.run(["a red cat", "--progress", "False"]) == 2  # Fire reads it as --model
+    err = capsys.readouterr().err
+    assert "--model 'a red cat' is not known" in err and "give a prompt as --prompt 'a red cat'." in err
+    assert capture_sample.run(["--model", "schnell"]) == 2  # a misspelt model name gets no such hint
+    assert "--prompt" not in capsys.readouterr().err
+
+
 def test_a_capture_passed_to_the_main_command_is_pointed_to_the_subcommands(tiny_run, capsys):
     pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
     assert capture_sample.run([pt]) == 2  # Fire reads it as --model
