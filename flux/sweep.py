@@ -867,3 +867,16 @@ def _write_replay(out: Path, image: Image.Image, record: dict, capture: dict | N
     write_json(base.with_suffix(".json"), record)
     print(f"Image:    {image_path}")
     print(f"Metadata: {base.with_suffix('.json')}")
+    print(_replay_summary(record))
+
+
+def _replay_summary(record: dict) -> str:
+    """One line on what a replay changed: how many changes it made, and its image against the stored one."""
+    made = len(record["applied"])
+    changes = f"{made} change{'' if made == 1 else 's'} made"
+    score = record["vs_stored_final"]
+    if score is None:
+        return f"{changes}; the capture holds no final image to compare with (its run stopped early)."
+    if score["mse"] == 0:
+        return f"{changes}; the image is the stored final image, exactly."
+    return f"{changes}; against the stored final image: PSNR {score['psnr']:.1f} dB (MSE {score['mse']:.3g})."

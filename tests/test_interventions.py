@@ -806,7 +806,11 @@ def test_replay_command_records_its_interventions(captures, tmp_path, capsys):
                    device="cpu")  # fmt: skip
     record = json.loads((tmp_path / "replay_0.json").read_text())
     assert record["interventions"] == ["skip:single:1@0-1"]
-    assert record["vs_stored_final"]["mse"] > 0
+    score = record["vs_stored_final"]
+    assert score["mse"] > 0 and score["psnr"] == pytest.approx(10 * math.log10(1 / score["mse"]))
+    summary = "2 changes made; against the stored final image: "  # steps 0 and 1
+    summary += f"PSNR {score['psnr']:.1f} dB (MSE {score['mse']:.3g})."
+    assert capsys.readouterr().out.splitlines()[-1] == summary
     with Image.open(tmp_path / "replay_0.jpg") as img:
         assert img.size == (cap["metadata"]["width"], cap["metadata"]["height"])
     saved = load_capture(tmp_path / "replay_0.pt")
@@ -819,7 +823,10 @@ def test_replay_command_records_its_interventions(captures, tmp_path, capsys):
     }
     replay_command(str(path), output_dir=str(tmp_path), device="cpu")
     assert json.loads((tmp_path / "replay_1.json").read_text())["vs_stored_final"]["mse"] == 0.0
-    capsys.readouterr()
+    assert (
+        capsys.readouterr().out.splitlines()[-1]
+        == "0 changes made; the image is the stored final image, exactly."
+    )
     # A replay of the recorded capture starts from the same stored noise without the skip: the first run.
     replay_command(str(tmp_path / "replay_0.pt"), output_dir=str(tmp_path / "again"), device="cpu")
     assert "made by a replay with interventions (skip:single:1@0-1), which are not applied again, so an " in (

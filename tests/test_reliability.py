@@ -323,7 +323,11 @@ def test_a_safetensors_capture_killed_outright_still_decodes_and_replays(subproc
     replays, sweeps = run.out / "replays", run.out / "sweeps"
     argv = ["replay", str(directory), "--output_dir", str(replays), "--progress", "False"]
     assert capture_sample.run(argv) == 0
-    assert "is an interrupted capture" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "is an interrupted capture" in said.err
+    assert said.out.splitlines()[-1] == (
+        "0 changes made; the capture holds no final image to compare with (its run stopped early)."
+    )
     assert json.loads((replays / "replay_0.json").read_text())["vs_stored_final"] is None
     assert capture_sample.run([*argv, "--step", str(len(done))]) == 2
     assert f"holds the latents of steps 0..{last} only" in capsys.readouterr().err
