@@ -42,6 +42,10 @@ from flux.interventions import (
 )
 from flux.model import Flux
 
+# With --offload, the flow model visits the GPU once for this many of a sweep's replays (each visit moves
+# its 23.8 GB): an interrupted sweep loses at most this many replays not yet scored.
+REPLAYS_PER_VISIT = 8
+
 
 # ------------------------------------------------------------------------------------------ scores
 def to_unit(images: Tensor) -> Tensor:
@@ -109,6 +113,7 @@ def sweep(
     on_reference: Callable[[Tensor, Image.Image], None] | None = None,
     on_row: Callable[[SweepRow], None] | None = None,
     visit: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    replays_per_visit: int = 1,
 ) -> tuple[list[SweepRow], Image.Image, Tensor]:
     """Intervene on each block in turn, replay the run to the end, and score the final image.
 
@@ -120,9 +125,10 @@ def sweep(
 
     For long sweeps: `done` holds rows already scored (of an interrupted sweep), whose blocks are not
     replayed again; `on_reference(latent, image)` is called once the reference is made (to save it, or to
-    check it against the one the done rows were scored against), `on_row(row)` after each new row. Each
-    replay runs inside `visit()`: with --offload, the flow model visits the GPU for it and leaves before the
-    image is decoded (see `flux.pipeline.visiting`).
+    check it against the one the done rows were scored against), `on_row(row)` after each new row. The
+    replays run inside `visit()`, `replays_per_visit` at a time: with --offload, the flow model visits the
+    GPU for them and leaves before their images are decoded (see `flux.pipeline.visiting`), so each visit's
+    move is shared by several replays.
     """
     from flux.decode import decode_latents, to_image
 
@@ -149,20 +155,19 @@ def sweep(
     if on_reference is not None:
         on_reference(base_latent, to_image(base_decoded[0]))
     finished = {r.spec: r for r in done}
-    rows = []
     bar = tqdm(total=len(ivs), desc=f"{kind} sweep", unit="block", disable=not progress)
-    for iv in ivs:
-        if iv.spec in finished:
-            rows.append(finished[iv.spec])
-            bar.update()
-            continue
+    by_spec: dict[str, SweepRow] = dict(finished)
+    bar.update(sum(iv.spec in finished for iv in ivs))
+    todo = [iv for iv in ivs if iv.spec not in finished]
+    for first in range(0, len(todo), replays_per_visit):
+        group = todo[first : first + replays_per_visit]
         with visit():
-            latent = replay(model, capture, start, interventions=[iv]).latent
-        decoded = decode_latents(latent, ae, height, width)
-        img = to_unit(decoded)
-        lat_mse = ((latent.float() - base_latent.float()) ** 2).mean()
-        rows.append(
-            SweepRow(
+            latents = [replay(model, capture, start, interventions=[iv]).latent for iv in group]
+        for iv, latent in zip(group, latents):
+            decoded = decode_latents(latent, ae, height, width)
+            img = to_unit(decoded)
+            lat_mse = ((latent.float() - base_latent.float()) ** 2).mean()
+            by_spec[iv.spec] = SweepRow(
                 iv.spec,
                 iv.stream,
                 iv.block,
@@ -172,11 +177,11 @@ def sweep(
                 latent_mse=float(lat_mse),
                 image=to_image(decoded[0]),
             )
-        )
-        if on_row is not None:
-            on_row(rows[-1])
-        bar.update()
+            if on_row is not None:
+                on_row(by_spec[iv.spec])
+            bar.update()
     bar.close()
+    rows = [by_spec[iv.spec] for iv in ivs]  # in block order
     return rows, to_image(base_decoded[0]), base_latent
 
 
@@ -446,8 +451,9 @@ def sweep_command(
         resume: The folder of a sweep that stopped: its finished blocks are kept and the others run, into
             that folder. The other flags must be those it was started with; the unmodified replay must
             come out the same (the same device and versions), or the sweep is refused.
-        offload: Keep the flow model in host memory and move it to the GPU for each replay only, so that the
-            VAE has the GPU to itself while decoding (a 24 GB card at 1024 px). Each move takes seconds.
+        offload: Keep the flow model in host memory and move it to the GPU for the replays only, so that the
+            VAE has the GPU to itself while decoding (a 24 GB card at 1024 px). Each move takes seconds and
+            serves up to 8 replays (those of 8 blocks), whose images are then decoded.
         progress: Show progress bars (default True).
     """
     from flux.store import load_capture
@@ -514,6 +520,7 @@ def sweep_command(
             on_reference=files.start,
             on_row=files.add,
             visit=visit,
+            replays_per_visit=REPLAYS_PER_VISIT if offload else 1,
         )
     except BaseException:
         if files.out is not None:

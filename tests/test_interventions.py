@@ -1,5 +1,6 @@
 """Replays and interventions on flux-tiny captures, on the CPU in float32 (exact)."""
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -585,6 +586,57 @@ def test_a_sweep_replays_only_from_the_first_step_it_intervenes_at(models, flow,
     assert torch.equal(base_latent, cap["denoising_context"]["final_latent"])
 
 
+def test_an_offloaded_sweep_shares_each_visit_of_the_flow_model_among_several_replays(
+    models, flow, captures, monkeypatch
+):
+    """With --offload every visit moves the whole flow model to the GPU: a sweep replays up to
+    `replays_per_visit` blocks per visit, then decodes their images with the flow model gone, and scores
+    them as one replay per visit does. Rows already done are neither replayed nor counted in a visit."""
+    import flux.decode
+    import flux.sweep
+
+    (_, cap), _ = captures
+    blocks = [("double", 0), ("double", 1), ("single", 0), ("single", 1), ("single", 2)]  # all of them
+    alone, _, _ = sweep(flow, models.ae, cap, "skip", blocks, (2, 3), progress=False)
+    events = []
+    real_replay, real_decode = flux.sweep.replay, flux.decode.decode_latents
+
+    def replay(model, capture, start=0, *args, interventions=(), **kwargs):
+        events.append(f"replay {' '.join(iv.spec for iv in interventions)}".strip())
+        return real_replay(model, capture, start, *args, interventions=interventions, **kwargs)
+
+    def decode(*args, **kwargs):
+        events.append("decode")
+        return real_decode(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def visit():
+        events.append("visit")
+        yield
+        events.append("leave")
+
+    monkeypatch.setattr(flux.sweep, "replay", replay)
+    monkeypatch.setattr(flux.decode, "decode_latents", decode)
+    made = []
+    rows, _, _ = sweep(flow, models.ae, cap, "skip", blocks, (2, 3), progress=False, done=alone[1:2],
+                       on_row=made.append, visit=visit, replays_per_visit=3)  # fmt: skip
+    specs = [f"skip:{s}:{i}@2-3" for s, i in blocks]
+    assert events == [
+        "visit", "replay", "leave", "decode",  # the unmodified reference
+        "visit", f"replay {specs[0]}", f"replay {specs[2]}", f"replay {specs[3]}", "leave", *["decode"] * 3,
+        "visit", f"replay {specs[4]}", "leave", "decode",
+    ]  # fmt: skip
+    assert [r.spec for r in made] == [specs[i] for i in (0, 2, 3, 4)]
+    assert [r.spec for r in rows] == specs and rows[1] is alone[1]  # in block order, the done row as given
+    for row, want in zip(rows, alone):
+        assert (row.mse, row.psnr, row.ssim, row.latent_mse) == (
+            want.mse,
+            want.psnr,
+            want.ssim,
+            want.latent_mse,
+        )
+
+
 def test_scores_match_their_formulas():
     a = torch.full((1, 3, 16, 16), 0.5)
     b = torch.full((1, 3, 16, 16), 0.6)
@@ -1114,18 +1166,31 @@ def test_save_capture_that_host_memory_cannot_hold_is_refused_before_loading(cap
         replay_command(str(path), step=1, save_capture=True, output_dir=str(tmp_path), device="cpu")
 
 
-def test_offload_sweeps_and_replays_give_the_same_results(captures, tmp_path):
-    """With --offload the flow model stays in host memory and visits the device for each replay: the same
-    rows and images (on the CPU the visit is no move at all, but the whole path runs)."""
+def test_offload_sweeps_and_replays_give_the_same_results(captures, tmp_path, monkeypatch):
+    """With --offload the flow model stays in host memory and visits the device for the replays: the same
+    rows and images (on the CPU the visit is no move at all, but the whole path runs). A sweep's blocks
+    share a visit: one for the unmodified reference, one for both blocks."""
+    import flux.pipeline
+
+    real_visiting, visits = flux.pipeline.visiting, []
+
+    def counted_visiting(module, device):
+        visit = real_visiting(module, device)
+        return lambda: visits.append(1) or visit()
+
+    monkeypatch.setattr(flux.pipeline, "visiting", counted_visiting)
     (path, _), _ = captures
     flags = {"blocks": "double:1,single:2", "steps": "2-3", "device": "cpu", "progress": False}
     for offload in (False, True):
         sweep_command(
             str(path), "skip", output_dir=str(tmp_path / f"sweep_{offload}"), offload=offload, **flags
         )
+        assert len(visits) == (2 if offload else 0)
         out = str(tmp_path / f"replay_{offload}")
         replay_command(str(path), intervention="skip:double:1@2", output_dir=out, device="cpu",
                        offload=offload, progress=False)  # fmt: skip
+        assert len(visits) == (3 if offload else 0)
+        visits.clear()
     rows = [json.loads((tmp_path / f"sweep_{o}" / "sweep.json").read_text())["rows"] for o in (False, True)]
     assert rows[0] == rows[1]
     images = [(tmp_path / f"replay_{o}" / "replay_0.jpg").read_bytes() for o in (False, True)]
