@@ -243,11 +243,10 @@ def block_metrics(capture: dict, final_layer: LastLayer | None = None, *, norms:
     final_latent = ctx.get("final_latent")
     n_prompt = len(meta.get("t5_tokens") or ())  # text positions after these are T5's padding
     steps = list(meta["captured_steps"])
-    keys = [
-        LensKey(stream, int(name.removeprefix("block_")), step, position)
+    blocks = [
+        (stream, int(name.removeprefix("block_")))
         for stream in STREAMS
         for name in capture[f"{stream}_blocks"]
-        for position, step in enumerate(steps)
     ]
     rows = []
     for position, step in enumerate(steps):
@@ -262,7 +261,7 @@ def block_metrics(capture: dict, final_layer: LastLayer | None = None, *, norms:
             else:
                 ref_key = LensKey("single", ref_block, step, position)
                 ref_pred = lens_velocity(capture, ref_key, final_layer)
-        for key in (k for k in keys if k.position == position):
+        for key in (LensKey(stream, block, step, position) for stream, block in blocks):
             img, txt = block_tokens(capture, key)
             values = {}
             if similarity:
@@ -311,13 +310,14 @@ def compare_captures(a: dict, b: dict):
             )
     steps_a, steps_b = list(meta_a["captured_steps"]), list(meta_b["captured_steps"])
     steps = sorted(set(steps_a) & set(steps_b))
+    at_a, at_b = ({step: i for i, step in enumerate(s)} for s in (steps_a, steps_b))  # not list.index
     n_double, rows = n_double_blocks(meta_a), []
     for stream in STREAMS:
         names = set(a[f"{stream}_blocks"]) & set(b[f"{stream}_blocks"])
         for block in sorted(int(name.removeprefix("block_")) for name in names):
             for step in steps:
-                tokens_a = block_tokens(a, LensKey(stream, block, step, steps_a.index(step)))
-                tokens_b = block_tokens(b, LensKey(stream, block, step, steps_b.index(step)))
+                tokens_a = block_tokens(a, LensKey(stream, block, step, at_a[step]))
+                tokens_b = block_tokens(b, LensKey(stream, block, step, at_b[step]))
                 t = float(a["denoising_context"]["timestep_pairs"][step][0])
                 depth = depth_of(stream, block, n_double)
                 for name, x, y in zip(("img", "txt"), tokens_a, tokens_b, strict=True):
@@ -544,12 +544,19 @@ def render_frames(
     meta, ctx = capture["metadata"], capture["denoising_context"]
     height, width = int(meta["height"]), int(meta["width"])
     n_double = n_double_blocks(meta)
+    size = frame_size(width, height, FRAME_SIDE)
+
+    def shrunk(img: Image.Image) -> Image.Image:
+        """At the frame's size at once, as label_frame makes it: every frame's full-size image held until the
+        last was ready took gigabytes (456 frames at 1024 px: 1.4 GB)."""
+        return img.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+
     images: dict[LensKey | None, Image.Image] = {}
     if jpeg_dir is not None:
         for key in keys:
             if (p := lens_jpeg(jpeg_dir, key)) is not None:
                 with Image.open(p) as img:
-                    images[key] = img.convert("RGB")
+                    images[key] = shrunk(img)
     todo: list[LensKey | None] = [k for k in keys if k not in images]
     if final_image is not None:
         images[None] = final_image
@@ -567,9 +574,8 @@ def render_frames(
                     ctx["final_latent"] if k is None else lens_latent(capture, k, final_layer) for k in chunk
                 ]
                 decoded = decode_latents(torch.cat([z.to(device) for z in latents]), ae, height, width)
-                images.update((k, to_image(x)) for k, x in zip(chunk, decoded))
+                images.update((k, shrunk(to_image(x))) for k, x in zip(chunk, decoded))
                 bar.update(len(chunk))
-    size = frame_size(width, height, FRAME_SIDE)
     frames = []
     for key in keys:
         t = float(ctx["timestep_pairs"][key.step][0])

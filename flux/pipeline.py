@@ -395,9 +395,12 @@ class CaptureSession:
         held_bytes = sum(host_nbytes(math.prod(s) * dtypes[k].itemsize, pin) for k, s in shapes.items())
         limit = streaming_buffer_sets(held_bytes, available_host_memory()) if fmt == "safetensors" else None
         pool = HostBufferPool(shapes, dtypes, pin=pin, limit=limit)
-        captured = len(plan.steps)
+        captured, uncaptured = len(plan.steps), num_steps - len(plan.steps)
+        # A .pt keeps every step's buffers; the writer recycles them, so a few sets of each kind will do
+        # (one context-only set per uncaptured step made a sparse plan's memory grow with the steps).
         pool.preallocate(
-            full=captured if limit is None else min(limit, captured), context=num_steps - captured
+            full=captured if limit is None else min(limit, captured),
+            context=uncaptured if limit is None else min(limit, uncaptured),
         )
         return pool
 

@@ -5,6 +5,7 @@ reader never sees half a file. Names are claimed exclusively, so concurrent runs
 """
 
 import contextlib
+import copy
 import errno
 import hashlib
 import itertools
@@ -18,6 +19,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -257,8 +259,10 @@ class LazyList(Sequence):
     def __copy__(self) -> "LazyList":
         return LazyList(self._n, self._get)
 
-    def __deepcopy__(self, memo) -> "LazyList":  # each read makes new tensors: nothing is shared
-        return LazyList(self._n, self._get)
+    def __deepcopy__(self, memo) -> "LazyList":
+        """A list that reads the same items through a deep copy of the reader: a capture's reader reopens
+        its shards, so the copy's tensors share no memory with the original's (as in a deep-copied .pt)."""
+        return LazyList(self._n, copy.deepcopy(self._get, memo))
 
     def __reduce__(self):  # pickle would fail on the reader function, naming only a lambda
         raise TypeError(
@@ -281,20 +285,32 @@ def nest_blocks(
         lst = LazyList(len(steps), fn)
         return lst if lazy else list(lst)
 
-    def double_entry(i: int, pos: int) -> tuple:
-        k = steps[pos]
-        img = get(k, f"double_blocks.{i}.img") if streams in ("both", "img") else None
-        txt = get(k, f"double_blocks.{i}.txt") if streams in ("both", "txt") else None
-        return img, txt
-
+    # Readers are partials, not closures, so that a deep copy of a lazy list copies `get` with them.
     double = {
-        f"block_{i}": seq(lambda pos, i=i: double_entry(i, pos)) for i in meta["captured_blocks"]["double"]
+        f"block_{i}": seq(partial(_double_entry, get, steps, streams, i))
+        for i in meta["captured_blocks"]["double"]
     }
     single = {
-        f"block_{i}": seq(lambda pos, i=i: get(steps[pos], f"single_blocks.{i}"))
-        for i in meta["captured_blocks"]["single"]
+        f"block_{i}": seq(partial(_single_entry, get, steps, i)) for i in meta["captured_blocks"]["single"]
     }
     return double, single
+
+
+def _double_entry(
+    get: Callable[[int, str], Tensor], steps: list[int], streams: str, i: int, pos: int
+) -> tuple:
+    k = steps[pos]
+    img = get(k, f"double_blocks.{i}.img") if streams in ("both", "img") else None
+    txt = get(k, f"double_blocks.{i}.txt") if streams in ("both", "txt") else None
+    return img, txt
+
+
+def _single_entry(get: Callable[[int, str], Tensor], steps: list[int], i: int, pos: int) -> Tensor:
+    return get(steps[pos], f"single_blocks.{i}")
+
+
+def _context_entry(get: Callable[[int, str], Tensor], steps: list[int], key: str, pos: int) -> Tensor:
+    return get(steps[pos], key)
 
 
 def assemble(steps: list[StepBuffers], context: dict, metadata: dict) -> dict[str, Any]:
@@ -492,6 +508,14 @@ class _Shards:
         self.dir = directory.absolute()  # read later, perhaps after the notebook has changed directory
         self.handles: dict[Path, Any] = {}
 
+    def __deepcopy__(self, memo) -> "_Shards":
+        """The same shards, opened anew when read: their tensors share no memory with this one's."""
+        return _Shards(self.dir)
+
+    def step(self, k: int, key: str) -> Tensor:
+        """`key` of step k's shard."""
+        return self.get(f"step_{k:04d}.safetensors", key)
+
     def get(self, name: str, key: str) -> Tensor:
         path = self.dir / name
         try:
@@ -554,8 +578,9 @@ def _load_dir(directory: Path) -> dict:
     shards = _Shards(directory)
     if not complete:
         # An interrupted run: expose only the captured steps that reached the disk.
-        meta["captured_steps"] = [k for k in meta["captured_steps"] if k in done]
-    double, single = nest_blocks(meta, lambda k, key: shards.get(f"step_{k:04d}.safetensors", key), lazy=True)
+        on_disk = set(done)
+        meta["captured_steps"] = [k for k in meta["captured_steps"] if k in on_disk]
+    double, single = nest_blocks(meta, shards.step, lazy=True)
     context_path = directory / "context.safetensors"
     if context_path.exists():
         try:
@@ -569,7 +594,7 @@ def _load_dir(directory: Path) -> dict:
     # Context keys written by this version; captures made before `pred` was recorded simply lack it.
     present = [k for k in CONTEXT_KEYS if k in index.get("shapes", {}) or not done]
     for key in present:
-        ctx[key] = LazyList(len(done), lambda i, key=key: shards.get(f"step_{done[i]:04d}.safetensors", key))
+        ctx[key] = LazyList(len(done), partial(_context_entry, shards.step, done, key))
     return {"double_blocks": double, "single_blocks": single, "denoising_context": ctx, "metadata": meta}
 
 

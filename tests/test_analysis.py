@@ -396,6 +396,33 @@ def test_frames_reuse_the_lens_jpegs(captures, tmp_path):
         analysis.render_frames(capture, keys, jpeg_dir=tmp_path, final_image=final)
 
 
+def test_frames_hold_their_pictures_at_the_frames_size_not_the_lens(captures, monkeypatch, tmp_path):
+    """Each picture is brought to the frame's size as soon as it is read: held whole until the last frame
+    was ready, 456 frames of a 1024 px lens took 1.4 GB. (Lens JPEGs four times the frame's side stand in
+    for a big capture's.) The frames are those the whole pictures give."""
+    capture = load_capture(captures["pt"])
+    keys = analysis.animation_keys(capture, [1, 3])
+    big = 4 * analysis.FRAME_SIDE
+    rng = np.random.default_rng(0)
+    for key in keys:
+        comment = f"flux lens: {key.stream} block {key.block}, step {key.step}, target x0"
+        pixels = rng.integers(0, 256, (big, big, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / key.filename, quality=95, comment=comment)
+    final = Image.new("RGB", (SIZE, SIZE), "white")
+    size = analysis.frame_size(SIZE, SIZE)
+    expected = []
+    for key in keys:
+        with Image.open(tmp_path / key.filename) as img:
+            expected.append(analysis.label_frame(img.convert("RGB"), ["x"], size))
+    seen, label = [], analysis.label_frame
+    monkeypatch.setattr(
+        analysis, "label_frame", lambda img, lines, size: seen.append(img.size) or label(img, ["x"], size)
+    )
+    frames = analysis.render_frames(capture, keys, jpeg_dir=tmp_path, final_image=final)
+    assert seen[: len(keys)] == [size] * len(keys)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(frames, expected, strict=False))
+
+
 def test_frames_of_tall_pictures_leave_room_for_their_labels():
     # A 256x1024 picture animates 64 pixels wide: its frame widens to FRAME_MIN_WIDTH, the picture centred.
     size = analysis.frame_size(256, 1024)

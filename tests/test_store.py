@@ -130,6 +130,27 @@ def test_pt_and_safetensors_load_to_identical_tensors(model, tmp_path):
         )
 
 
+def test_a_deep_copy_of_a_lazy_capture_shares_no_tensor_with_it(model, tmp_path):
+    """copy.deepcopy of a safetensors capture is apart from it, as one of a .pt is: a tensor changed in place
+    in either is unchanged in the other (both read the same shards, the copy through maps of its own)."""
+    plan = CapturePlan.everything(model, NUM_STEPS)
+    (tmp_path / "st").mkdir()
+    st, _ = _capture(model, lambda pool, meta: SafetensorsSink(tmp_path / "st", pool, meta), plan)
+    capture = load_capture(st)
+    copied = copy.deepcopy(capture)
+    single = capture["single_blocks"]["block_0"][1].clone()
+    img, txt = (t.clone() for t in capture["double_blocks"]["block_1"][2])
+    state = capture["denoising_context"]["img_state"][0].clone()
+    capture["single_blocks"]["block_0"][1].add_(1)
+    capture["double_blocks"]["block_1"][2][1].add_(1)
+    copied["denoising_context"]["img_state"][0].zero_()
+    assert torch.equal(copied["single_blocks"]["block_0"][1], single)
+    assert torch.equal(copied["double_blocks"]["block_1"][2][0], img)
+    assert torch.equal(copied["double_blocks"]["block_1"][2][1], txt)
+    assert torch.equal(capture["denoising_context"]["img_state"][0], state)
+    assert len(copied["denoising_context"]["vec"]) == NUM_STEPS
+
+
 def test_interrupted_safetensors_capture_keeps_finished_steps(model, tmp_path):
     plan = CapturePlan.everything(model, NUM_STEPS)
     steps_saved, _ = _capture(
@@ -535,6 +556,21 @@ def test_streaming_keeps_a_few_steps_in_host_memory_however_long_the_run(model, 
     assert held["safetensors"] == STREAMING_MAX_SETS == 8  # flux-tiny's steps are small: the most sets
     assert held["pt"] == steps
     assert load_capture(tmp_path / "st")["metadata"]["steps_done"] == list(range(steps))
+
+
+def test_a_streamed_capture_of_some_steps_keeps_a_few_context_buffers_however_long_the_run(model):
+    """The steps a plan leaves out still stream their context (img_state, vec, pred) to the disk, through
+    recycled buffer sets: a few, like the captured steps', not one per step (which made a `--steps 0`
+    capture's host memory grow with the number of steps); a .pt keeps one per step until the end."""
+    from flux.pipeline import STREAMING_MAX_SETS, CaptureSession
+
+    steps, plan = 24, CapturePlan((0,), (0,), (0,))
+    context_sets = {}
+    for fmt in ("safetensors", "pt"):
+        pool = CaptureSession.buffers(model, plan, fmt, 5, 12, torch.float32, steps, torch.device("cpu"))
+        context_sets[fmt] = pool.free[False].qsize()
+    assert context_sets["safetensors"] <= STREAMING_MAX_SETS
+    assert context_sets["pt"] == steps - 1
 
 
 _RSS_PROBE = """
