@@ -265,7 +265,11 @@ def test_reference_falls_back_for_captures_without_the_recorded_prediction(captu
     too, the Euler update of img_state and final_latent: the numbers barely move (float32 rounding)."""
     capture = load_capture(captures["pt"])
     del capture["denoising_context"]["pred"]
-    assert analysis.block_metrics(capture, final_layer).attrs["reference"] == f"single block {N_SINGLE - 1}"
+    df = analysis.block_metrics(capture, final_layer)
+    assert df.attrs["reference"] == f"single block {N_SINGLE - 1}"
+    # The last block's velocity at each step is the model's prediction at that step (bit for bit here, see
+    # test_values_match_formulas_worked_out_here), so every value is the one scored against the recorded one.
+    np.testing.assert_allclose(df.value, metrics["pt"].value, rtol=1e-6, atol=1e-9)
     last = f"block_{N_SINGLE - 1}"
     capture["single_blocks"] = {k: v for k, v in capture["single_blocks"].items() if k != last}
     capture["metadata"]["captured_blocks"]["single"] = list(range(N_SINGLE - 1))
@@ -329,6 +333,79 @@ def test_plots_are_pngs_of_figsize_times_dpi(metrics, tmp_path):
             assert img.format == "PNG" and img.size == PX
     with Image.open(tmp_path / "small.png") as img:
         assert img.size == (200, 150)
+
+
+# The README's layout of the plots, written out here: rows by depth, double blocks first.
+ROWS = [("double", 0), ("double", 1), ("single", 0), ("single", 1), ("single", 2)]
+
+
+@pytest.mark.parametrize("family", ["cosine", "rel_l2"])
+def test_heatmap_cells_hold_each_blocks_value_at_its_row_and_step(metrics, family):
+    """One row per block by depth, double blocks above the red line and single blocks below it, one column
+    per step; the left panel the velocity against the model's prediction, the right the x0 estimate
+    against the final latent. Each cell holds the metrics table's value for that block and step."""
+    df = metrics["pt"]
+    fig = analysis.plot_heatmap(df, family)
+    velocity, x0 = fig.axes[:2]
+    assert velocity.get_title() == "velocity vs. the model's prediction"
+    assert x0.get_title() == "x0 estimate vs. the final latent"
+    for ax, panel in ((velocity, "pred"), (x0, "x0")):
+        expected = [[_value(df, s, b, k, f"{panel}_{family}") for k in range(N_STEPS)] for s, b in ROWS]
+        np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), expected)
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["D0", "D1", "S0", "S1", "S2"]
+        (red_line,) = ax.lines
+        assert list(red_line.get_ydata()) == [N_DOUBLE - 0.5] * 2  # between D1 and S0
+
+
+def test_norm_plots_show_the_mean_and_the_largest_token_norm_of_each_stream(metrics):
+    """Top row the mean token norm, bottom row the largest; image tokens left, text right; a line per step
+    through the blocks by depth, with the table's values."""
+    df = metrics["pt"]
+    fig = analysis.plot_norms(df)
+    panels = ["img_norm_mean", "txt_norm_mean", "img_norm_max", "txt_norm_max"]  # row by row
+    titles = ["image tokens: mean", "text tokens: mean", "image tokens: max", "text tokens: max"]
+    for ax, metric, title in zip(fig.axes[:4], panels, titles, strict=True):
+        assert ax.get_title() == f"{title} L2 norm"
+        *lines, boundary = ax.lines  # a line per step, then the dashed one where single blocks begin
+        assert len(lines) == N_STEPS and list(boundary.get_xdata()) == [N_DOUBLE - 0.5] * 2
+        for step, line in enumerate(lines):
+            assert list(line.get_xdata()) == list(range(N_BLOCKS))
+            expected = [_value(df, s, b, step, metric) for s, b in ROWS]
+            np.testing.assert_array_equal(line.get_ydata(), expected)
+    # The two rows differ: a block's largest token is far from its mean one.
+    assert _value(df, "single", 0, 0, "img_norm_max") > 1.01 * _value(df, "single", 0, 0, "img_norm_mean")
+
+
+def test_the_weights_check_warns_past_a_relative_l2_of_one_percent():
+    """The README: analyze warns when the final layer loaded does not give the capture's own prediction from
+    its last block, by relative L2 over 1e-2. Only the last single block counts (the others are meant to
+    differ), at its worst step."""
+    pd = analysis.require("pandas")
+    meta = {"model": "flux-tiny", "weights": {"flow": "elsewhere.safetensors"}}
+    last = N_SINGLE - 1
+    for worst, same in ((0.0099, True), (0.0101, False)):
+        rows = [
+            ("single", last, N_BLOCKS - 1, k, 1.0, "pred_rel_l2", v) for k, v in enumerate([0, worst, 1e-3])
+        ]
+        rows.append(("single", 0, N_DOUBLE, 0, 1.0, "pred_rel_l2", 0.9))  # not the last block: no warning
+        logged = []
+        df = pd.DataFrame(rows, columns=CSV_HEADER.split(","))
+        assert analysis.check_same_weights(df, meta, logged.append) is same
+        assert len(logged) == (0 if same else 1)
+    assert f"relative L2 {0.0101:.3g}" in logged[0] and "elsewhere.safetensors" in logged[0]
+
+
+def test_describe_says_what_the_capture_holds(captures):
+    capture = load_capture(captures["pt"])
+    text = analysis.describe(capture).splitlines()
+    schedule = _schedule_by_hand(N_STEPS, (SIZE // 16) ** 2)
+    assert text[0] == f"model flux-tiny, {SIZE}x{SIZE} px, seed 1, {N_STEPS} steps, guidance 3.5"
+    assert text[1] == "prompt: 'a red cube'"
+    assert text[2] == "captured steps (t_curr): " + ", ".join(
+        f"{k}: {schedule[k]:.3f}" for k in range(N_STEPS)
+    )
+    assert text[3] == "captured blocks: double [0, 1], single [0, 1, 2]"
+    assert "  context final_latent: (1, 16, 64)" in text
 
 
 def test_heatmap_needs_similarity_metrics(captures):
@@ -421,6 +498,42 @@ def test_frames_hold_their_pictures_at_the_frames_size_not_the_lens(captures, mo
     frames = analysis.render_frames(capture, keys, jpeg_dir=tmp_path, final_image=final)
     assert seen[: len(keys)] == [size] * len(keys)
     assert all(a.tobytes() == b.tobytes() for a, b in zip(frames, expected, strict=False))
+
+
+def test_frames_the_lens_did_not_write_are_decoded_x0_estimates(captures, final_layer):
+    """A frame that no lens JPEG holds is decoded here: the block's x0 estimate img_state - t_curr *
+    velocity (the velocity the final layer reads from its image tokens), through the VAE, as the README
+    says every frame shows; not the one-step (`next`) latent."""
+    from flux.loading import load_ae
+    from flux.sampling import unpack
+
+    capture = load_capture(captures["pt"])
+    ctx = capture["denoising_context"]
+    ae = load_ae(get_spec("flux-tiny"), "cpu")
+    step = 0
+    keys = [k for k in analysis.animation_keys(capture, [step]) if (k.stream, k.block) in ROWS[1:3]]
+    final = Image.new("RGB", (SIZE, SIZE))
+    frames = analysis.render_frames(capture, keys, final_layer=final_layer, ae=ae, final_image=final)
+    assert len(frames) == len(keys) + 1
+    w, h = analysis.frame_size(SIZE, SIZE)
+    t_curr, t_prev = ctx["timestep_pairs"][step]
+
+    def picture(latent: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            x = ae.decode(unpack(latent.float(), SIZE, SIZE))[0]
+        pixels = ((x.clamp(-1, 1) + 1) * 127.5).byte().permute(1, 2, 0).numpy()  # truncated, as the lens
+        return np.asarray(Image.fromarray(pixels).resize((w, h), Image.Resampling.BICUBIC), dtype=float)
+
+    for key, frame in zip(keys, frames):
+        out = capture[f"{key.stream}_blocks"][f"block_{key.block}"][step]
+        img = out[0] if key.stream == "double" else out[:, ctx["txt_seq_len"] :]
+        with torch.inference_mode():
+            velocity = final_layer(img, ctx["vec"][step])
+        shown = np.asarray(frame.crop((0, analysis.LABEL_BAND, w, analysis.LABEL_BAND + h)), dtype=float)
+        x0 = picture(ctx["img_state"][step] - t_curr * velocity)
+        one_step = picture(ctx["img_state"][step] + (t_prev - t_curr) * velocity)
+        assert np.abs(shown - x0).max() <= 1, key
+        assert np.abs(one_step - x0).mean() > 5  # the other target would show another picture
 
 
 def test_frames_of_tall_pictures_leave_room_for_their_labels():

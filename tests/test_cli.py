@@ -55,6 +55,7 @@ def test_writes_the_three_documented_files(tiny_run):
     assert data["guidance"] == 3.5 and data["guidance_used"] is True  # tiny has dev's guidance input
     assert data["files"]["image"].endswith("img_0.jpg")
     assert data["flags"]["prompt"] == "a red cube"
+    assert (data["txt_seq_len"], data["img_seq_len"]) == (T, L)  # 32 T5 tokens; (48 / 16) x (64 / 16)
 
 
 def test_pt_loads_with_default_torch_load_in_documented_structure(tiny_run):

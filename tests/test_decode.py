@@ -260,12 +260,40 @@ def test_files_and_grids(model, ae, capture, tmp_path):
     x, y = LABEL_W + 2 * (WIDTH + PAD), LABEL_H + 1 * (HEIGHT + PAD)
     with Image.open(tmp_path / "single_block_1_step_2.jpg") as img:
         assert np.abs(sheet[y : y + HEIGHT, x : x + WIDTH] - np.asarray(img, dtype=np.float32)).mean() < 4
+    # Every cell: the picture of its own block and step, closer to it than to any other block output's.
+    pictures = {}
+    for block in range(n_single):
+        for step in range(N_STEPS):
+            with Image.open(tmp_path / f"single_block_{block}_step_{step}.jpg") as img:
+                pictures[block, step] = np.asarray(img, dtype=np.float32)
+    for block, step in pictures:
+        x, y = LABEL_W + step * (WIDTH + PAD), LABEL_H + block * (HEIGHT + PAD)
+        cell = sheet[y : y + HEIGHT, x : x + WIDTH]
+        distance = {key: np.abs(cell - other).mean() for key, other in pictures.items()}
+        assert min(distance, key=distance.get) == (block, step)
     final_latent = capture["denoising_context"]["final_latent"]
     with torch.inference_mode():
         final = np.asarray(to_image(ae.decode(unpack(final_latent, HEIGHT, WIDTH))[0]), dtype=np.float32)
     x = LABEL_W + N_STEPS * (WIDTH + PAD) + FINAL_GAP
     assert np.abs(sheet[LABEL_H : LABEL_H + HEIGHT, x : x + WIDTH] - final).mean() < 4
     assert sheet[LABEL_H : LABEL_H + HEIGHT, x - FINAL_GAP + 2 : x - 2].min() > 240  # the white gap
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")
+def test_both_sheets_end_with_the_final_image(model, ae, capture, tmp_path, monkeypatch):
+    """The last column of each contact sheet is final_latent decoded. Compared exactly (in JPEG the picture
+    of a block close to the end passes for it): in the single sheet the last block at the last step shows
+    the same picture, in the double sheet no block does."""
+    finals = []
+    real = flux.decode.make_grid
+    monkeypatch.setattr(flux.decode, "make_grid", lambda *a, **k: finals.append(a[4]) or real(*a, **k))
+    with torch.backends.mkldnn.flags(enabled=False), torch.inference_mode():  # batch-invariant kernels
+        decode_capture(capture, model.final_layer, ae, tmp_path, progress=False)
+        final_latent = capture["denoising_context"]["final_latent"]
+        expected = to_uint8(ae.decode(unpack(final_latent, HEIGHT, WIDTH))[0]).numpy()
+    assert len(finals) == 2  # the double and the single sheet
+    for final in finals:
+        assert np.array_equal(np.asarray(final), expected)
 
 
 @pytest.mark.parametrize("target", ["x0", "next"])
@@ -434,6 +462,22 @@ def test_the_cpu_lens_batch_fits_half_the_host_memory(monkeypatch):
     assert int(20e9 // per_image) == 2  # the case above is a real limit, neither 1 nor 8
     monkeypatch.setattr(flux.decode, "available_host_memory", lambda: int(40e9))
     assert flux.decode.auto_batch_size(FULL_AE_PARAMS, 256, 256, cpu) == 8  # small images: the usual batch
+
+
+def test_the_gpu_lens_batch_fits_70_percent_of_the_free_gpu_memory(monkeypatch):
+    """On CUDA the batch is what fits in 70% of the free memory (the rest is the allocator's and cuDNN's
+    headroom), one at least and 64 at most; no GPU is needed to check the arithmetic."""
+    from flux.configs import FULL_AE_PARAMS
+
+    cuda = torch.device("cuda")
+    # The full VAE's widest activation: 256 channels at full resolution, 8 float32 copies: 8 GiB at 1024 px.
+    per_image = 8 * 4 * 256 * 1024 * 1024
+    assert per_image == 8 * 2**30
+    for free_gib, batch in ((40, 3), (11, 1), (5, 1)):  # 28 GiB hold 3 images; 7.7 GiB none, but one is tried
+        monkeypatch.setattr(flux.decode, "free_gpu_bytes", lambda device, f=free_gib: f * 2**30)
+        assert flux.decode.auto_batch_size(FULL_AE_PARAMS, 1024, 1024, cuda) == batch, free_gib
+    monkeypatch.setattr(flux.decode, "free_gpu_bytes", lambda device: 80 * 2**30)
+    assert flux.decode.auto_batch_size(FULL_AE_PARAMS, 256, 256, cuda) == 64  # 112 would fit: capped
 
 
 def test_sizes():

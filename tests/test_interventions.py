@@ -1136,11 +1136,14 @@ def test_the_sweep_chart_marks_an_unchanged_image_above_the_rest_not_as_zero(tmp
 
     image = Image.new("RGB", (8, 8))
     rows = [
-        SweepRow("skip:double:0@all", "double", 0, 0.01, 20.0, 0.5, 0.01, image),
+        SweepRow("skip:double:0@all", "double", 0, 0.01, 20.0, 0.5, 0.3, image),
         SweepRow("skip:double:1@all", "double", 1, 0.0, math.inf, 1.0, 0.0, image),  # unchanged
-        SweepRow("skip:single:0@all", "single", 0, 0.001, 30.0, 0.9, 0.001, image),
+        SweepRow("skip:single:0@all", "single", 0, 0.001, 30.0, 0.9, 0.2, image),
     ]
     fig = write_chart(rows, tmp_path / "sweep.png", "title")
+    # The top panel: pixel MSE per block, in block order (not the latent MSE, nor ranked).
+    assert [b.get_height() for b in fig.axes[0].patches] == [0.01, 0.0, 0.001]
+    assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == ["d0", "d1", "s0"]
     bars = fig.axes[1].patches
     assert [b.get_height() for b in bars] == [20.0, 33.0, 30.0]  # 1.1 x the highest finite PSNR
     assert [b.get_hatch() for b in bars] == [None, "//", None]
