@@ -2,12 +2,14 @@
 
 import copy
 import errno
+import gc
 import io
 import json
 import os
 import struct
 import subprocess
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,6 +129,33 @@ def test_pt_and_safetensors_load_to_identical_tensors(model, tmp_path):
         assert all(
             torch.equal(x, z) for x, z in zip(a["denoising_context"][key], saved["denoising_context"][key])
         )
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's maps (Linux)")
+def test_a_lazy_capture_maps_what_it_reads_until_it_is_dropped_and_never_writes_the_file(model, tmp_path):
+    """As docs/capture_format.md says: a change made in place is seen by later reads of the same loaded
+    capture, not by a fresh load, and never reaches the file; a shard read stays mapped until the capture
+    is dropped."""
+    plan = CapturePlan.everything(model, NUM_STEPS)
+    _capture(model, lambda pool, meta: SafetensorsSink(tmp_path, pool, meta), plan)
+    shard = tmp_path / "step_0001.safetensors"
+    before = shard.read_bytes()
+
+    def mapped() -> set[str]:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+        return {Path(line.split(maxsplit=5)[5]).name for line in lines if str(tmp_path) in line}
+
+    capture = load_capture(tmp_path)
+    assert "step_0001.safetensors" not in mapped()  # opening reads the index and the context only
+    first = capture["single_blocks"]["block_0"][1].clone()
+    assert mapped() >= {"step_0001.safetensors"} and "step_0002.safetensors" not in mapped()
+    capture["single_blocks"]["block_0"][1].add_(1)
+    assert torch.equal(capture["single_blocks"]["block_0"][1], first + 1)
+    assert torch.equal(load_capture(tmp_path)["single_blocks"]["block_0"][1], first)
+    assert shard.read_bytes() == before
+    del capture
+    gc.collect()
+    assert "step_0001.safetensors" not in mapped()
 
 
 def test_a_deep_copy_of_a_lazy_capture_shares_no_tensor_with_it(model, tmp_path):
