@@ -1163,3 +1163,183 @@ def test_the_metadata_names_the_dtype_the_tensors_are_stored_in(tmp_path):
     capture = load_capture(_only(tmp_path / "intermediates", "capture_*_flux-tiny.pt"))
     assert capture["metadata"]["capture_dtype"] == "float16" and capture["metadata"]["dtype"] == "float32"
     assert capture["single_blocks"]["block_0"][0].dtype == torch.float16
+
+
+def test_a_side_off_the_grid_is_offered_the_nearest_multiple_of_16(tmp_path):
+    from flux.options import RunOptions, UsageError
+
+    # 30 px is 1.9 sixteens: 32 is nearest; 125 px is 7.8: 128; 8 px is below the smallest side, 16.
+    for side, nearest in ((30, 32), (125, 128), (8, 16)):
+        with pytest.raises(UsageError, match=f"got {side}. Try {nearest}."):
+            RunOptions(model="flux-tiny", width=side, output_dir=str(tmp_path), device="cpu").validate()
+
+
+def test_seed_and_guidance_take_every_value_their_flags_document(tmp_path):
+    """--seed: 0 to 2**64 - 1 (what torch's generator takes); --guidance: any finite number >= 0, a float."""
+    from flux.options import RunOptions, UsageError
+
+    def options(**kw) -> RunOptions:
+        return RunOptions(model="flux-tiny", output_dir=str(tmp_path), device="cpu", **kw).validate()
+
+    assert options(seed=0).seed == 0 and options(seed=2**64 - 1).seed == 2**64 - 1
+    with pytest.raises(
+        UsageError, match=r"--seed must be between 0 and 2\*\*64 - 1; got 18446744073709551616"
+    ):
+        options(seed=2**64)
+    assert options(guidance=0).guidance == 0.0  # no guidance at all is a value, not an error
+    with pytest.raises(UsageError, match=r"--guidance must be a finite number >= 0; got -0\.5"):
+        options(guidance=-0.5)
+    guidance = options(guidance=3).guidance  # Fire reads `--guidance 3` as an int
+    assert guidance == 3.0 and type(guidance) is float  # recorded as 3.0, as --guidance 3.0 would be
+
+
+def test_a_pt_capture_is_refused_past_80_percent_of_the_memory_beside_the_models(monkeypatch, tmp_path):
+    """flux-tiny at 64x48 on the CPU captures 4 steps x 5 blocks x (32 + 12) tokens x 64 float32 channels,
+    225,280 bytes: refused when that is over 80% of the memory left beside the models, not at 90%."""
+    import flux.options
+    from flux.options import RunOptions, model_host_bytes
+
+    models, held = model_host_bytes(get_spec("flux-tiny")), 4 * 5 * (T + L) * D * 4
+
+    def validate():
+        RunOptions(model="flux-tiny", width=64, height=48, output_dir=str(tmp_path), device="cpu").validate()
+
+    monkeypatch.setattr(flux.options, "available_host_memory", lambda: models + int(held / 0.85))  # 85%
+    with pytest.raises(UserError, match=r"over 80% of the 0\.0 GB available beside the models"):
+        validate()
+    monkeypatch.setattr(flux.options, "available_host_memory", lambda: models + int(held / 0.75))  # 75%
+    validate()
+
+
+def test_with_offload_a_gpu_run_counts_the_models_in_host_memory_and_pinned_buffers_rounded_up(
+    monkeypatch, tmp_path
+):
+    """On a GPU with --offload, the models live in host memory beside the .pt capture; without it they are on
+    the GPU. Pinned buffers are counted at the power of two they take: per step, 2 double blocks of img
+    (12 x 64 x 4 = 3,072 -> 4,096 bytes) and txt (32 x 64 x 4 = 8,192), and 3 single blocks of 44 x 64 x 4
+    = 11,264 -> 16,384 bytes; 73,728 bytes a step, 294,912 for 4 steps."""
+    import flux.options
+    from flux.options import RunOptions, model_host_bytes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * 10**9, 80 * 10**9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a test GPU")
+    pinned = 4 * (2 * (4096 + 8192) + 3 * 16384)
+    # Just short of what the pinned capture needs beside the models, were they in host memory.
+    available = model_host_bytes(get_spec("flux-tiny")) + int(pinned / 0.8) - 1
+    monkeypatch.setattr(flux.options, "available_host_memory", lambda: available)
+
+    def options(offload: bool) -> RunOptions:
+        kw = dict(model="flux-tiny", width=64, height=48, device="cuda", offload=offload)
+        return RunOptions(**kw, output_dir=str(tmp_path)).validate()
+
+    assert options(offload=False).estimated_capture_bytes(pinned=True) == pinned
+    with pytest.raises(UserError, match=r"pinned buffers rounded up to powers of two"):
+        options(offload=True)
+
+
+def test_metadata_records_the_runs_own_values(tiny_run):
+    """Worked out from the flags of `tiny_run` (64x48, flux-tiny's 4 steps, float32) and its files."""
+    import hashlib
+
+    data = json.loads(_only(tiny_run / "intermediates", "metadata_*.json").read_text())
+    assert (data["width"], data["height"], data["num_steps"], len(data["timesteps"])) == (64, 48, 4, 5)
+    # 4 steps x 5 blocks x (T + L) tokens x D channels x 4 bytes, as on disk (not pinned host buffers)
+    assert data["estimated_capture_bytes"] == 4 * (2 + 3) * (T + L) * D * 4
+    image = (tiny_run / "img_0.jpg").read_bytes()
+    assert data["files"]["image_sha256"] == hashlib.sha256(image).hexdigest()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", data["timestamp"])  # with its UTC offset
+    # Every runtime dependency the numbers or the files depend on (pyproject.toml), Pillow's JPEGs included.
+    assert {"torch", "transformers", "safetensors", "huggingface_hub", "einops", "numpy", "pillow"} <= set(
+        data["versions"]
+    )
+    # The .pt was written by a thread beside the lens, which also gave the capture's name back.
+    assert not [p.name for p in (tiny_run / "intermediates").iterdir() if p.name.startswith(".")]
+
+
+def test_decode_without_blocks_or_steps_shows_all_that_a_partial_capture_holds(tmp_path):
+    rc = cli("--model", "flux-tiny", "--seed", "2", *SIZE, "--blocks", "double:1,single:2", "--steps", "0,3",
+             "--should_decode_intermediates", "False", "--output_dir", str(tmp_path))  # fmt: skip
+    assert rc == 0
+    pt = _only(tmp_path / "intermediates", "capture_*.pt")
+    assert cli("decode", str(pt), "--output_dir", str(tmp_path / "lens")) == 0
+    expected = [
+        f"{kind}_block_{i}_step_{k}.jpg" for kind, i in (("double", 1), ("single", 2)) for k in (0, 3)
+    ]
+    assert sorted(p.name for p in (tmp_path / "lens").iterdir()) == sorted(
+        [*expected, "grid_double.jpg", "grid_single.jpg"]
+    )
+
+
+def test_decode_hands_every_flag_to_the_lens(monkeypatch):
+    import flux.pipeline
+
+    seen = []
+    monkeypatch.setattr(flux.pipeline, "decode_later", lambda *args, **kwargs: seen.append((args, kwargs)))
+    argv = ["decode", "c.pt", "--output_dir", "o", "--decode_target", "next", "--device", "cpu",
+            "--decode_batch_size", "3", "--compile_decoder", "--weights_dir", "w", "--blocks", "double:0",
+            "--steps", "0,3"]  # fmt: skip
+    assert cli(*argv) == 0
+    expected = dict(target="next", device="cpu", batch_size=3, compile=True, weights_dir="w",
+                    blocks="double:0", steps="0,3", progress=False)  # fmt: skip
+    assert seen == [(("c.pt", "o"), expected)]
+
+
+def test_the_disk_refusal_names_the_bytes_in_gigabytes(monkeypatch, tmp_path):
+    """flux-schnell at 256 px: 57 blocks x 512 tokens x 3,072 bf16 values x 4 steps = 717,225,984 bytes."""
+    import shutil
+
+    import flux.options
+    from flux.options import RunOptions
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(flux.options.shutil, "disk_usage", lambda p: real(p)._replace(free=10**8))
+    with pytest.raises(UserError, match=r"needs about 0\.72 GB but .* has 0\.10 GB free"):
+        RunOptions(model="flux-schnell", output_dir=str(tmp_path), device="cpu").validate()
+
+
+def test_available_host_memory_is_linuxs_memavailable_in_bytes(monkeypatch):
+    """/proc/meminfo counts in kB of 1,024 bytes."""
+    import io
+
+    import flux.options
+
+    meminfo = "MemTotal:       16384000 kB\nMemFree:         1000000 kB\nMemAvailable:    8000000 kB\n"
+    monkeypatch.setattr(flux.options, "open", lambda path: io.StringIO(meminfo), raising=False)
+    assert flux.options.available_host_memory() == 8_000_000 * 1024
+
+
+def test_the_gpu_refusal_names_each_models_share(monkeypatch):
+    """flux-schnell on a 24 GB GPU: the flow model 2 x 11,891,178,560 bytes (23.8 GB), T5 and CLIP 9.8 GB, the
+    AE 4 x 83,819,683 (0.3 GB): 33.9 GB together."""
+    import flux.options
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (0, 24 * 10**9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a test GPU")
+    with pytest.raises(UserError) as refused:
+        flux.options.check_gpu_fits(get_spec("flux-schnell"), torch.device("cuda"), False)
+    assert (
+        "flux-schnell's models take 33.9 GB together (the flow model 23.8 GB, T5 and CLIP 9.8 GB), more than "
+        "this GPU's 24.0 GB (a test GPU)."
+    ) in str(refused.value)
+
+
+def test_run_options_from_python_check_every_switch(tmp_path):
+    """From Python, as the README shows, validate() is the only check: the CLI's switch check is not there."""
+    from flux.options import RunOptions, UsageError
+
+    for flag in ("offload", "capture", "force", "should_decode_intermediates", "analyze"):
+        opts = RunOptions(model="flux-tiny", output_dir=str(tmp_path), device="cpu", **{flag: "yes"})
+        with pytest.raises(UsageError, match=f"--{flag} is a switch"):
+            opts.validate()
+
+
+def test_flux_tinys_models_are_counted_at_the_size_of_their_files():
+    """flux-tiny's generated weights, text encoders included, are a few MB: the memory checks must not count
+    the 9.8 GB of the published T5 and CLIP beside them."""
+    from flux.options import model_host_bytes
+    from flux.tiny import ensure_tiny_repo
+
+    files = sum(p.stat().st_size for p in ensure_tiny_repo().rglob("*") if p.is_file())
+    assert 0 < model_host_bytes(get_spec("flux-tiny")) <= files

@@ -825,3 +825,17 @@ def test_metadata_records_everything_needed_to_reproduce_the_run(tmp_path):
     argv = [arg for k, v in flags.items() for arg in (f"--{k}", str(v))]
     assert cli(*argv, "--seed", str(meta["seed"]), "--output_dir", str(tmp_path / "again")) == 0
     assert (tmp_path / "again" / "img_0.jpg").read_bytes() == (first / "img_0.jpg").read_bytes()
+
+
+def test_seed_0_is_that_seed_and_a_deleted_images_number_is_not_reused(models, tmp_path):
+    """`--seed 0` is the seed 0, not "draw one"; an image takes one past the highest img_N.jpg in the folder;
+    and with --should_decode_intermediates False there is no lens."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "img_3.jpg").write_bytes(b"")  # img_0 to img_2 were deleted by hand
+    a = generate(models, options(out, seed=0), progress=False)
+    b = generate(models, options(out, seed=0, capture=False), progress=False)
+    assert (a.image_path.name, b.image_path.name) == ("img_4.jpg", "img_5.jpg")
+    assert a.metadata["seed"] == b.metadata["seed"] == json.loads(a.metadata_path.read_text())["seed"] == 0
+    assert a.image_path.read_bytes() == b.image_path.read_bytes()
+    assert a.decoded_dir is None and not (out / "intermediates" / "decoded").exists()

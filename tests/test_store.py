@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -439,8 +440,8 @@ class _Unseekable(io.RawIOBase):
 @pytest.mark.parametrize("zip64", [False, True], ids=["zip32", "zip64"])
 def test_fill_zip_crc32s_restores_every_crc(tmp_path, monkeypatch, descriptors, zip64):
     """An archive written by Python's zipfile, with every CRC32 zeroed, gets back exactly its bytes: with the
-    CRC in the local header or in a data descriptor, and with zip64 records (zipfile writes them for small
-    files when its limit is lowered), as torch writes for captures over 4 GB."""
+    CRC in the local header or in a data descriptor, with a comment on every record, and with zip64 records
+    (zipfile writes them for small files when its limit is lowered), as torch does for captures over 4 GB."""
     import zipfile
 
     from flux.torchsave import fill_zip_crc32s
@@ -451,8 +452,10 @@ def test_fill_zip_crc32s_restores_every_crc(tmp_path, monkeypatch, descriptors, 
     payloads = {f"archive/data/{i}": rng.bytes(n) for i, n in enumerate([0, 1, 150, 7000, 70_000])}
     stream = _Unseekable() if descriptors else io.BytesIO()
     with zipfile.ZipFile(stream, "w", zipfile.ZIP_STORED) as archive:
-        for name, payload in payloads.items():
-            archive.writestr(name, payload)
+        for i, (name, payload) in enumerate(payloads.items()):
+            info = zipfile.ZipInfo(name)
+            info.comment = b"record %d's comment" % i  # the next directory entry starts after it
+            archive.writestr(info, payload)
     original = bytes(stream.data if descriptors else stream.getvalue())
     with zipfile.ZipFile(io.BytesIO(original)) as archive:
         infos = archive.infolist()
@@ -482,7 +485,9 @@ def test_fill_zip_crc32s_finds_the_directory_past_a_lookalike_signature(tmp_path
     stream = io.BytesIO()
     with zipfile.ZipFile(stream, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr("a", b"payload " * 100)
-        archive.comment = b"a comment holding PK\x05\x06 and more"  # Python's zipfile cannot read it back
+        # Python's zipfile cannot read it back. The lookalike has more than an end record's 22 bytes after
+        # it, so only the check that its record ends the file tells it from the real one.
+        archive.comment = b"a comment holding PK\x05\x06 and then more than twenty-two bytes of text"
         crc = archive.getinfo("a").CRC
     original = stream.getvalue()
     path = tmp_path / "a.zip"
@@ -501,9 +506,144 @@ def test_fill_zip_crc32s_refuses_what_it_cannot_fill(tmp_path):
     not_zip.write_bytes(b"not a zip archive at all" * 10)
     with zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("a", b"x" * 1000)
-    for path, message in ((not_zip, "end of central directory"), (deflated, "stored")):
+    # A stored record flagged as encrypted (general purpose bit 0 of its directory entry): its CRC32 is of the
+    # plain text, which this cannot compute.
+    encrypted = tmp_path / "e.zip"
+    with zipfile.ZipFile(encrypted, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("a", b"x" * 1000)
+    data = bytearray(encrypted.read_bytes())
+    central = data.index(b"PK\x01\x02")
+    data[central + 8] |= 1
+    encrypted.write_bytes(bytes(data))
+    # A record whose CRC32 is in a data descriptor after its data, with a directory size past the file's end.
+    past_end, stream = tmp_path / "p.zip", _Unseekable()
+    with zipfile.ZipFile(stream, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("a", b"x" * 1000)
+    data = bytearray(stream.data)
+    central = data.index(b"PK\x01\x02")
+    struct.pack_into("<LL", data, central + 20, 10**6, 10**6)  # compressed and uncompressed size
+    past_end.write_bytes(bytes(data))
+    cases = [
+        (not_zip, "end of central directory"),
+        (deflated, "stored"),
+        (encrypted, "unencrypted"),
+        (past_end, "runs past the end of the file"),
+    ]
+    for path, message in cases:
+        before = path.read_bytes()
         with open(path, "r+b") as f, pytest.raises(ValueError, match=message):
             fill_zip_crc32s(f.fileno())
+        assert path.read_bytes() == before, path.name  # not a byte written
+
+
+@pytest.mark.parametrize("field", ["count", "directory"])
+def test_fill_zip_crc32s_reads_the_zip64_end_record_when_a_32_bit_field_says_so(tmp_path, monkeypatch, field):
+    """The end record's 16-bit record count reads 0xFFFF past 65,534 records (a capture of 1000 steps of
+    flux-schnell has 76,000 tensors), and its 32-bit directory offset 0xFFFFFFFF past 4 GB: either one means
+    "see the zip64 end record". Set here by hand in an archive that has one, to its true values."""
+    import zipfile
+
+    from flux.torchsave import fill_zip_crc32s
+
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 100)  # zipfile then writes the zip64 end record
+    payloads = {f"archive/data/{i}": bytes([i]) * (300 * i + 1) for i in range(5)}
+    stream = io.BytesIO()
+    with zipfile.ZipFile(stream, "w", zipfile.ZIP_STORED) as archive:
+        for name, payload in payloads.items():
+            archive.writestr(name, payload)
+    data = bytearray(stream.getvalue())
+    end = data.rindex(b"PK\x05\x06")
+    if field == "count":
+        struct.pack_into("<HH", data, end + 8, 0xFFFF, 0xFFFF)  # records on this disk, records in all
+    else:
+        struct.pack_into("<L", data, end + 16, 0xFFFFFFFF)  # offset of the central directory
+    original = bytes(data)
+    with zipfile.ZipFile(io.BytesIO(original)) as archive:  # still a valid archive, as zipfile reads it
+        assert archive.testzip() is None and len(archive.infolist()) == 5
+    crcs = {name: zlib.crc32(payload) for name, payload in payloads.items()}
+    for crc in crcs.values():
+        data = data.replace(struct.pack("<L", crc), bytes(4))
+    path = tmp_path / "a.zip"
+    path.write_bytes(bytes(data))
+    with open(path, "r+b") as f:
+        assert fill_zip_crc32s(f.fileno()) == crcs
+    assert path.read_bytes() == original
+
+
+def test_fill_zip_crc32s_finds_a_data_descriptor_without_its_signature(tmp_path):
+    """The zip format lets a data descriptor leave out its PK\\x07\\x08 signature (zipfile always writes it);
+    the CRC32 is then the descriptor's first four bytes. A one-record archive laid out by hand here."""
+    import zipfile
+
+    from flux.torchsave import fill_zip_crc32s
+
+    name, payload = b"archive/data/0", b"payload " * 50
+    crc, size = zlib.crc32(payload), len(payload)
+    # local header (bit 3: sizes and CRC32 after the data), the data, a descriptor with no signature
+    local = struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 8, 0, 0, 0, 0, 0, 0, len(name), 0) + name
+    record = local + payload + struct.pack("<3L", crc, size, size)
+    central = struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 8, 0, 0, 0, crc, size, size, len(name), 0,
+                          0, 0, 0, 0, 0) + name  # fmt: skip
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, len(central), len(record), 0)
+    original = record + central + end
+    with zipfile.ZipFile(io.BytesIO(original)) as archive:  # laid out as the format says
+        assert archive.read("archive/data/0") == payload and archive.testzip() is None
+    path = tmp_path / "a.zip"
+    path.write_bytes(original.replace(struct.pack("<L", crc), bytes(4)))
+    assert path.read_bytes().count(bytes(4)) >= 2
+    with open(path, "r+b") as f:
+        assert fill_zip_crc32s(f.fileno()) == {"archive/data/0": crc}
+    assert path.read_bytes() == original
+
+
+def test_the_serialization_id_is_derived_from_the_filled_in_crc32s(tmp_path):
+    """torch's 40-digit serialization id: 20 digits of its own, then c10::hash_combine(seed, v) = seed ^ (v +
+    0x9E3779B9 + (seed << 6) + (seed >> 2)) folded over every other record's CRC32 from seed 0. Written with
+    the CRC32s left out (0), one other record gives 0x9E3779B9; filled in, CRC + 0x9E3779B9. An id whose
+    second half is not that hash of zeros is something this does not know: refused, and left as it was."""
+    import zipfile
+
+    from flux.torchsave import _fill_crc32s, _fix_serialization_id
+
+    payload, own = b"tensor bytes " * 40, b"12345678901234567890"
+    for second_half, expected in (
+        (f"{0x9E3779B9:020d}".encode(), own + f"{zlib.crc32(payload) + 0x9E3779B9:020d}".encode()),
+        (b"0" * 20, None),  # not the hash of zeros
+    ):
+        path = tmp_path / "a.pt"
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+            archive.writestr("archive/data/0", payload)
+            archive.writestr("archive/.data/serialization_id", own + second_half)
+        with open(path, "r+b") as f:
+            if expected is None:
+                with pytest.raises(ValueError, match="unexpected serialization id"):
+                    _fix_serialization_id(f.fileno(), _fill_crc32s(f.fileno(), None))
+            else:
+                _fix_serialization_id(f.fileno(), _fill_crc32s(f.fileno(), None))
+        with zipfile.ZipFile(path) as archive:
+            assert archive.read("archive/.data/serialization_id") == (expected or own + second_half)
+            if expected is not None:
+                assert archive.testzip() is None  # the id's own CRC32 is that of its new digits
+
+
+def test_torch_save_leaves_the_crc32s_out_when_the_caller_turned_them_off(tmp_path):
+    """Whoever set torch's `compute_crc32` to False gets what torch.save would write them: no CRC32s."""
+    from flux.torchsave import _crc_config, torch_save
+
+    config = _crc_config()
+    if config is None:
+        pytest.skip("this torch cannot leave the CRC32s out")
+    # Set and put back by hand: monkeypatch's undo deletes the setting from torch 2.15's config proxy.
+    before, config.compute_crc32 = config.compute_crc32, False
+    try:
+        obj, ours = _capture_like(0), tmp_path / "c.pt"
+        torch_save(obj, ours)
+        assert config.compute_crc32 is False
+        assert ours.read_bytes() == _torch_save_bytes(
+            obj, tmp_path / "plain.pt"
+        )  # torch.save, CRC32s off too
+    finally:
+        config.compute_crc32 = before
 
 
 def test_publish_new_never_overwrites_under_concurrency(tmp_path):
