@@ -891,6 +891,7 @@ def _pixels(path):
         return np.asarray(img.convert("RGB"))
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")  # said by torch when oneDNN's flags are set
 def test_replay_of_one_step_is_the_lens_image_of_the_last_block_at_that_step(models, tmp_path):
     """`replay --step k --until k` saves the x0 estimate of step k: the lens's x0 of the last block. Compared
     exactly, with oneDNN off: its convolutions may pick other kernels for the lens's batch than for one
