@@ -65,15 +65,14 @@ class RunOptions:
     def validate(self) -> "RunOptions":
         """Normalise and check values; raise UsageError naming the flag. Touches no files."""
         if self.model not in CONFIGS:
-            hint = ""
-            if isinstance(self.model, str) and Path(self.model).expanduser().exists():  # Fire: 1st positional
-                hint = " To work on a saved capture, name a subcommand: "
-                hint += f"`capture_sample.py decode {self.model}`."
-            elif isinstance(self.model, str) and " " in self.model.strip():  # a prompt without its flag
+            hint, given = "", str(self.model)  # Fire reads the first value without a flag as --model
+            if isinstance(self.model, str) and Path(given).expanduser().exists():
+                hint = f" To work on a saved capture, name a subcommand: `capture_sample.py decode {given}`."
+            elif isinstance(self.model, str) and " " in given.strip():  # a prompt without its flag
                 hint = (
-                    " A value given without a flag is read as --model (the first parameter): give a prompt "
+                    " A value given without a flag is read as --model (the first parameter): "
+                    f"give a prompt as --prompt {shlex.quote(given)}."
                 )
-                hint += f"as --prompt {shlex.quote(self.model)}."
             raise UsageError(
                 f"--model {self.model!r} is not known. Choose one of: {', '.join(CONFIGS)}.{hint}"
             )

@@ -291,7 +291,8 @@ def nest_blocks(
         for i in meta["captured_blocks"]["double"]
     }
     single = {
-        f"block_{i}": seq(partial(_single_entry, get, steps, i)) for i in meta["captured_blocks"]["single"]
+        f"block_{i}": seq(partial(_step_entry, get, steps, f"single_blocks.{i}"))
+        for i in meta["captured_blocks"]["single"]
     }
     return double, single
 
@@ -305,11 +306,7 @@ def _double_entry(
     return img, txt
 
 
-def _single_entry(get: Callable[[int, str], Tensor], steps: list[int], i: int, pos: int) -> Tensor:
-    return get(steps[pos], f"single_blocks.{i}")
-
-
-def _context_entry(get: Callable[[int, str], Tensor], steps: list[int], key: str, pos: int) -> Tensor:
+def _step_entry(get: Callable[[int, str], Tensor], steps: list[int], key: str, pos: int) -> Tensor:
     return get(steps[pos], key)
 
 
@@ -594,7 +591,7 @@ def _load_dir(directory: Path) -> dict:
     # Context keys written by this version; captures made before `pred` was recorded simply lack it.
     present = [k for k in CONTEXT_KEYS if k in index.get("shapes", {}) or not done]
     for key in present:
-        ctx[key] = LazyList(len(done), partial(_context_entry, shards.step, done, key))
+        ctx[key] = LazyList(len(done), partial(_step_entry, shards.step, done, key))
     return {"double_blocks": double, "single_blocks": single, "denoising_context": ctx, "metadata": meta}
 
 

@@ -154,11 +154,10 @@ def sweep(
     base = to_unit(base_decoded)
     if on_reference is not None:
         on_reference(base_latent, to_image(base_decoded[0]))
-    finished = {r.spec: r for r in done}
+    by_spec = {r.spec: r for r in done}  # and each new row as it is scored
+    todo = [iv for iv in ivs if iv.spec not in by_spec]
     bar = tqdm(total=len(ivs), desc=f"{kind} sweep", unit="block", disable=not progress)
-    by_spec: dict[str, SweepRow] = dict(finished)
-    bar.update(sum(iv.spec in finished for iv in ivs))
-    todo = [iv for iv in ivs if iv.spec not in finished]
+    bar.update(len(ivs) - len(todo))
     for first in range(0, len(todo), replays_per_visit):
         group = todo[first : first + replays_per_visit]
         with visit():
