@@ -46,12 +46,12 @@ def torch_save(obj: Any, path: Path, workers: int | None = None) -> None:
     config = _crc_config()
     with open(path, "w+b") as f:
         if config is None:
-            torch.save(obj, f)
+            _save(obj, f)
             return
         with _SAVE_CONFIG_LOCK:
             before, config.compute_crc32 = config.compute_crc32, False
             try:
-                torch.save(obj, f)
+                _save(obj, f)
             finally:
                 config.compute_crc32 = before
             f.flush()
@@ -62,7 +62,24 @@ def torch_save(obj: Any, path: Path, workers: int | None = None) -> None:
             except ValueError:  # not the layout this torch was expected to write
                 f.seek(0)
                 f.truncate()
-                torch.save(obj, f)
+                _save(obj, f)
+
+
+def _save(obj: Any, f: Any) -> None:
+    """torch.save(obj, f), where an interrupt during a write (Ctrl-C, or the CLI's SIGTERM) stays one.
+
+    torch's zip writer, closing the file on the way out, finds it shorter than it counted and raises
+    "unexpected pos ..." in place of the interrupt: the run would end as a crash (exit 1), not as stopped.
+    """
+    try:
+        torch.save(obj, f)
+    except Exception as e:
+        err: BaseException | None = e
+        while err is not None and not isinstance(err, KeyboardInterrupt):
+            err = err.__cause__ or err.__context__
+        if err is None:
+            raise
+        raise err from None
 
 
 _EOCD, _EOCD64, _LOCATOR64 = b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07"
