@@ -8,6 +8,7 @@ tells the consumer when that step's buffers are complete, so the sampling loop n
 capture.
 """
 
+import math
 import queue
 import re
 import threading
@@ -218,10 +219,11 @@ class StepBuffers:
 class HostBufferPool:
     """Host buffer sets, allocated up front and reused once released.
 
-    Full sets (context and block outputs) number at most `limit` (None: no limit); with a limit `acquire`
-    blocks until a consumer releases one, which bounds host memory to `limit` steps however long the run.
-    Steps the plan does not capture get small context-only sets. On CUDA the buffers are pinned, so copies
-    into them are asynchronous; allocate them with `preallocate` before sampling, as pinning is slow.
+    Full sets (context and block outputs) serve the steps the plan captures; the others get small
+    context-only sets. Of each kind at most `limit` exist (None: no limit); with a limit `acquire` blocks
+    until a consumer releases one, which bounds host memory to `limit` steps however long the run, and
+    however far the disk falls behind. On CUDA the buffers are pinned, so copies into them are asynchronous;
+    allocate them with `preallocate` before sampling, as pinning is slow.
     """
 
     def __init__(
@@ -229,41 +231,45 @@ class HostBufferPool:
     ):
         self.shapes, self.dtypes, self.pin, self.limit = shapes, dtypes, pin, limit
         self.free = {True: queue.Queue(), False: queue.Queue()}  # captured (full) sets, context-only sets
-        self.allocated = 0  # full sets
+        self.count = {True: 0, False: 0}  # sets allocated and not drained, of each kind
         self.lock = threading.Lock()
+
+    @property
+    def allocated(self) -> int:
+        """Full sets allocated and not drained."""
+        return self.count[True]
 
     def _new(self, full: bool) -> dict[str, Tensor]:
         keys = self.shapes if full else CONTEXT_KEYS
         return {k: torch.empty(self.shapes[k], dtype=self.dtypes[k], pin_memory=self.pin) for k in keys}
 
+    def _room(self, full: bool) -> int | float:
+        return math.inf if self.limit is None else self.limit - self.count[full]
+
     def preallocate(self, full: int, context: int = 0) -> None:
         """Allocate sets now, outside the sampling loop."""
-        for _ in range(full if self.limit is None else min(full, self.limit - self.allocated)):
-            self.allocated += 1
-            self.free[True].put(self._new(True))
-        for _ in range(context):
-            self.free[False].put(self._new(False))
+        for kind, n in ((True, full), (False, context)):
+            for _ in range(int(min(n, self._room(kind)))):
+                self.count[kind] += 1
+                self.free[kind].put(self._new(kind))
 
     def acquire(self, captured: bool = True) -> dict[str, Tensor]:
-        if not captured:
-            return self._new(False) if self.free[False].empty() else self.free[False].get()
         with self.lock:
-            grow = self.free[True].empty() and (self.limit is None or self.allocated < self.limit)
+            grow = self.free[captured].empty() and self._room(captured) > 0
             if grow:
-                self.allocated += 1
-        return self._new(True) if grow else self.free[True].get()
+                self.count[captured] += 1
+        return self._new(captured) if grow else self.free[captured].get()
 
     def release(self, tensors: dict[str, Tensor]) -> None:
         self.free[len(tensors) > len(CONTEXT_KEYS)].put(tensors)
 
     def drain(self) -> None:
         """Drop the free sets, so their (pinned) memory can go back once nothing else holds it."""
-        for full, free in self.free.items():
+        for kind, free in self.free.items():
             while not free.empty():
                 free.get_nowait()
-                if full:
-                    with self.lock:
-                        self.allocated -= 1  # so a limited pool can grow again if it is used after all
+                with self.lock:
+                    self.count[kind] -= 1  # so a limited pool can grow again if it is used after all
 
 
 class HookSet:

@@ -1,5 +1,7 @@
 """Capture hooks and plans on a small random Flux, without any file loading."""
 
+import threading
+
 import pytest
 import torch
 
@@ -228,3 +230,24 @@ def test_a_released_context_set_is_never_handed_out_for_a_captured_step(model):
     assert set(full) == set(shapes)
     pool.release(full)
     assert set(pool.acquire(captured=True)) == set(shapes) and set(pool.acquire(captured=False)) < set(shapes)
+
+
+@pytest.mark.parametrize("captured", [True, False], ids=["full", "context-only"])
+def test_a_limited_pool_waits_for_a_released_set_of_either_kind(model, captured):
+    """When the disk falls behind, neither kind of set grows past the limit: the sampler waits for a set to
+    come back, so host memory stays at `limit` steps however many steps the plan skips."""
+    plan = CapturePlan.parse(None, "1", "both", None, 2, 3, 3)
+    pool = HostBufferPool(*BlockCapture.shapes_for(model, plan, 1, 5, 12, torch.float32), pin=False, limit=2)
+    held = [pool.acquire(captured), pool.acquire(captured)]
+    got = []
+    waiting = threading.Thread(target=lambda: got.append(pool.acquire(captured)), daemon=True)
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive() and not got  # no third set
+    pool.release(held[0])
+    waiting.join(30)
+    assert got and got[0] is held[0] and pool.count[captured] == 2
+    pool.release(held[1])
+    pool.release(got[0])
+    pool.drain()  # all back: none is counted as allocated any more
+    assert pool.count == {True: 0, False: 0}
