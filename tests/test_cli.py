@@ -339,6 +339,19 @@ def test_guidance_on_schnell_warns_before_loading(tmp_path, monkeypatch, capsys)
     assert warning in err and err.index(warning) < err.index("stopped where the models would load")
 
 
+def test_offload_on_the_cpu_loads_on_the_cpu_and_says_so(tmp_path, monkeypatch, capsys):
+    """--offload moves each model to the GPU while it runs; on the CPU there is nowhere to move them to."""
+    import flux.pipeline
+
+    def stop(*args, **kwargs):
+        raise capture_sample.UsageError("stopped where the models would load")
+
+    monkeypatch.setattr(flux.pipeline, "load_models", stop)
+    assert cli("--model", "flux-tiny", "--offload", "--device", "cpu", "--output_dir", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "Loading flux-tiny (flow model, autoencoder, T5, CLIP) on cpu..." in err and "moved to" not in err
+
+
 @pytest.mark.parametrize(
     ("total_gb", "offload", "refused"),
     [
@@ -483,7 +496,12 @@ def test_cuda_out_of_memory_names_offload_and_smaller_sizes(monkeypatch, tmp_pat
 
 @pytest.mark.parametrize(
     ("command", "hint"),
-    [("decode", "a smaller --decode_batch_size"), ("replay", "--device cpu"), ("sweep", "--resume")],
+    [
+        ("decode", "a smaller --decode_batch_size"),
+        ("analyze", "Try --device cpu."),
+        ("replay", "--device cpu"),
+        ("sweep", "--resume"),
+    ],
 )
 def test_out_of_memory_in_a_command_names_only_its_own_flags(command, hint, tiny_run, monkeypatch, capsys):
     import flux.decode
@@ -716,6 +734,7 @@ def test_every_command_has_a_help_screen_listing_its_flags(command, capsys):
     [
         ["--model", "flux-tiny", *SIZE, "--help"],
         ["-m", "flux-tiny", "-h"],
+        ["--model", "flux-tiny", "--seed", "-h"],  # help, not a seed of "-h"
         ["--help", "--model", "flux-tiny"],
         ["decode", "PT", "--device", "cpu", "--help"],
         ["sweep", "PT", "-h"],
@@ -760,6 +779,22 @@ def test_a_prompt_may_be_the_word_help(monkeypatch):
     assert capture_sample.run(["--prompt=--help"]) == 2
     assert capture_sample.run(["--prompt", "-h"]) == 2
     assert seen == ["--help", "-h"]
+
+
+def test_a_first_flag_named_like_a_command_is_that_flag(monkeypatch):
+    """`--analyze` is close to the `analyze` command, but it is main's switch, not a mistyped command."""
+    import flux.pipeline
+
+    seen = []
+
+    def stop_after_validation(self):
+        seen.append((self.model, self.analyze))
+        raise capture_sample.UsageError("stop here")
+
+    monkeypatch.setattr(flux.pipeline.RunOptions, "validate", stop_after_validation)
+    assert capture_sample.run(["--analyze", "--model", "flux-tiny"]) == 2
+    assert capture_sample.run(["-analyze", "--model", "flux-tiny"]) == 2
+    assert seen == [("flux-tiny", True), ("flux-tiny", True)]
 
 
 def test_dash_h_is_help_and_a_mistyped_command_is_named(capsys):
@@ -1191,6 +1226,56 @@ def test_seed_and_guidance_take_every_value_their_flags_document(tmp_path):
         options(guidance=-0.5)
     guidance = options(guidance=3).guidance  # Fire reads `--guidance 3` as an int
     assert guidance == 3.0 and type(guidance) is float  # recorded as 3.0, as --guidance 3.0 would be
+
+
+def test_num_steps_is_a_whole_number_from_1_to_1000(tmp_path):
+    """Both ends are allowed; a bool (Fire reads `--num_steps True` as one) or a fraction is not a count."""
+    from flux.options import RunOptions, UsageError
+
+    def options(num_steps) -> RunOptions:
+        kw = dict(model="flux-tiny", capture=False, output_dir=str(tmp_path), device="cpu")
+        return RunOptions(**kw, num_steps=num_steps).validate()
+
+    assert options(1).num_steps == 1 and options(1000).num_steps == 1000
+    with pytest.raises(UsageError, match=r"--num_steps must be at most 1000; got 1001\."):
+        options(1001)
+    for bad in (0, True, 2.5):
+        with pytest.raises(UsageError, match=rf"--num_steps must be a whole number >= 1; got {bad!r}\."):
+            options(bad)
+
+
+def test_host_memory_that_only_just_holds_the_models_warns_rather_than_refuses(monkeypatch, tmp_path):
+    """On the CPU the models take all the available memory, to the byte: nothing is left to judge the capture
+    against, so the run is warned that it will page, not refused."""
+    import flux.options
+    from flux.options import RunOptions, model_host_bytes
+
+    models = model_host_bytes(get_spec("flux-tiny"))
+    monkeypatch.setattr(flux.options, "available_host_memory", lambda: models)
+    opts = RunOptions(model="flux-tiny", width=64, height=48, output_dir=str(tmp_path), device="cpu")
+    assert [w for w in opts.validate().warnings if "page their weights in and out" in w]
+
+
+def test_the_host_memory_refusal_names_the_capture_and_the_memory_beside_the_models(monkeypatch, tmp_path):
+    """flux-schnell at 256 px on the CPU: 57 blocks x 512 tokens x 3,072 bf16 values x 4 steps = 717,225,984
+    bytes (0.7 GB), over 80% of 0.8 GB left beside the models (0.64 GB). Nothing is pinned on a CPU, so
+    nothing is said of pinned buffers."""
+    import shutil
+
+    import flux.options
+    from flux.options import RunOptions, model_host_bytes
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(flux.options.shutil, "disk_usage", lambda p: real(p)._replace(free=10**12))
+    beside = 800_000_000
+    models = model_host_bytes(get_spec("flux-schnell"))
+    monkeypatch.setattr(flux.options, "available_host_memory", lambda: models + beside)
+    with pytest.raises(UserError) as refused:
+        RunOptions(model="flux-schnell", output_dir=str(tmp_path), device="cpu").validate()
+    assert str(refused.value).startswith(
+        "A .pt capture is held in host memory until the run ends: this one needs up to 0.7 GB, over 80% of "
+        "the 0.8 GB available beside the models. Use --format safetensors"
+    )
 
 
 def test_a_pt_capture_is_refused_past_80_percent_of_the_memory_beside_the_models(monkeypatch, tmp_path):

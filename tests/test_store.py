@@ -1143,6 +1143,124 @@ def test_no_model_is_parked_in_host_memory_that_cannot_hold_it(monkeypatch, caps
     assert "Not moving flow to the CPU" in capsys.readouterr().err
 
 
+def _flux_schnell_parts(device: str, text_bytes: int = 4000, flow_bytes: int = 40_000):
+    """flux-schnell's Models with stand-in modules of the given float32 sizes, for the VAE-room policy."""
+    from flux.pipeline import Models, get_spec
+
+    def part(nbytes: int) -> torch.nn.Module:
+        module = torch.nn.Module()
+        module.weight = torch.nn.Parameter(torch.zeros(nbytes // 4))
+        return module
+
+    t5, clip, flow = part(text_bytes), part(text_bytes), part(flow_bytes)
+    return Models(get_spec("flux-schnell"), flow, None, t5, clip, torch.device(device), torch.float32)
+
+
+def test_models_are_parked_for_the_vae_only_within_80_percent_of_host_memory(monkeypatch, capsys):
+    """The text encoders, 2 x 4,500 bytes, are 90% of 10,000 bytes of host memory: over the 80% the capture
+    leaves room for, so they stay on the GPU, and so does the flow model after them."""
+    import flux.decode
+    import flux.pipeline
+
+    monkeypatch.setattr(flux.decode, "free_gpu_bytes", lambda device: 0)
+    monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: 10_000)
+    models = _flux_schnell_parts("cuda", text_bytes=4500)
+    assert models.make_room_for_vae(2048, 2048) == []
+    assert "Not moving t5, clip to the CPU for the VAE" in capsys.readouterr().err
+
+
+def test_models_are_parked_for_the_vae_when_host_memory_is_unknown(monkeypatch):
+    """Without a MemAvailable figure there is nothing to hold the move against: the policy goes on."""
+    import flux.decode
+    import flux.pipeline
+
+    monkeypatch.setattr(flux.decode, "free_gpu_bytes", lambda device: 0)
+    monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: None)
+    assert _flux_schnell_parts("cuda").make_room_for_vae(2048, 2048) == ["t5", "clip", "flow"]
+
+
+def test_no_model_is_parked_when_the_gpu_holds_the_decoder_or_there_is_no_gpu(monkeypatch):
+    """Free GPU memory equal to one image's decoder estimate is enough; on the CPU there is no GPU memory to
+    make room in, whatever a GPU reading would say."""
+    import flux.decode
+    from flux.decode import decoder_bytes_per_image
+    from flux.pipeline import get_spec
+
+    need = decoder_bytes_per_image(get_spec("flux-schnell").ae_params, 2048, 2048)
+    monkeypatch.setattr(flux.decode, "free_gpu_bytes", lambda device: need)
+    assert _flux_schnell_parts("cuda").make_room_for_vae(2048, 2048) == []
+    monkeypatch.setattr(flux.decode, "free_gpu_bytes", lambda device: 0)
+    assert _flux_schnell_parts("cpu").make_room_for_vae(2048, 2048) == []
+
+
+def test_the_capture_buffers_are_all_allocated_before_the_first_step(model, monkeypatch):
+    """Allocating (on CUDA, pinning) is slow, so none of it may fall inside the sampling loop: a .pt holds a
+    full set per captured step and a context-only set per other step; the safetensors writer recycles up to
+    STREAMING_MAX_SETS (8) of each kind, which flux-tiny's steps of a few kB get with memory to spare."""
+    import flux.pipeline
+    from flux.pipeline import STREAMING_MAX_SETS, CaptureSession
+
+    monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: 64 * 2**30)
+    assert STREAMING_MAX_SETS == 8
+    cpu = torch.device("cpu")
+
+    def sets(fmt: str, captured: tuple[int, ...], steps: int) -> tuple[int, int]:
+        plan = CapturePlan((0, 1), (0,), captured)
+        pool = CaptureSession.buffers(model, plan, fmt, 5, 12, torch.float32, steps, cpu)
+        return pool.free[True].qsize(), pool.free[False].qsize()  # (full, context-only) sets ready
+
+    assert sets("pt", (0, 2), 5) == (2, 3)
+    assert sets("safetensors", (0, 2), 5) == (2, 3)  # fewer than 8 of each: as many as the run has
+    assert sets("pt", tuple(range(12)), 24) == (12, 12)
+    assert sets("safetensors", tuple(range(12)), 24) == (8, 8)
+
+
+def test_on_a_gpu_buffers_are_pinned_while_loading_when_they_fit_beside_the_text_encoders(
+    monkeypatch, tmp_path
+):
+    """On CUDA the flow model and AE load onto the GPU, while transformers may read T5 and CLIP (9.8 GB for
+    the published models) into host memory first: the pinned buffers must fit beside those. flux-tiny at
+    64x48, 4 steps, pinned (powers of two): 2 double blocks x (4,096 + 8,192) + 3 single blocks x 16,384 =
+    73,728 bytes a step, 294,912 in all."""
+    import flux.options
+    import flux.pipeline
+    from flux.pipeline import RunOptions, buffers_while_loading
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * 10**9, 80 * 10**9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a test GPU")
+    monkeypatch.setattr(flux.options, "available_host_memory", lambda: 64 * 2**30)
+    # Pinning needs a real GPU: only the decision to start is checked here, not the allocation.
+    monkeypatch.setattr(flux.pipeline, "buffers_in_a_thread", lambda *args: "started")
+    opts = RunOptions(
+        model="flux-tiny", width=64, height=48, device="cuda", output_dir=str(tmp_path)
+    ).validate()
+    beside = 294_912 + 9_800_000_000
+    monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: beside)
+    assert buffers_while_loading(opts) == "started"
+    monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: beside - 1)
+    assert buffers_while_loading(opts) is None
+
+
+def test_a_streamed_capture_of_fewer_steps_than_the_writers_sets_counts_only_its_steps(monkeypatch):
+    """2 steps, fewer than the writer's 8 sets: the check counts 2 steps' buffers beside the models, to the
+    byte."""
+    import flux.pipeline
+    from flux.options import model_host_bytes
+    from flux.pipeline import RunOptions, buffers_while_loading
+
+    opts = RunOptions(
+        model="flux-tiny", width=64, height=48, device="cpu", format="safetensors", num_steps=2
+    ).validate()
+    needed = opts.estimated_capture_bytes() + model_host_bytes(opts.spec)  # 2 steps' worth
+    monkeypatch.setattr(flux.pipeline, "buffers_in_a_thread", lambda *args: "started")
+    monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: needed)
+    assert buffers_while_loading(opts) == "started"
+    monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: needed - 1)
+    assert buffers_while_loading(opts) is None
+
+
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
 def test_buffers_allocated_while_the_models_load_give_the_same_capture(tmp_path, monkeypatch, fmt):
     """The CLI allocates (on CUDA: pins) the capture's host buffers in a thread while the models load and
