@@ -903,9 +903,12 @@ def test_notebook_runs_top_to_bottom(captures, monkeypatch, tmp_path):
     (tmp_path / "notebooks").mkdir()
     monkeypatch.delenv("FLUX_CAPTURE", raising=False)
     monkeypatch.setenv("FLUX_DEVICE", "cpu")
+    # nbclient's defaults give up on a busy machine: a kernel that takes over 60 s to start fails the run,
+    # and a cell's outputs that come more than 4 s after its reply are dropped without an error.
     NotebookClient(
-        nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path / "notebooks")}}
-    ).execute()
+        nb, kernel_name="python3", timeout=300, startup_timeout=300, iopub_timeout=300,
+        raise_on_iopub_timeout=True, resources={"metadata": {"path": str(tmp_path / "notebooks")}},
+    ).execute()  # fmt: skip
     assert nb.cells[1].outputs[0]["text"].startswith(f"../output/intermediates/{captures['pt'].name}\n")
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]

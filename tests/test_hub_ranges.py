@@ -162,9 +162,14 @@ def _point_hub_at(monkeypatch, endpoint: str) -> None:
 @pytest.fixture
 def in_process_hub(hub, monkeypatch):
     """This process's huggingface_hub pointed at the fake hub, with no token and online."""
+    from huggingface_hub import constants
+
     _point_hub_at(monkeypatch, hub.url)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # huggingface_hub reads HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) once, when it is imported: a machine
+    # that sets it for the whole test run would keep this process offline.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN_PATH", str(Path(os.devnull)))  # no token saved by `huggingface-cli login`
     return hub
 
@@ -207,7 +212,7 @@ def test_decode_later_fetches_only_the_final_layer_and_equals_a_local_decode(
 
     def decode_in_a_fresh_process(out: Path, *extra: str, **env_vars: str) -> str:
         env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty-cache"), **env_vars}
-        for var in ("FLUX_MODEL", "HF_HUB_OFFLINE", "HF_HOME"):
+        for var in ("FLUX_MODEL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME"):
             env.pop(var, None)
         command = [sys.executable, "capture_sample.py", "decode", str(pt), "--output_dir", str(out), *extra]
         done = subprocess.run(

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import platform
+from datetime import datetime
 
 import numpy as np
 import pytest
@@ -124,7 +125,9 @@ def test_a_recorded_replay_describes_itself_not_its_source(flow, captures):
     # Made now, here: the replayed run's time, device and versions are kept apart.
     made = ("timestamp", "device", "device_name", "versions")
     assert meta["source_run"] == {k: cap["metadata"][k] for k in made}
-    assert meta["timestamp"] >= cap["metadata"]["timestamp"] and meta["device"] == "cpu"
+    # Compared as times, not strings: a local time with its offset goes back an hour when summer time ends.
+    made_at = [datetime.strptime(m["timestamp"], "%Y-%m-%dT%H:%M:%S%z") for m in (cap["metadata"], meta)]
+    assert made_at[1] >= made_at[0] and meta["device"] == "cpu"
     # The device that replayed it (a capture made on another machine would name that one).
     relabelled = {**cap, "metadata": {**cap["metadata"], "device": "cuda:0", "device_name": "NVIDIA H200"}}
     again = replay(flow, relabelled, start=1, stop=2, record=plan).capture["metadata"]

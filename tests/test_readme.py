@@ -166,6 +166,7 @@ def test_every_command_in_the_readme_gets_past_validation_to_loading(tmp_path, m
     """Each command a reader would copy passes every check of its flags and reaches the loading of its models,
     stopped there (flux-schnell's weights are not here). Saved captures are flux-tiny's, two of one size."""
     import flux.decode
+    import flux.options
     import flux.pipeline
     import flux.sweep
 
@@ -181,8 +182,10 @@ def test_every_command_in_the_readme_gets_past_validation_to_loading(tmp_path, m
                            (flux.sweep, "_load")):  # fmt: skip
         monkeypatch.setattr(module, loader, stop)
     monkeypatch.setattr(flux.pipeline, "buffers_while_loading", lambda opts: None)  # no big allocation here
-    # flux-dev at 1024 px with every block is a 270 GB capture: the disk check is for the reader's disk.
+    # flux-dev at 1024 px with every block is a 270 GB capture: the disk check is for the reader's disk, and
+    # the host memory check (of a .pt beside 34 GB of models) for the reader's memory.
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**60, 0, 2**60))
+    monkeypatch.setattr(flux.options, "available_host_memory", lambda: 2**60)
     monkeypatch.chdir(tmp_path)  # the main command's default output folder, ./output
     commands = _readme_commands()
     assert len(commands) == 10 and {argv[0] for argv in commands} >= {"decode", "analyze", "sweep", "replay"}

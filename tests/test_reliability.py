@@ -570,16 +570,33 @@ def test_an_interrupt_during_the_lens_waits_for_the_pt_written_beside_it(
 ):
     """The .pt is still being written when Ctrl-C stops the lens: the run waits for it, so the capture and
     its metadata are complete, and says so."""
-    real_save, calls = flux.store.torch_save, []
+    real_save, calls, said_waiting = flux.store.torch_save, [], threading.Event()
+
+    class Stderr:
+        """sys.stderr (capsys's), noting when the run says that it waits for the write."""
+
+        def __init__(self, stream):
+            self.stream = stream
+
+        def write(self, text: str) -> int:
+            if "Waiting for the capture to finish writing" in text:
+                said_waiting.set()
+            return self.stream.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
 
     def slow_save(obj, path):
-        time.sleep(1.5)  # long enough that the lens is interrupted before the write ends
+        # The write ends only once the run, interrupted, has said it waits for it: however slow the machine,
+        # the lens is interrupted while the .pt is still being written (a sleep could end first).
+        assert said_waiting.wait(STOP_S), "the run never said that it waits for the capture"
         real_save(obj, path)
         calls.append(path)
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
+    monkeypatch.setattr(sys, "stderr", Stderr(sys.stderr))
     monkeypatch.setattr(flux.store, "torch_save", slow_save)
     monkeypatch.setattr(flux.decode, "lens_latent", interrupt)  # the lens only, not the image
     out = tmp_path / "out"
