@@ -140,7 +140,7 @@ def _hub_errors(repo_id: str, filename: str, *, gated: bool, what: str):
         hint = " It may be gated: accept its licence and set HF_TOKEN." if gated else ""
         raise UserError(f"The hub repository {repo_id} was not found or is not visible.{hint}") from e
     except LocalEntryNotFoundError as e:  # before EntryNotFoundError: newer hubs subclass it
-        why = "HF_HUB_OFFLINE is set" if _offline() else "the hub could not be reached"
+        why = _offline() or "the hub could not be reached"
         raise _not_cached(repo_id, filename, what, why) from e
     except EntryNotFoundError as e:
         raise UserError(f"The hub repository {repo_id} has no file {filename!r} ({what}).") from e
@@ -171,8 +171,13 @@ def _not_cached(repo_id: str, filename: str, what: str, why: str) -> UserError:
     )
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+def _offline() -> str | None:
+    """Why the hub is not to be asked ("HF_HUB_OFFLINE is set"), or None: huggingface_hub's own rule, where
+    TRANSFORMERS_OFFLINE counts when HF_HUB_OFFLINE is unset or empty."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if value := os.environ.get(name):
+            return f"{name} is set" if value.upper() in ("1", "ON", "YES", "TRUE") else None
+    return None
 
 
 def hub_download(repo_id: str, filename: str, *, gated: bool = False, what: str = "weights") -> Path:
@@ -397,8 +402,8 @@ def fetch_hub_tensors(
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
-    if _offline():
-        raise _not_cached(repo_id, filename, what, "HF_HUB_OFFLINE is set")
+    if offline := _offline():
+        raise _not_cached(repo_id, filename, what, offline)
     url = hf_hub_url(repo_id, filename)
     headers = build_hf_headers()
     where = f"{repo_id}/{filename}"

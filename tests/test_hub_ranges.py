@@ -297,8 +297,15 @@ def test_missing_file_ignored_ranges_unreachable_and_offline_say_what_to_do(
         monkeypatch.setenv("HF_HUB_OFFLINE", value)
         with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
             fetch_hub_tensors("org/model", "flow.safetensors", "final_layer.")
-    assert in_process_hub.sent == sent  # nothing was asked of the hub
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")  # the hub's fallback, when HF_HUB_OFFLINE is unset
+    with pytest.raises(UserError, match="TRANSFORMERS_OFFLINE is set"):
+        fetch_hub_tensors("org/model", "flow.safetensors", "final_layer.")
+    assert in_process_hub.sent == sent  # nothing was asked of the hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # and HF_HUB_OFFLINE, set, is the hub's answer: online
+    assert set(fetch_hub_tensors("org/model", "flow.safetensors", "final_layer.")) > set()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE")
     closed = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)  # bind a port, then free it: nothing listens
     port = closed.server_address[1]
     closed.server_close()
