@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from flux.capture import CONTEXT_KEYS, HostBufferPool, StepBuffers
-from flux.errors import UsageError, UserError
+from flux.errors import UsageError, UserError, error_chain
 from flux.torchsave import torch_save
 
 SCHEMA_VERSION = 1
@@ -58,15 +58,10 @@ def _is_disk_full(err: BaseException) -> bool:
     SafetensorError whose message ends with "(os error 28)".
     """
     codes = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in codes:
-            return True
-        if any(f"(os error {code})" in str(err) for code in codes):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    return any(
+        (isinstance(e, OSError) and e.errno in codes) or any(f"(os error {code})" in str(e) for code in codes)
+        for e in error_chain(err)
+    )
 
 
 def _disk_full(path: Path, needed: int | Callable[[], int | None] | None) -> UserError:

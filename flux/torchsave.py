@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from flux.errors import error_chain
+
 _SAVE_CONFIG_LOCK = threading.Lock()  # torch's serialization config is process-wide
 
 
@@ -74,12 +76,10 @@ def _save(obj: Any, f: Any) -> None:
     try:
         torch.save(obj, f)
     except Exception as e:
-        err: BaseException | None = e
-        while err is not None and not isinstance(err, KeyboardInterrupt):
-            err = err.__cause__ or err.__context__
-        if err is None:
+        interrupt = next((x for x in error_chain(e) if isinstance(x, KeyboardInterrupt)), None)
+        if interrupt is None:
             raise
-        raise err from None
+        raise interrupt from None
 
 
 _EOCD, _EOCD64, _LOCATOR64 = b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07"

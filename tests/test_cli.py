@@ -1271,17 +1271,15 @@ def test_host_memory_that_only_just_holds_the_models_warns_rather_than_refuses(m
     assert [w for w in opts.validate().warnings if "page their weights in and out" in w]
 
 
-def test_the_host_memory_refusal_names_the_capture_and_the_memory_beside_the_models(monkeypatch, tmp_path):
+def test_the_host_memory_refusal_names_the_capture_and_the_memory_beside_the_models(
+    monkeypatch, tmp_path, roomy_machine
+):
     """flux-schnell at 256 px on the CPU: 57 blocks x 512 tokens x 3,072 bf16 values x 4 steps = 717,225,984
     bytes (0.7 GB), over 80% of 0.8 GB left beside the models (0.64 GB). Nothing is pinned on a CPU, so
     nothing is said of pinned buffers."""
-    import shutil
-
     import flux.options
     from flux.options import RunOptions, model_host_bytes
 
-    real = shutil.disk_usage
-    monkeypatch.setattr(flux.options.shutil, "disk_usage", lambda p: real(p)._replace(free=10**12))
     beside = 800_000_000
     models = model_host_bytes(get_spec("flux-schnell"))
     monkeypatch.setattr(flux.options, "available_host_memory", lambda: models + beside)

@@ -404,18 +404,19 @@ def test_two_runs_in_one_folder_at_once_keep_their_own_files(subprocess_runs, re
 
 # ------------------------------------------------------------------------------- faults while writing
 class FullDisk(io.FileIO):
-    """A real file that takes `room` bytes and then fails like a full disk: a short write, then ENOSPC."""
+    """A real file that takes `room` bytes and then fails like a full disk: a short write, then ENOSPC (or
+    the `error` given, such as the KeyboardInterrupt of Ctrl-C arriving mid-write)."""
 
-    def __init__(self, path, mode: str, room: int):
+    def __init__(self, path, mode: str, room: int, error: BaseException | None = None):
         super().__init__(path, mode)
-        self.room = room
+        self.room, self.error = room, error
 
     def write(self, data) -> int:
         data = bytes(data)
         if len(data) > self.room:
             super().write(data[: self.room])
             self.room = 0
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise self.error or OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self.room -= len(data)
         return super().write(data)
 
@@ -612,20 +613,6 @@ def test_an_interrupt_during_the_lens_waits_for_the_pt_written_beside_it(
     assert leftovers(out) == [] and not list((out / "intermediates").glob(".*.claim"))
 
 
-class InterruptedWrite(io.FileIO):
-    """A real file whose writes, past `room` bytes, are interrupted as Ctrl-C or SIGTERM interrupts them."""
-
-    def __init__(self, path, mode: str, room: int, interrupt: KeyboardInterrupt):
-        super().__init__(path, mode)
-        self.room, self.interrupt = room, interrupt
-
-    def write(self, data) -> int:
-        if len(data) > self.room:
-            raise self.interrupt
-        self.room -= len(data)
-        return super().write(data)
-
-
 @pytest.mark.parametrize(
     ("interrupt", "rc_expected"), [(KeyboardInterrupt(), 130), (KeyboardInterrupt("signal 15"), 143)]
 )
@@ -639,7 +626,7 @@ def test_an_interrupt_while_the_pt_is_written_stops_the_run(
     monkeypatch.setattr(
         flux.torchsave,
         "open",
-        lambda path, mode: InterruptedWrite(path, mode, 4096, interrupt),
+        lambda path, mode: FullDisk(path, mode, 4096, interrupt),
         raising=False,
     )
     # Without the lens, as in the CI run that found this: the .pt is written in the main thread, where
