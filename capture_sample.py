@@ -5,6 +5,7 @@
     uv run python capture_sample.py decode output/intermediates/capture_..._flux-schnell.pt
     uv run python capture_sample.py analyze output/intermediates/capture_..._flux-schnell.pt
     uv run python capture_sample.py sweep output/intermediates/capture_..._flux-schnell.pt --intervention skip
+    uv run python capture_sample.py attention output/intermediates/capture_..._flux-schnell.pt --tokens sky
 
 Run with --help for every flag. The library behind this lives in `flux/`.
 """
@@ -58,7 +59,8 @@ def main(
     plus metadata_{YYYYmmdd_HHMMSS}_{model}.json. Nothing is ever overwritten.
 
     Work on a saved capture with the subcommands `decode` (the lens), `analyze` (metrics and plots), `replay`
-    (re-run with interventions) and `sweep` (alter each block in turn): `capture_sample.py decode --help`.
+    (re-run with interventions), `sweep` (alter each block in turn) and `attention` (where the image reads
+    each word of the prompt): `capture_sample.py decode --help`.
 
     Args:
         model: flux-schnell (default; 4 steps), flux-dev, flux-dev-krea (50 steps, gated on the hub), or
@@ -187,6 +189,7 @@ COMMANDS = {
     "analyze": "flux.analysis:analyze_command",
     "replay": "flux.sweep:replay_command",
     "sweep": "flux.sweep:sweep_command",
+    "attention": "flux.attention:attention_command",
 }
 
 
@@ -325,6 +328,8 @@ OUT_OF_MEMORY = {
     "replay": "A replay holds the flow model and the autoencoder on the GPU, and decodes beside them: try "
     "--offload (the flow model leaves the GPU before the image is decoded), a GPU with more memory, or "
     "--device cpu (slow).",
+    "attention": "The replay holds the flow model and the autoencoder on the GPU: try --offload (the flow "
+    "model leaves the GPU before the image is decoded), a GPU with more memory, or --device cpu (slow).",
     "sweep": "A sweep holds the flow model and the autoencoder on the GPU, and decodes beside them: try "
     "--offload (the flow model leaves the GPU before each image is decoded), a GPU with more memory, or "
     "--device cpu (slow); a sweep that stopped goes on with --resume.",

@@ -25,21 +25,21 @@ STREAMS = ("both", "img", "txt")
 CAPTURE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _as_text(value) -> str | None:
+def flag_text(value) -> str | None:
     """A flag's value as text: Fire turns `--steps 0,3` into the tuple (0, 3) and `--steps 3` into an int."""
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
     return None if value is None else str(value)
 
 
-def _means_all(text: str | None) -> bool:
+def means_all(text: str | None) -> bool:
     return text is None or text.strip().lower() in ("all", "*", "")
 
 
 def parse_ranges(text: str, upper: int, where: str, what: str) -> list[int]:
     """'0,3', '2-5', '0-49:5', 'all' -> sorted unique indices in [0, upper); a UsageError names `where` (the
     flag, or an intervention spec) and `what` the indices are."""
-    if _means_all(text):
+    if means_all(text):
         return list(range(upper))
     picked: set[int] = set()
     for part in text.split(","):
@@ -68,8 +68,8 @@ def parse_steps(
     text: str | int | Sequence[int] | None, num_steps: int, where: str = "--steps"
 ) -> tuple[int, ...] | None:
     """--steps syntax -> step indices, or None for every step."""
-    text = _as_text(text)
-    return None if _means_all(text) else tuple(parse_ranges(text, num_steps, where, "steps"))
+    text = flag_text(text)
+    return None if means_all(text) else tuple(parse_ranges(text, num_steps, where, "steps"))
 
 
 def format_steps(steps: Sequence[int] | None) -> str:
@@ -121,10 +121,10 @@ class CapturePlan:
 
         Fire turns `--steps 0,3` into the tuple (0, 3) and `--steps 3` into an int; both are accepted.
         """
-        blocks, steps = _as_text(blocks), _as_text(steps)
+        blocks, steps = flag_text(blocks), flag_text(steps)
         double: set[int] = set()
         single: set[int] = set()
-        if _means_all(blocks):
+        if means_all(blocks):
             double, single = set(range(depth)), set(range(depth_single))
         else:
             kind = None  # a bare range after a comma goes with the kind before it: single:10,37

@@ -500,13 +500,16 @@ def replay(
     interventions: Sequence[Intervention] = (),
     record: CapturePlan | None = None,
     progress: Callable | None = None,
+    observers: Sequence[HookSet] = (),
 ) -> ReplayResult:
     """Re-run steps start..stop (inclusive; default to the end) of a captured run from its stored latent.
 
     Uses only the stored context (img_state[start], txt, txt_ids, img_ids, y, guidance, timesteps): no text
     encoders. `record` captures block outputs at its steps (those within the replay) as the next block
     sees them, i.e. after the interventions, into `result.capture` (the documented capture format, with
-    metadata["interventions"]; img_state and vec of steps before `start` are the stored ones).
+    metadata["interventions"]; img_state and vec of steps before `start` are the stored ones). `observers`
+    are more hook sets with an `on_step(info)` (such as flux.attention's recorder), installed for the replay
+    after the interventions and the record, and told each step before it runs.
     """
     ctx, meta = capture["denoising_context"], capture["metadata"]
     timesteps = timesteps_of(capture)
@@ -544,6 +547,8 @@ def replay(
         intervener.on_step(info)
         if recorder is not None:
             recorder.begin_step(info.index + start, info.img)
+        for observer in observers:
+            observer.on_step(info)
 
     def after_step(info: StepInfo) -> None:
         last["info"] = info
@@ -551,7 +556,10 @@ def replay(
             steps.append(recorder.end_step())
 
     # The recorder is entered second, so its hooks run after the interventions and see their result.
-    with intervener, recorder if recorder is not None else contextlib.nullcontext():
+    with contextlib.ExitStack() as hooks:
+        for hook_set in (intervener, recorder, *observers):
+            if hook_set is not None:
+                hooks.enter_context(hook_set)
         latent = denoise(
             model,
             img,

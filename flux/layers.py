@@ -107,6 +107,15 @@ class SelfAttention(nn.Module):
         return q, k, v
 
 
+class AttentionProbe(nn.Module):
+    """A hook site, called with a block's attention inputs: q and k (B, H, T + L, D / H) after QK-norm and
+    before RoPE, and pe. It does nothing itself; `flux.attention` hooks it to measure where tokens look. It
+    holds no parameters, so the checkpoint's keys are unchanged."""
+
+    def forward(self, q: Tensor, k: Tensor, pe: Tensor) -> None:
+        return None
+
+
 @dataclass
 class ModulationOut:
     shift: Tensor
@@ -158,6 +167,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias)
         self.txt_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.txt_mlp = _mlp(hidden_size, mlp_hidden_dim)
+        self.attn_probe = AttentionProbe()
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         """img (B, L, D), txt (B, T, D), vec (B, D), pe over the T + L tokens -> updated (img, txt)."""
@@ -171,6 +181,7 @@ class DoubleStreamBlock(nn.Module):
         q = torch.cat((txt_q, img_q), dim=2)
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
+        self.attn_probe(q, k, pe)
         attn = attention(q, k, v, pe=pe)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
@@ -198,6 +209,7 @@ class SingleStreamBlock(nn.Module):
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False)
+        self.attn_probe = AttentionProbe()
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
         """x (B, T + L, D), text tokens first -> same shape."""
@@ -207,6 +219,7 @@ class SingleStreamBlock(nn.Module):
         )
         q, k, v = rearrange(qkv, "b l (k h d) -> k b h l d", k=3, h=self.num_heads)
         q, k = self.norm(q, k, v)
+        self.attn_probe(q, k, pe)
         attn = attention(q, k, v, pe=pe)
         out = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
         return x + mod.gate * out

@@ -271,7 +271,7 @@ def contact_sheet(
 
 
 # -------------------------------------------------------------------------------------- commands
-def _open(path: str, device: str | None):
+def open_for_replay(path: str, device: str | None):
     """The capture, its model spec, and the device and dtype to replay in; checks all, loads no model."""
     from flux.configs import get_spec
     from flux.options import check_device, check_replay_fits, compute_dtype
@@ -325,7 +325,7 @@ def _open(path: str, device: str | None):
     return capture, spec, device, dtype
 
 
-def _check_on_disk(capture: dict, start: int, flag: str) -> None:
+def check_on_disk(capture: dict, start: int, flag: str) -> None:
     """An interrupted capture replays only from a step whose latent reached the disk."""
     if start >= (on_disk := len(capture["denoising_context"]["img_state"])):
         raise UsageError(
@@ -375,7 +375,9 @@ def _check_record_fits(spec, capture: dict, device: torch.device, out: Path, ste
         )
 
 
-def _load(spec, device: torch.device, dtype: torch.dtype, weights_dir: str | None, offload: bool = False):
+def load_for_replay(
+    spec, device: torch.device, dtype: torch.dtype, weights_dir: str | None, offload: bool = False
+):
     """The flow model and AE (never the text encoders), once every flag has been checked, and the context
     manager each replay runs in: with `offload` the flow model lives in host memory and visits `device`
     for each replay only, leaving the GPU to the VAE while images are decoded."""
@@ -389,7 +391,7 @@ def _load(spec, device: torch.device, dtype: torch.dtype, weights_dir: str | Non
     return flow, load_ae(spec, device, weights_dir=weights_dir), visit
 
 
-def _provenance(path: str, capture: dict, **extra) -> dict:
+def provenance(path: str, capture: dict, **extra) -> dict:
     from flux.pipeline import package_versions
 
     meta = capture["metadata"]
@@ -458,7 +460,7 @@ def sweep_command(
     from flux.store import load_capture
 
     scale = _check_sweep_flags(intervention, tokens, scale, source, direction)
-    capture, spec, device, dtype = _open(path, device)
+    capture, spec, device, dtype = open_for_replay(path, device)
     p = spec.params
     num_steps = len(timesteps_of(capture)) - 1
     plan = CapturePlan.parse(blocks, None, "both", None, p.depth, p.depth_single_blocks, num_steps)
@@ -473,7 +475,7 @@ def sweep_command(
         for stream, block in chosen
     ]
     _check_before_loading(planned, spec, capture)
-    _check_on_disk(capture, min(step_set) if step_set else 0, "--steps")
+    check_on_disk(capture, min(step_set) if step_set else 0, "--steps")
     settings = {
         "capture": str(Path(path).resolve()),
         "kind": intervention,
@@ -500,7 +502,9 @@ def sweep_command(
             "written without sweep.png.",
             file=sys.stderr,
         )
-    flow, ae, visit = _load(spec, device, dtype, weights_dir, offload)  # now that every flag is checked
+    flow, ae, visit = load_for_replay(
+        spec, device, dtype, weights_dir, offload
+    )  # now that every flag is checked
     files.replay_device = ae.decoder.conv_in.weight.device
     try:
         rows, reference, _ = sweep(
@@ -652,7 +656,7 @@ class _SweepFiles:
         record = {k: v for k, v in self.settings.items() if k != "capture"}
         write_json(
             self.out / "sweep.json",
-            _provenance(
+            provenance(
                 self.path,
                 self.capture,
                 **record,
@@ -777,7 +781,7 @@ def replay_command(
     for flag, value in (("step", step), ("until", until)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise UsageError(f"--{flag} must be a step index (a whole number); got {value!r}.")
-    capture, spec, device, dtype = _open(path, device)
+    capture, spec, device, dtype = open_for_replay(path, device)
     p, meta = spec.params, capture["metadata"]
     num_steps = len(timesteps_of(capture)) - 1
     _check_replay_steps(step, until, num_steps, save_capture)
@@ -797,12 +801,14 @@ def replay_command(
             )
     _check_before_loading(ivs, spec, capture)
     check_steps_replayed(ivs, step, num_steps - 1 if until is None else until)
-    _check_on_disk(capture, step, "--step")
+    check_on_disk(capture, step, "--step")
     out = Path(output_dir) if output_dir else beside_capture(path, "replays")[0]
     check_output_dir(out)
     if save_capture:
         _check_record_fits(spec, capture, device, out, num_steps - step)
-    flow, ae, visit = _load(spec, device, dtype, weights_dir, offload)  # now that every flag is checked
+    flow, ae, visit = load_for_replay(
+        spec, device, dtype, weights_dir, offload
+    )  # now that every flag is checked
     record = CapturePlan.everything(flow, num_steps) if save_capture else None
     bar = (lambda steps: tqdm(steps, desc="replay", unit="step")) if progress else None
     with visit():
@@ -812,7 +818,7 @@ def replay_command(
     image = to_unit(decoded)
     final = capture["denoising_context"].get("final_latent")  # none in an interrupted capture
     stored = None if final is None else to_unit(decode_latents(final, ae, height, width))
-    record_meta = _provenance(
+    record_meta = provenance(
         path,
         capture,
         replayed_steps=[result.start, result.stop],

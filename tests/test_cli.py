@@ -410,14 +410,14 @@ def test_a_replay_the_gpu_cannot_hold_is_refused_before_loading(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (0, int(total_gb * 1e9)))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a test GPU")
-    monkeypatch.setattr(flux.sweep, "_load", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(flux.sweep, "load_for_replay", lambda *a, **k: pytest.fail("loaded"))
     if refused:
         with pytest.raises(
             UserError, match=r"together, 24\.1 GB, more than this GPU's 24\.0 GB \(a test GPU\)"
         ):
-            flux.sweep._open(str(tiny_run.parent / f"schnell_{total_gb}.pt"), "cuda")
+            flux.sweep.open_for_replay(str(tiny_run.parent / f"schnell_{total_gb}.pt"), "cuda")
     else:
-        flux.sweep._open(str(tiny_run.parent / f"schnell_{total_gb}.pt"), "cuda")
+        flux.sweep.open_for_replay(str(tiny_run.parent / f"schnell_{total_gb}.pt"), "cuda")
 
 
 def test_fp16_capture_of_a_published_model_warns_of_overflow(tmp_path, roomy_machine):
@@ -516,6 +516,7 @@ def test_cuda_out_of_memory_names_offload_and_smaller_sizes(monkeypatch, tmp_pat
         ("analyze", "Try --device cpu."),
         ("replay", "--device cpu"),
         ("sweep", "--resume"),
+        ("attention", "The replay holds the flow model"),
     ],
 )
 def test_out_of_memory_in_a_command_names_only_its_own_flags(command, hint, tiny_run, monkeypatch, capsys):
@@ -526,7 +527,7 @@ def test_out_of_memory_in_a_command_names_only_its_own_flags(command, hint, tiny
         raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
 
     monkeypatch.setattr(flux.decode, "load_model_final_layer", oom)
-    monkeypatch.setattr(flux.sweep, "_load", oom)
+    monkeypatch.setattr(flux.sweep, "load_for_replay", oom)
     pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
     assert capture_sample.run([command, pt, "--device", "cpu", "--progress", "False"]) == 1
     err = capsys.readouterr().err
@@ -691,6 +692,7 @@ def test_host_memory_check_counts_the_models_when_they_live_on_the_cpu(monkeypat
         (["analyze"], "--animations", "--animation"),
         (["replay"], "--until_step", "--until"),
         (["sweep"], "--intervention-kind", "--intervention"),
+        (["attention"], "--token", "--tokens"),
     ],
 )
 def test_an_unknown_flag_is_refused_before_anything_runs(command, typo, hint, tiny_run, tmp_path, capsys):
@@ -712,6 +714,7 @@ def test_an_unknown_flag_is_refused_before_anything_runs(command, typo, hint, ti
         (["decode", "PT", "--compile_decoder", "maybe"], "--compile_decoder"),
         (["analyze", "PT", "--animation", "maybe"], "--animation"),
         (["replay", "PT", "--save_capture", "yes"], "--save_capture"),
+        (["attention", "PT", "--offload", "maybe"], "--offload"),
     ],
 )
 def test_a_switch_given_a_word_is_refused_in_every_command(argv, flag, tiny_run, tmp_path, capsys):
@@ -724,7 +727,7 @@ def test_a_switch_given_a_word_is_refused_in_every_command(argv, flag, tiny_run,
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep"])
+@pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep", "attention"])
 def test_every_command_has_a_help_screen_listing_its_flags(command, capsys):
     import inspect
 
@@ -769,7 +772,7 @@ def test_help_anywhere_shows_help_and_runs_nothing(argv, tiny_run, tmp_path, mon
 
     monkeypatch.setattr(flux.pipeline, "load_models", no_loading)
     monkeypatch.setattr(flux.decode, "load_model_final_layer", no_loading)
-    monkeypatch.setattr(flux.sweep, "_load", no_loading)
+    monkeypatch.setattr(flux.sweep, "load_for_replay", no_loading)
     monkeypatch.chdir(tmp_path)
     pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
     decoded_before = sorted((tiny_run / "intermediates").rglob("*"))
@@ -819,7 +822,7 @@ def test_dash_h_is_help_and_a_mistyped_command_is_named(capsys):
     assert "Did you mean `capture_sample.py analyze`?" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep"])
+@pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep", "attention"])
 def test_every_command_refuses_an_output_dir_it_cannot_make_before_loading(
     command, tiny_run, tmp_path, monkeypatch, capsys
 ):
@@ -830,7 +833,7 @@ def test_every_command_refuses_an_output_dir_it_cannot_make_before_loading(
         pytest.fail("a model was loaded before --output_dir was checked")
 
     monkeypatch.setattr(flux.decode, "load_model_final_layer", no_loading)
-    monkeypatch.setattr(flux.sweep, "_load", no_loading)
+    monkeypatch.setattr(flux.sweep, "load_for_replay", no_loading)
     (tmp_path / "a_file").write_text("")
     pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
     assert capture_sample.run([command, pt, "--output_dir", str(tmp_path / "a_file" / "sub")]) == 2
@@ -879,7 +882,7 @@ def test_a_scale_or_direction_that_is_not_finite_is_refused_before_loading(
 def _refused_before_loading(argv, message, tiny_run, tmp_path, monkeypatch, capsys):
     import flux.sweep
 
-    monkeypatch.setattr(flux.sweep, "_load", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(flux.sweep, "load_for_replay", lambda *a, **k: pytest.fail("a model was loaded"))
     files = {
         "PT": str(_only(tiny_run / "intermediates", "capture_*.pt")),
         "DIR": str(tmp_path / "d.pt"),
@@ -990,7 +993,7 @@ def test_a_direction_that_is_not_a_tensor_file_gets_no_advice_to_run_its_code(ti
     assert len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep"])
+@pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep", "attention"])
 def test_every_command_names_a_missing_capture_or_a_metadata_file_alike(command, tiny_run, tmp_path, capsys):
     assert capture_sample.run([command, str(tmp_path / "nothing.pt")]) == 2
     assert "No capture at" in capsys.readouterr().err
@@ -1054,7 +1057,7 @@ def test_single_dash_flags_are_read_and_checked_like_long_ones(monkeypatch, caps
     assert seen[2][::2] == ("flux-tiny", "-inf")  # which validation then refuses as not a number
 
 
-@pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep"])
+@pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep", "attention"])
 def test_a_short_flag_is_the_one_its_help_offers(command, capsys):
     """`-p` is --progress in every subcommand's help; the positional `path` does not make it ambiguous."""
     module, _, name = capture_sample.COMMANDS[command].partition(":")
@@ -1143,7 +1146,7 @@ def test_the_documented_metadata_keys_are_the_written_ones(tiny_run):
     assert loaded.keys() == documented | {"complete", "steps_done"}
 
 
-@pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep"])
+@pytest.mark.parametrize("command", ["decode", "analyze", "replay", "sweep", "attention"])
 @pytest.mark.parametrize(
     ("device", "gpus", "message"),
     [("0", 0, "no CUDA GPU is visible"), ("cuda:7", 1, "this machine has 1 CUDA GPU(s), numbered from 0")],
@@ -1158,7 +1161,7 @@ def test_every_command_reads_device_as_generation_does(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(flux.decode, "load_model_final_layer", lambda *a, **k: pytest.fail("loaded"))
-    monkeypatch.setattr(flux.sweep, "_load", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(flux.sweep, "load_for_replay", lambda *a, **k: pytest.fail("loaded"))
     pt = str(_only(tiny_run / "intermediates", "capture_*.pt"))
     out = tmp_path / "out"
     assert capture_sample.run([command, pt, "--device", device, "--output_dir", str(out)]) == 2

@@ -962,7 +962,7 @@ def test_commands_check_their_flags_before_loading_any_model(captures, monkeypat
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the flags were checked")
 
-    monkeypatch.setattr(flux.sweep, "_load", no_loading)
+    monkeypatch.setattr(flux.sweep, "load_for_replay", no_loading)
     with pytest.raises(UsageError, match="--blocks"):
         sweep_command(str(path), blocks="double:99")
     with pytest.raises(UsageError, match="--steps"):
@@ -986,7 +986,7 @@ def test_a_mismatched_patch_source_is_refused_before_loading(models, captures, t
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the patch source was checked")
 
-    monkeypatch.setattr(flux.sweep, "_load", no_loading)
+    monkeypatch.setattr(flux.sweep, "load_for_replay", no_loading)
     with pytest.raises(UserError, match="same width, height"):
         sweep_command(str(path), intervention="patch", source=str(other_size), blocks="double:0")
     with pytest.raises(UserError, match="same width, height"):
@@ -1004,7 +1004,7 @@ def test_a_patch_source_of_another_model_is_refused_before_loading(captures, tmp
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the patch source was checked")
 
-    monkeypatch.setattr(flux.sweep, "_load", no_loading)
+    monkeypatch.setattr(flux.sweep, "load_for_replay", no_loading)
     with pytest.raises(UserError, match="source capture is of flux-dev-krea, this one of flux-tiny"):
         sweep_command(str(path), intervention="patch", source=str(tmp_path / "krea.pt"), blocks="double:0")
     with pytest.raises(UserError, match="source capture is of flux-dev-krea"):
@@ -1042,7 +1042,7 @@ def test_a_bad_direction_file_is_a_usage_error_naming_the_flag(captures, tmp_pat
     (path, _), _ = captures
     (tmp_path / "garbage.pt").write_bytes(b"hello world")
     torch.save(torch.randn(7), tmp_path / "short.pt")
-    monkeypatch.setattr(flux.sweep, "_load", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(flux.sweep, "load_for_replay", lambda *a: pytest.fail("a model was loaded"))
     for name, message in [
         ("garbage.pt", "is not a readable tensor file"),
         ("short.pt", "does not broadcast"),
@@ -1117,15 +1117,15 @@ def test_an_fn_intervention_is_any_change_and_sees_the_step(flow, captures):
 
 
 def test_replaying_on_another_machine_says_it_may_differ(captures, tmp_path, capsys):
-    from flux.sweep import _open
+    from flux.sweep import open_for_replay
 
     (path, _), _ = captures
-    _open(str(path), "cpu")
+    open_for_replay(str(path), "cpu")
     assert "may differ" not in capsys.readouterr().err  # the machine that made it
     capture = torch.load(path, weights_only=True)
     capture["metadata"]["device_name"] = "another machine"
     torch.save(capture, tmp_path / "elsewhere.pt")
-    _open(str(tmp_path / "elsewhere.pt"), "cpu")
+    open_for_replay(str(tmp_path / "elsewhere.pt"), "cpu")
     assert f"ran on cpu (another machine) in float32; replaying on cpu ({platform.machine()})" in (
         capsys.readouterr().err
     )
@@ -1168,7 +1168,7 @@ def test_save_capture_that_host_memory_cannot_hold_is_refused_before_loading(cap
     import flux.sweep
 
     (path, _), _ = captures
-    monkeypatch.setattr(flux.sweep, "_load", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(flux.sweep, "load_for_replay", lambda *a, **k: pytest.fail("loaded"))
     # Every block output of the 3 steps from step 1: 5 blocks x (12 image + 32 text tokens) x 64 floats.
     held = 3 * 5 * (12 + 32) * 64 * 4
     models = flux.options.model_host_bytes(get_spec("flux-tiny"))  # on the CPU, beside the capture

@@ -124,6 +124,28 @@ def test_replay_snippet_reproduces_the_run_and_the_skip_moves_it(tmp_path, capsy
     assert same == "True" and float(moved.removeprefix("tensor(").removesuffix(")")) > 0
 
 
+def test_attention_snippet_measures_the_run(tmp_path, capsys):
+    import torch
+
+    from flux.attention import AttentionMaps
+
+    capture = _tiny_capture(tmp_path, 5)
+    code = _python_block("## Attention maps")
+    assert '"single_blocks.10"' in code
+    code = code.replace('"single_blocks.10"', '"single_blocks.2"')  # flux-tiny has 3
+    capsys.readouterr()
+    scope = {"CAPTURE": str(capture)}
+    exec(compile(code, "README.md", "exec"), scope)
+    shape, tokens, mean = capsys.readouterr().out.splitlines()[:3]
+    maps, prompt = scope["maps"], scope["meta"]["t5_tokens"]
+    # 4 steps, 5 blocks (2 double, 3 single), batch 1, the prompt's tokens, a 48 x 64 image's 3 x 4 patches
+    assert isinstance(maps, AttentionMaps) and shape == f"torch.Size([4, 5, 1, {len(prompt)}, 3, 4])"
+    assert tokens == str(prompt) and prompt[-1] == "</s>"
+    n = len(prompt) - 2  # the token before </s>, at the last single block, step 3
+    assert torch.equal(scope["where"], maps.maps[3, 4, :, n])
+    assert mean == str(maps.maps[3, 4, :, n].mean())
+
+
 def _flag_table() -> dict[str, str]:
     """{flag: the README table's default column}."""
     table = {}
@@ -159,7 +181,14 @@ def _readme_commands() -> list[list[str]]:
 
 
 # The README's commands name blocks of the published models (19 double, 38 single); flux-tiny has 2 and 3.
-TINY_BLOCKS = {"double:0-5": "double:0-1", "double:3": "double:1", "single:10": "single:2"}
+TINY_BLOCKS = {
+    "double:0-5": "double:0-1",
+    "double:3": "double:1",
+    "single:10": "single:2",
+    "single:0-37": "single:0-2",
+}
+# Their words are of the default prompt, "a beautiful landscape"; the tiny captures here are of "a red cube".
+TINY_WORDS = {"landscape": "cube"}
 
 
 def test_every_command_in_the_readme_gets_past_validation_to_loading(tmp_path, monkeypatch, capsys):
@@ -179,7 +208,7 @@ def test_every_command_in_the_readme_gets_past_validation_to_loading(tmp_path, m
         raise capture_sample.UsageError("stopped where the models load")
 
     for module, loader in ((flux.pipeline, "load_models"), (flux.decode, "load_model_final_layer"),
-                           (flux.sweep, "_load")):  # fmt: skip
+                           (flux.sweep, "load_for_replay")):  # fmt: skip
         monkeypatch.setattr(module, loader, stop)
     monkeypatch.setattr(flux.pipeline, "buffers_while_loading", lambda opts: None)  # no big allocation here
     # flux-dev at 1024 px with every block is a 270 GB capture: the disk check is for the reader's disk, and
@@ -188,7 +217,8 @@ def test_every_command_in_the_readme_gets_past_validation_to_loading(tmp_path, m
     monkeypatch.setattr(flux.options, "available_host_memory", lambda: 2**60)
     monkeypatch.chdir(tmp_path)  # the main command's default output folder, ./output
     commands = _readme_commands()
-    assert len(commands) == 10 and {argv[0] for argv in commands} >= {"decode", "analyze", "sweep", "replay"}
+    assert len(commands) == 13
+    assert {argv[0] for argv in commands} >= {"decode", "analyze", "sweep", "replay", "attention"}
     for argv in commands:
         argv = [
             str(captures["CAPTURE"]) if a.startswith("output/intermediates/capture_") else a for a in argv
@@ -196,6 +226,7 @@ def test_every_command_in_the_readme_gets_past_validation_to_loading(tmp_path, m
         argv = [str(captures.get(a, a)) for a in argv]
         for published, tiny in TINY_BLOCKS.items():
             argv = [a.replace(published, tiny) for a in argv]
+        argv = [TINY_WORDS.get(a, a) if i and argv[i - 1] == "--tokens" else a for i, a in enumerate(argv)]
         assert capture_sample.run(argv) == 2, argv
         assert capsys.readouterr().err.strip().splitlines()[-1] == "error: stopped where the models load", (
             argv

@@ -1,0 +1,371 @@
+"""Where the picture reads the prompt: the attention image tokens pay to text tokens, per block and step.
+
+Every FLUX.1 block runs one attention over the joint sequence [txt; img]. For an image token (one 16x16 pixel
+patch) and a text token, the attention weight, averaged over heads, is the share of that patch's attention
+that is read from that token: the softmax runs over all T + L keys (text and image), so each value lies in
+[0, 1], and one patch's shares over every key sum to 1. A map is one text token's shares over the latent grid.
+
+The maps are measured on a replay of a capture (bit for bit the stored run, on the capture's device and
+dtype; no text encoders) with hooks on each block's `attn_probe`, which sees q and k after QK-norm and pe.
+RoPE is applied as the block's own attention applies it, then softmax(q k^T / sqrt(d)) in float32. The hooks
+observe only: the replayed run is unchanged.
+
+    uv run python capture_sample.py attention CAPTURE                      # every block, step, prompt token
+    uv run python capture_sample.py attention CAPTURE --tokens fox,red --steps 0 --blocks single:0-37
+"""
+
+import csv
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from flux.capture import CapturePlan, HookSet, flag_text, format_steps, means_all, parse_ranges
+from flux.errors import UsageError, UserError
+from flux.math import apply_rope
+from flux.model import Flux
+from flux.sampling import StepInfo
+
+SCORE_BYTES = 256 * 2**20  # float32 scores of one chunk of image queries: bounds the extra device memory
+WORD_START = "\u2581"  # sentencepiece's mark of a token that begins a word
+# Anchor colours of a dark-to-bright heat scale (black, purple, red, orange, pale yellow), interpolated.
+HEAT = np.array(
+    [(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21), (250, 193, 39),
+     (252, 255, 164)],
+    dtype=np.float32,
+)  # fmt: skip
+
+
+def text_attention(
+    q: Tensor, k: Tensor, pe: Tensor, txt_len: int, positions: Sequence[int], budget: int = SCORE_BYTES
+) -> Tensor:
+    """The attention every image token pays to the text tokens at `positions`, averaged over heads.
+
+    q, k: (B, H, T + L, D) after QK-norm and before RoPE, text first; pe: (B, 1, T + L, D / 2, 2, 2).
+    Returns (B, N, L) float32 for the N positions. Image queries go in chunks whose float32 scores
+    (B, H, chunk, T + L) stay within `budget` bytes.
+    """
+    q, k = apply_rope(q, k, pe)  # in q's dtype, as the block's attention sees them
+    q, k = q.float(), k.float()
+    b, h, n, d = q.shape
+    index = torch.as_tensor(list(positions), dtype=torch.long, device=q.device)
+    chunk = max(1, budget // (b * h * n * 4))
+    shares = []
+    for start in range(txt_len, n, chunk):
+        scores = q[:, :, start : start + chunk] @ k.transpose(-1, -2) * d**-0.5  # (B, H, chunk, T + L)
+        picked = scores[..., index] - scores.logsumexp(dim=-1, keepdim=True)
+        shares.append(picked.exp().mean(dim=1))  # (B, chunk, N)
+    return torch.cat(shares, dim=1).transpose(1, 2)
+
+
+def block_names(plan: CapturePlan) -> list[str]:
+    """The plan's blocks in the order they run: 'double_blocks.3', ..., 'single_blocks.10', ..."""
+    return [f"double_blocks.{i}" for i in plan.double] + [f"single_blocks.{i}" for i in plan.single]
+
+
+class AttentionRecorder(HookSet):
+    """Hooks on the `attn_probe` of each named block that record `text_attention` at `steps`, into
+    `self.maps[(step, block name)]` (B, N, L) on the CPU, for the duration of a `with` block.
+
+    Set `step` (or pass `on_step` as denoise's before_step); `offset` is added to the sampler's step index,
+    for replays that start past step 0.
+    """
+
+    def __init__(
+        self,
+        model: Flux,
+        blocks: Sequence[str],
+        steps: Sequence[int],
+        txt_len: int,
+        positions: Sequence[int],
+        offset: int = 0,
+    ):
+        self.model, self.blocks, self.steps = model, list(blocks), set(steps)
+        self.txt_len, self.positions, self.offset = txt_len, list(positions), offset
+        self.step: int | None = None
+        self.maps: dict[tuple[int, str], Tensor] = {}
+        self.handles: list = []
+
+    def install(self) -> None:
+        for name in self.blocks:
+            probe = self.model.get_submodule(f"{name}.attn_probe")
+            self.handles.append(probe.register_forward_hook(self._hook(name)))
+
+    def on_step(self, info: StepInfo) -> None:
+        self.step = info.index + self.offset
+
+    def _hook(self, name: str):
+        def hook(_module, args, _output) -> None:
+            if self.step is None:
+                raise UsageError(
+                    "AttentionRecorder.step is not set: set it, or pass the recorder's on_step as denoise's "
+                    "before_step."
+                )
+            if self.step in self.steps:
+                q, k, pe = args
+                self.maps[(self.step, name)] = text_attention(q, k, pe, self.txt_len, self.positions).cpu()
+
+        return hook
+
+
+@dataclass
+class AttentionMaps:
+    """Attention from image tokens to text tokens: maps[s, b] is steps[s] at blocks[b], (B, N, h, w) for the
+    N text tokens `tokens` (at text positions `positions`) over the h x w latent grid (image / 16)."""
+
+    maps: Tensor  # (S, K, B, N, h, w) float32
+    steps: list[int]
+    blocks: list[str]  # 'double_blocks.3', 'single_blocks.10'
+    positions: list[int]
+    tokens: list[str]
+    replay: object | None = field(default=None, repr=False)  # the ReplayResult the maps were measured on
+
+    def get(self, block: str, step: int, token: int | str) -> Tensor:
+        """The (B, h, w) map of one block at one step for one token: its text position, or its string."""
+        if isinstance(token, str):
+            if token not in self.tokens:
+                raise KeyError(f"{token!r} is not among the measured tokens {self.tokens}")
+            n = self.tokens.index(token)
+        else:
+            n = self.positions.index(token)
+        return self.maps[self.steps.index(step), self.blocks.index(block), :, n]
+
+    def to_dict(self) -> dict:
+        """Plain tensors, lists and strings: what `torch.load(..., weights_only=True)` reads back."""
+        return {k: getattr(self, k) for k in ("maps", "steps", "blocks", "positions", "tokens")}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AttentionMaps":
+        """An attention.pt written by the `attention` command."""
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(**{k: saved[k] for k in ("maps", "steps", "blocks", "positions", "tokens")})
+
+
+def select_tokens(tokens, t5_tokens: Sequence[str] | None, txt_len: int) -> list[int]:
+    """Text positions from a --tokens value: None or 'all' for every token of the prompt, else a list of
+    words of the prompt (each selects the tokens that spell it) and positions or ranges ('0-3')."""
+    prompt = list(t5_tokens or ())
+    if isinstance(tokens, int) and not isinstance(tokens, bool):
+        tokens = str(tokens)
+    text = flag_text(tokens)
+    if means_all(text):
+        if not prompt:
+            raise UserError(
+                "This capture does not record its prompt's T5 tokens (made by an older version): name the "
+                f"text positions to measure, e.g. --tokens 0-9 (0 to {txt_len - 1})."
+            )
+        return list(range(len(prompt)))
+    picked: list[int] = []
+    for item in (part.strip() for part in text.split(",")):
+        if item and item[0].isdigit():
+            found = parse_ranges(item, txt_len, "--tokens", "text positions")
+        else:
+            found = spelled_by(item, prompt)
+        picked += [p for p in found if p not in picked]
+    if not picked:
+        raise UsageError("--tokens names no token.")
+    return picked
+
+
+def spelled_by(word: str, prompt: Sequence[str]) -> list[int]:
+    """The positions of the tokens that spell `word` (case ignored) wherever it stands as a whole word in
+    the prompt: a run of tokens from one that begins a word up to the next that does."""
+    wanted = word.lower()
+    plain = [t.removeprefix(WORD_START).lower() for t in prompt]
+    found: list[int] = []
+    for i, token in enumerate(prompt):
+        if not token.startswith(WORD_START) and i:
+            continue
+        spelled = ""
+        for j in range(i, len(prompt)):
+            spelled += plain[j]
+            if spelled == wanted and (j + 1 == len(prompt) or not _continues(prompt[j + 1])):
+                found += range(i, j + 1)
+                break
+            if not wanted.startswith(spelled):
+                break
+    if not found:
+        shown = ", ".join(f"{n}:{t}" for n, t in enumerate(prompt))
+        raise UsageError(
+            f"--tokens: {word!r} is not a word of the prompt. Its T5 tokens are {shown}; name words, or "
+            "positions such as '0-3'."
+        )
+    return found
+
+
+def _continues(token: str) -> bool:
+    """Whether a token carries on the word before it (sentencepiece marks the ones that start a word)."""
+    return not token.startswith(WORD_START) and not (token.startswith("<") and token.endswith(">"))
+
+
+def attention_maps(
+    model: Flux,
+    capture: dict,
+    plan: CapturePlan | None = None,
+    positions: Sequence[int] | None = None,
+    interventions: Sequence = (),
+    progress: Callable | None = None,
+) -> AttentionMaps:
+    """Replay a capture from its first planned step to its last, measuring the attention of image tokens to
+    the text tokens at `positions` (default: the prompt's) in the plan's blocks at its steps (default: all).
+
+    The replay is the stored run bit for bit on the capture's device and dtype, or, with `interventions`
+    (see flux.interventions), the altered run: the maps are then those of the altered blocks.
+    """
+    from flux.interventions import replay, timesteps_of
+
+    ctx, meta = capture["denoising_context"], capture["metadata"]
+    num_steps = len(timesteps_of(capture)) - 1
+    plan = plan or CapturePlan.everything(model, num_steps)
+    if not plan.steps or not (plan.double or plan.single):
+        raise UsageError("The plan names no block or no step to measure.")
+    txt_len = int(ctx["txt_seq_len"])
+    positions = list(range(len(meta["t5_tokens"]))) if positions is None else list(positions)
+    if bad := [p for p in positions if not 0 <= p < txt_len]:
+        raise UsageError(f"Text positions {bad} are outside this capture's 0..{txt_len - 1}.")
+    start, stop = min(plan.steps), max(plan.steps)
+    names = block_names(plan)
+    recorder = AttentionRecorder(model, names, plan.steps, txt_len, positions, offset=start)
+    result = replay(model, capture, start, stop, interventions, progress=progress, observers=[recorder])
+    ids = ctx["img_ids"][0]  # (L, 3): (0, row, column) of each image token, row by row
+    h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    maps = torch.stack(
+        [torch.stack([recorder.maps[(s, name)] for name in names]) for s in plan.steps]
+    )  # (S, K, B, N, L)
+    tokens = [meta["t5_tokens"][p] if p < len(meta.get("t5_tokens") or ()) else "<pad>" for p in positions]
+    return AttentionMaps(maps.unflatten(-1, (h, w)), list(plan.steps), names, positions, tokens, result)
+
+
+# ----------------------------------------------------------------------------------- what is written
+def heat(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (h, w) -> (h, w, 3) uint8 on the HEAT scale."""
+    x = np.clip(values, 0.0, 1.0) * (len(HEAT) - 1)
+    low = np.minimum(x.astype(np.int64), len(HEAT) - 2)
+    frac = (x - low)[..., None]
+    return np.round(HEAT[low] * (1 - frac) + HEAT[low + 1] * frac).astype(np.uint8)
+
+
+def step_sheet(maps: AttentionMaps, s: int, image: Image.Image, cell: tuple[int, int]) -> Image.Image:
+    """Blocks down, tokens across: each map of step maps.steps[s] (batch item 0) scaled to its own maximum
+    (bright: where that token is read most at that block), then the image."""
+    from flux.decode import make_grid
+
+    cells = {}
+    for b in range(len(maps.blocks)):
+        for n in range(len(maps.tokens)):
+            values = maps.maps[s, b, 0, n].numpy()
+            top = float(values.max())
+            tile = Image.fromarray(heat(values / top if top > 0 else values))
+            cells[(b, n)] = tile.resize(cell, Image.Resampling.NEAREST)  # one square per image token
+    cols = [f"{p}:{t.replace(WORD_START, ' ').strip() or '_'}" for p, t in zip(maps.positions, maps.tokens)]
+    rows = [name.replace("_blocks.", " ") for name in maps.blocks]
+    return make_grid(cells, rows, cols, cell, final=image.resize(cell, Image.Resampling.BICUBIC))
+
+
+def write_shares(maps: AttentionMaps, path: Path) -> None:
+    """One row per step, block and token: the mean and the largest share over the image (batch item 0)."""
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["step", "block", "position", "token", "mean_share", "max_share"])
+        for s, step in enumerate(maps.steps):
+            for b, block in enumerate(maps.blocks):
+                for n, (position, token) in enumerate(zip(maps.positions, maps.tokens)):
+                    values = maps.maps[s, b, 0, n]
+                    out.writerow(
+                        [step, block, position, token, f"{values.mean():.6g}", f"{values.max():.6g}"]
+                    )
+
+
+def attention_command(
+    path: str,
+    blocks: str | None = None,
+    steps: str | None = None,
+    tokens: str | None = None,
+    output_dir: str | None = None,
+    device: str | None = None,
+    weights_dir: str | None = None,
+    offload: bool = False,
+    progress: bool = True,
+) -> None:
+    """Measure where the image reads the prompt: the attention image tokens pay to each text token, per
+    block and step, from a replay of the capture (bit for bit on its device and dtype; no text encoders).
+
+    Writes {capture folder}/attention/{capture name}/ (_1, _2, ... when taken): attention.pt (the maps,
+    (steps, blocks, batch, tokens, height / 16, width / 16) float32, with their steps, blocks, positions and
+    tokens), shares.csv (each map's mean and largest share) and step_{k}.jpg for each step (blocks down,
+    tokens across, each map scaled to its own maximum, the image last).
+
+    Args:
+        path: A capture: a capture_*.pt file or a capture_* safetensors directory.
+        blocks: Blocks to measure, as for capturing: 'double:0-5,single:10,37' (default all).
+        steps: Steps to measure, e.g. '0,3' or '0-49:5' (default all); the replay runs from the first to
+            the last.
+        tokens: Text tokens to measure, default the prompt's: words of the prompt, each selecting the
+            tokens that spell it, and positions or ranges such as '0-3' (up to T5's padding), e.g. 'fox,0-1'.
+        output_dir: Folder for the outputs (default: {capture folder}/attention/{capture name}).
+        device: Torch device; cuda when available, else cpu. Exact replays need the capture's device.
+        weights_dir: A local directory laid out like the model's hub repo, or "hub"; as for generation.
+        offload: Keep the flow model in host memory and move it to the GPU for the replay only.
+        progress: Show progress bars (default True).
+    """
+    from tqdm import tqdm
+
+    from flux.decode import cell_size, decode_latents, save_jpeg, to_image
+    from flux.interventions import timesteps_of
+    from flux.options import available_host_memory, check_output_dir
+    from flux.store import atomic_write, beside_capture, fresh_dir, torch_save
+    from flux.sweep import check_on_disk, load_for_replay, open_for_replay, provenance
+
+    capture, spec, dev, dtype = open_for_replay(path, device)
+    ctx, meta, p = capture["denoising_context"], capture["metadata"], spec.params
+    num_steps = len(timesteps_of(capture)) - 1
+    plan = CapturePlan.parse(blocks, steps, "both", None, p.depth, p.depth_single_blocks, num_steps)
+    if not plan.steps or not (plan.double or plan.single):
+        raise UsageError("--blocks and --steps name nothing to measure.")
+    check_on_disk(capture, min(plan.steps), "--steps")
+    txt_len = int(ctx["txt_seq_len"])
+    positions = select_tokens(tokens, meta.get("t5_tokens"), txt_len)
+    size = 4 * len(plan.steps) * len(block_names(plan)) * len(positions) * int(ctx["img_ids"].shape[1])
+    if (free := available_host_memory()) is not None and size > free // 2:
+        raise UsageError(
+            f"The maps asked for take {size / 1e9:.1f} GB, more than half the {free / 1e9:.1f} GB of memory "
+            "available: name fewer --tokens, --steps or --blocks."
+        )
+    folder, name = beside_capture(path, "attention")
+    base = Path(output_dir) if output_dir else folder / name
+    check_output_dir(base)
+    flow, ae, visit = load_for_replay(spec, dev, dtype, weights_dir, offload)
+    bar = (lambda it: tqdm(it, desc="replay", unit="step")) if progress else None
+    began = time.perf_counter()
+    with visit():
+        maps = attention_maps(flow, capture, plan, positions, progress=bar)
+    print(
+        f"Measured {len(maps.blocks)} blocks x {len(maps.steps)} steps x {len(positions)} tokens in "
+        f"{time.perf_counter() - began:.1f} s",
+        file=sys.stderr,
+    )
+    final = ctx.get("final_latent")
+    latent = final if final is not None else maps.replay.x0  # an interrupted run: its last step's estimate
+    height, width = int(meta["height"]), int(meta["width"])
+    image = to_image(decode_latents(latent.to(dev), ae, height, width)[0])
+    cell = cell_size(width, height, 96)
+    record = provenance(
+        path, capture, image="the final image" if final is not None else "x0 of the last step replayed"
+    )
+    with fresh_dir(base) as out:
+        atomic_write(
+            out / "attention.pt", lambda tmp: torch_save({**maps.to_dict(), "metadata": record}, tmp)
+        )
+        write_shares(maps, out / "shares.csv")
+        for s, step in enumerate(maps.steps):
+            save_jpeg(step_sheet(maps, s, image, cell), out / f"step_{step}.jpg")
+    print(
+        f"Attention: {out} (steps {format_steps(maps.steps)}; tokens "
+        f"{', '.join(f'{p}:{t}' for p, t in zip(maps.positions, maps.tokens))})"
+    )

@@ -1,0 +1,317 @@
+"""Attention maps (flux.attention) on flux-tiny captures, on the CPU in float32.
+
+The maps are checked against attention worked out here from the blocks' weights: modulation, qkv, RMS
+norm, RoPE in its complex form, softmax. That reconstruction is itself checked against the attention output
+the model's own output projection receives.
+"""
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+import capture_sample
+from flux.attention import AttentionMaps, AttentionRecorder, attention_maps, select_tokens, text_attention
+from flux.capture import CapturePlan
+from flux.errors import UsageError, UserError
+from flux.interventions import replay
+from flux.pipeline import RunOptions, generate, load_models
+from flux.store import load_capture
+
+WIDTH, HEIGHT = 64, 48  # a 4 x 3 grid of image tokens
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load_models(RunOptions(model="flux-tiny").spec, "cpu")
+
+
+def _capture(models, folder, fmt="pt"):
+    opts = RunOptions(
+        model="flux-tiny",
+        prompt="a red fox",
+        seed=3,
+        output_dir=str(folder),
+        should_decode_intermediates=False,
+        width=WIDTH,
+        height=HEIGHT,
+        format=fmt,
+    ).validate()
+    return generate(models, opts, progress=False).capture_path
+
+
+@pytest.fixture(scope="module")
+def capture_path(models, tmp_path_factory):
+    return _capture(models, tmp_path_factory.mktemp("attention"))
+
+
+# ------------------------------------------------------------------ attention worked out from the weights
+def _layer_norm(x):
+    x = x.double()
+    return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-6)
+
+
+def _heads(qkv, n_heads):
+    """(B, N, 3 * D) -> q, k, v each (B, H, N, D / H), as the checkpoint's qkv rows are ordered."""
+    b, n, three_d = qkv.shape
+    return qkv.view(b, n, 3, n_heads, three_d // 3 // n_heads).permute(2, 0, 3, 1, 4)
+
+
+def _rms(x, scale):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * scale.double()
+
+
+def _rotate(x, ids, axes_dim, theta):
+    """RoPE as a complex rotation: channel pair (2j, 2j+1) is x_2j + i x_2j+1, turned by an angle of
+    pos * theta^(-2k / d) for pair k of an axis of d channels."""
+    angles = torch.cat(
+        [
+            ids[..., a, None].double() * theta ** (-torch.arange(0, d, 2).double() / d)
+            for a, d in enumerate(axes_dim)
+        ],
+        dim=-1,
+    )  # (B, N, D / 2)
+    pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)[:, None]).flatten(-2)
+
+
+def _attention_probabilities(q, k, ids, params):
+    q, k = (_rotate(t, ids, params.axes_dim, params.theta) for t in (q, k))
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # (B, H, N, N)
+
+
+def _linear(layer, x):
+    return torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+
+
+def _modulated(x, mod, vec, n_chunks):
+    shift, scale = _linear(mod.lin, torch.nn.functional.silu(vec.double()))[:, None].chunk(n_chunks, dim=-1)[
+        :2
+    ]
+    return (1 + scale) * _layer_norm(x) + shift
+
+
+def _double_qkv(block, img, txt, vec, n_heads):
+    out = []
+    for x, mod, attn in ((txt, block.txt_mod, block.txt_attn), (img, block.img_mod, block.img_attn)):
+        q, k, v = _heads(_linear(attn.qkv, _modulated(x, mod, vec, 6)), n_heads)
+        out.append((_rms(q, attn.norm.query_norm.scale), _rms(k, attn.norm.key_norm.scale), v))
+    return (torch.cat(parts, dim=2) for parts in zip(*out))  # text first
+
+
+def _single_qkv(block, x, vec, n_heads):
+    h = _linear(block.linear1, _modulated(x, block.modulation, vec, 3))[..., : 3 * x.shape[-1]]
+    q, k, v = _heads(h, n_heads)
+    return _rms(q, block.norm.query_norm.scale), _rms(k, block.norm.key_norm.scale), v
+
+
+def test_the_maps_are_the_attention_worked_out_from_the_weights(models, capture_path):
+    flow = models.flow
+    capture = load_capture(capture_path)
+    ctx = capture["denoising_context"]
+    txt_len, ids = int(ctx["txt_seq_len"]), torch.cat((ctx["txt_ids"], ctx["img_ids"]), dim=1)
+    plan = CapturePlan(double=(1,), single=(2,), steps=(1, 2))
+    positions = [1, 3, 6, 20]  # '▁red', 'f', '</s>', and a padding position
+    seen: dict = {}  # (block, "in" or "attn") -> per step replayed (1, then 2): inputs, or what the
+    # output projection received
+
+    def inputs(name):
+        def hook(_module, args, kwargs):
+            given = (*args, *(kwargs[k] for k in ("img", "txt") if k in kwargs), kwargs["vec"])
+            seen.setdefault((name, "in"), []).append(given)
+
+        return hook
+
+    def projected(name, width=None):
+        def hook(_module, args):
+            seen.setdefault((name, "attn"), []).append(args[0][..., :width] if width else args[0])
+
+        return hook
+
+    double, single = flow.double_blocks[1], flow.single_blocks[2]
+    handles = [
+        double.register_forward_pre_hook(inputs("double"), with_kwargs=True),
+        single.register_forward_pre_hook(inputs("single"), with_kwargs=True),
+        double.img_attn.proj.register_forward_pre_hook(projected("double")),
+        single.linear2.register_forward_pre_hook(projected("single", flow.hidden_size)),
+    ]
+    try:
+        maps = attention_maps(flow, capture, plan, positions)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    assert maps.maps.shape == (2, 2, 1, 4, HEIGHT // 16, WIDTH // 16)
+    assert maps.tokens == ["▁red", "f", "</s>", "<pad>"] and maps.blocks == [
+        "double_blocks.1",
+        "single_blocks.2",
+    ]
+    with torch.no_grad():
+        for step in (1, 2):
+            for name, block in (("double", double), ("single", single)):
+                if name == "double":
+                    img, txt, vec = seen[(name, "in")][step - 1]
+                    q, k, v = _double_qkv(block, img, txt, vec, flow.num_heads)
+                else:
+                    x, vec = seen[(name, "in")][step - 1]
+                    q, k, v = _single_qkv(block, x, vec, flow.num_heads)
+                p = _attention_probabilities(q, k, ids, flow.params)
+                # The reconstruction is the model's attention: its output is what the projection received.
+                out = (p @ v).transpose(1, 2).flatten(2)  # (B, N, D)
+                got = seen[(name, "attn")][step - 1]
+                torch.testing.assert_close(out[:, -got.shape[1] :].float(), got, atol=2e-5, rtol=1e-4)
+                expected = p[:, :, txt_len:, positions].mean(dim=1).transpose(1, 2)  # (B, N, L)
+                measured = maps.get(f"{name}_blocks.{'1' if name == 'double' else '2'}", step, 1)
+                torch.testing.assert_close(measured.flatten(-2), expected[:, 0].float(), atol=1e-6, rtol=1e-5)
+                s, b = (1, 2).index(step), ("double", "single").index(name)
+                torch.testing.assert_close(
+                    maps.maps[s, b].flatten(-2), expected.float(), atol=1e-6, rtol=1e-5
+                )
+    # A share of one patch's attention: between 0 and 1, and over every text token, less than the whole.
+    everything = attention_maps(flow, capture, plan, range(txt_len)).maps
+    assert (everything >= 0).all() and (everything.sum(dim=3) < 1).all()
+
+
+def test_chunked_scores_are_the_same_as_whole_ones(models):
+    torch.manual_seed(0)
+    b, h, t, n, d = 2, 2, 5, 17, 32  # flux-tiny's head width, so its RoPE fits
+    q, k = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+    ids = torch.zeros(b, n, 3)
+    ids[..., 1] = torch.arange(n)
+    pe = models.flow.pe_embedder(ids)
+    whole = text_attention(q, k, pe, t, [0, 4])
+    one_query_at_a_time = text_attention(q, k, pe, t, [0, 4], budget=1)
+    assert whole.shape == (b, 2, n - t)
+    torch.testing.assert_close(
+        one_query_at_a_time, whole, atol=1e-7, rtol=1e-6
+    )  # BLAS may sum in another order
+
+
+def test_measuring_leaves_the_run_unchanged_and_no_hook_behind(models, capture_path):
+    flow = models.flow
+    capture = load_capture(capture_path)
+    maps = attention_maps(flow, capture)  # every block, step and prompt token
+    assert torch.equal(maps.replay.latent, capture["denoising_context"]["final_latent"])
+    assert maps.maps.shape[:4] == (4, 5, 1, len(capture["metadata"]["t5_tokens"]))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in flow.modules())
+
+    # Outside a replay nobody sets the step: the hook refuses to guess, and the hooks still come off.
+    recorder = AttentionRecorder(
+        flow, ["single_blocks.0"], [0], int(capture["denoising_context"]["txt_seq_len"]), [0]
+    )
+    with pytest.raises(UsageError, match="step is not set"), recorder:
+        replay(flow, capture, stop=0)
+    assert all(not m._forward_hooks for m in flow.modules())
+
+
+def test_a_safetensors_capture_gives_the_same_maps(models, capture_path, tmp_path):
+    lazy = load_capture(_capture(models, tmp_path, fmt="safetensors"))
+    plan = CapturePlan(double=(0,), single=(1,), steps=(3,))
+    eager = attention_maps(models.flow, load_capture(capture_path), plan)
+    assert torch.equal(attention_maps(models.flow, lazy, plan).maps, eager.maps)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "expected"),
+    [
+        (None, [0, 1, 2, 3, 4, 5, 6]),
+        ("all", [0, 1, 2, 3, 4, 5, 6]),
+        ("fox", [2, 3, 4, 5]),  # spelled by four tokens: '▁', 'f', 'o', 'x'
+        ("FOX,red", [2, 3, 4, 5, 1]),  # in the order named; case ignored
+        ("0-1,red", [0, 1]),  # a position named twice counts once
+        (7, [7]),  # Fire's int
+        ((0, 30), [0, 30]),  # Fire's tuple; padding positions may be named
+    ],
+)
+def test_tokens_are_selected_by_word_or_position(tokens, expected):
+    prompt = ["▁a", "▁red", "▁", "f", "o", "x", "</s>"]
+    assert select_tokens(tokens, prompt, 32) == expected
+
+
+def test_a_word_is_matched_whole_and_a_bad_selection_says_what_there_is():
+    prompt = ["▁a", "▁red", "dish", "▁red", "</s>"]
+    assert select_tokens("red", prompt, 8) == [3]  # not the start of 'reddish'
+    assert select_tokens("reddish", prompt, 8) == [1, 2]
+    with pytest.raises(UsageError, match=r"'fox' is not a word of the prompt.*0:▁a, 1:▁red"):
+        select_tokens("fox", prompt, 8)
+    with pytest.raises(UsageError, match="out of range: text positions go from 0 to 7"):
+        select_tokens("8", prompt, 8)
+    with pytest.raises(UserError, match="does not record its prompt's T5 tokens"):
+        select_tokens(None, None, 8)
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+def _cli(*args) -> int:
+    return capture_sample.run(["attention", *map(str, args), "--device", "cpu", "--progress", "False"])
+
+
+def test_the_command_writes_maps_sheets_and_shares_and_never_overwrites(
+    models, capture_path, tmp_path, capsys
+):
+    out = tmp_path / "att"
+    argv = (
+        capture_path,
+        "--tokens",
+        "fox",
+        "--steps",
+        "0,3",
+        "--blocks",
+        "double:1,single:0",
+        "--output_dir",
+        out,
+    )
+    assert _cli(*argv) == 0
+    assert f"Attention: {out} (steps 0,3; tokens 2:▁, 3:f, 4:o, 5:x)" in capsys.readouterr().out
+    saved = torch.load(out / "attention.pt", weights_only=True)  # plain tensors, lists and strings
+    assert saved["steps"] == [0, 3] and saved["positions"] == [2, 3, 4, 5]
+    assert saved["metadata"]["capture"] == str(capture_path.resolve())
+    plan = CapturePlan(double=(1,), single=(0,), steps=(0, 3))
+    assert torch.equal(
+        saved["maps"], attention_maps(models.flow, load_capture(capture_path), plan, [2, 3, 4, 5]).maps
+    )
+    assert AttentionMaps.load(out / "attention.pt").get("single_blocks.0", 3, "f").shape == (1, 3, 4)
+
+    rows = (out / "shares.csv").read_text().splitlines()
+    assert rows[0] == "step,block,position,token,mean_share,max_share" and len(rows) == 1 + 2 * 2 * 4
+    step, block, position, token, mean, top = rows[1 + 8 + 4 + 1].split(",")  # step 3, single 0, 'f'
+    m = saved["maps"][1, 1, 0, 1]
+    assert (step, block, position, token) == ("3", "single_blocks.0", "3", "f")
+    assert float(mean) == pytest.approx(float(m.mean()), rel=1e-5) and float(top) == pytest.approx(
+        float(m.max()), rel=1e-5
+    )
+
+    for step in (0, 3):  # blocks down, tokens across, the image last: 2 rows of 4 cells and the final one
+        from flux.decode import cell_size, grid_size
+
+        assert Image.open(out / f"step_{step}.jpg").size == grid_size(2, 4, *cell_size(WIDTH, HEIGHT, 96))
+    assert _cli(*argv) == 0  # the same again: a new folder beside the first
+    assert (tmp_path / "att_1" / "attention.pt").is_file() and torch.equal(
+        torch.load(tmp_path / "att_1" / "attention.pt", weights_only=True)["maps"], saved["maps"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tokens", "dog"], "'dog' is not a word of the prompt"),
+        (["--steps", "4"], "--steps: '4' is out of range"),
+        (["--blocks", "double:2"], "--blocks"),
+        (["--tokens", "99"], "out of range: text positions go from 0 to 31"),
+    ],
+)
+def test_bad_flags_are_refused_before_any_model_loads(
+    capture_path, tmp_path, flags, message, monkeypatch, capsys
+):
+    import flux.sweep
+
+    monkeypatch.setattr(flux.sweep, "load_for_replay", lambda *a, **k: pytest.fail("the models were loaded"))
+    assert _cli(capture_path, *flags, "--output_dir", tmp_path / "o") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_default_folder_is_beside_the_capture(capture_path, capsys):
+    assert _cli(capture_path, "--steps", "3", "--tokens", "red", "--blocks", "single:2") == 0
+    folder = capture_path.parent / "attention" / capture_path.stem
+    assert (folder / "step_3.jpg").is_file() and f"Attention: {folder}" in capsys.readouterr().out
