@@ -4,7 +4,7 @@
 # GPU (speed does not depend on weight values); the device's own python3 and torch run our checkout.
 #
 #   bash benchmarks/gpu_check.sh 1    # CUDA correctness checks (bf16, pinned copies, provoked races) + the
-#                                     # lens benchmark
+#                                     # lens benchmark + the attention maps' cost
 #   bash benchmarks/gpu_check.sh 2    # the capture benchmark (the issue's targets): 512 and 256 px
 #                                     # (5 rounds), then 1024 px (3); then pinning and the .pt write
 #   bash benchmarks/gpu_check.sh checks   # stage 1 without the lens benchmark
@@ -76,6 +76,12 @@ decode_bench() {
         2>&1 | tee "$OUT/decode.txt" || rc=1
 }
 
+attention_bench() {
+    # What attention maps add to a replayed step, and their scores' device memory (a minute or two).
+    run_for 150 python3 benchmarks/bench_attention.py --model flux-schnell --random_weights --sizes 256 1024 \
+        2>&1 | tee "$OUT/attention.txt" || rc=1
+}
+
 pinning_bench() {
     # Seconds to pin a whole capture's host buffers with cudaHostAlloc (torch's default) and with
     # cudaHostRegister after 8 or 16 threads map the pages, and whether pinning beside a launch-bound loop
@@ -100,7 +106,7 @@ capture_bench() {
 }
 
 case "${1:-1}" in
-1) checks; decode_bench ;;
+1) checks; decode_bench; attention_bench ;;
 2) capture_bench; pinning_bench ;;
 checks) checks ;;
 *)

@@ -120,3 +120,13 @@ def test_bench_save_times_each_way_of_writing_a_pt(tmp_path):
     rows = {line.split()[0]: line.split() for line in printed.splitlines()[2:]}
     assert {"inline", "ours"} <= set(rows) <= {"inline", "ours", "no_crc"}
     assert rows["inline"][-1] == "1.00x" and all(float(row[1]) > 0 for row in rows.values())
+
+
+def test_bench_attention_times_a_replay_with_and_without_the_maps():
+    printed = run("benchmarks/bench_attention.py", "--repeats", "1", "--steps", "1")
+    assert "flux-tiny, random weights, torch.float32" in printed
+    assert "1 steps replayed per run, all 5 blocks, 8 text positions" in printed
+    row = printed.strip().splitlines()[-1].split()
+    assert row[0] == "64" and len(row) == 5  # size, two s/step, their ratio, ms per block (no CUDA columns)
+    plain, with_maps, ratio = map(float, row[1:4])
+    assert plain > 0 and with_maps > 0 and ratio == pytest.approx(with_maps / plain, abs=0.01)
