@@ -912,7 +912,10 @@ def test_notebook_runs_top_to_bottom(captures, monkeypatch, tmp_path):
     assert nb.cells[1].outputs[0]["text"].startswith(f"../output/intermediates/{captures['pt'].name}\n")
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # lens image, heatmap, norms
+    # The lens image, two heatmaps, the norms, the attention maps
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 5
+    printed = "".join(o.get("text", "") for o in outputs)
+    assert "step 3, token '" in printed  # the attention maps' caption: the last step of flux-tiny's 4
 
 
 def test_analyze_command_writes_an_mp4_that_decodes(captures, tmp_path, capsys):
