@@ -86,7 +86,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"attention benchmark: {spec.name}, random weights, {dtype}, on {name}, torch {torch.__version__}")
     print(
-        f"{args.steps} steps replayed per run, all {blocks} blocks, {args.tokens} text positions; "
+        f"{args.steps} step{'s' * (args.steps != 1)} replayed per run, all {blocks} blocks, {args.tokens} "
+        "text positions; "
         f"medians of {args.repeats} runs\n"
     )
     header = f"{'size':>6} {'replay s/step':>13} {'with maps s/step':>16} {'ratio':>6} {'ms/block':>8}"
@@ -109,7 +110,7 @@ def main() -> None:
                     if run:
                         (plain if mode == "plain" else measured).append(seconds / args.steps)
         p, m = statistics.median(plain), statistics.median(measured)
-        row = f"{size:>6} {p:>13.4f} {m:>16.4f} {m / p:>6.2f} {1e3 * (m - p) / blocks:>8.2f}"
+        row = f"{size:>6} {p:>13.4g} {m:>16.4g} {m / p:>6.2f} {1e3 * (m - p) / blocks:>8.2f}"
         if cuda:  # above the model's own memory: the replay's activations, then with the maps' scores
             row += f" {peaks['plain']:>9.2f} {peaks['maps']:>9.2f}"
         print(row)

@@ -15,6 +15,7 @@ observe only: the replayed run is unchanged.
 """
 
 import csv
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -52,16 +53,22 @@ def text_attention(
     (B, H, chunk, T + L) stay within `budget` bytes.
     """
     q, k = apply_rope(q, k, pe)  # in q's dtype, as the block's attention sees them
-    q, k = q.float(), k.float()
     b, h, n, d = q.shape
+    keys = k.float().transpose(-1, -2)
     index = torch.as_tensor(list(positions), dtype=torch.long, device=q.device)
     chunk = max(1, budget // (b * h * n * 4))
     shares = []
     for start in range(txt_len, n, chunk):
-        scores = q[:, :, start : start + chunk] @ k.transpose(-1, -2) * d**-0.5  # (B, H, chunk, T + L)
-        picked = scores[..., index] - scores.logsumexp(dim=-1, keepdim=True)
-        shares.append(picked.exp().mean(dim=1))  # (B, chunk, N)
+        shares.append(_chunk_shares(q[:, :, start : start + chunk].float(), keys, index, d**-0.5))
     return torch.cat(shares, dim=1).transpose(1, 2)
+
+
+def _chunk_shares(q: Tensor, keys: Tensor, index: Tensor, scale: float) -> Tensor:
+    """q (B, H, chunk, D) float32 against keys (B, H, D, T + L): the share of each key at `index`, averaged
+    over heads. The softmax runs in place, so one (B, H, chunk, T + L) float32 block is the only large one."""
+    scores = torch.matmul(q, keys).mul_(scale)  # (B, H, chunk, T + L)
+    scores = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    return (scores[..., index] / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, chunk, N)
 
 
 def block_names(plan: CapturePlan) -> list[str]:
@@ -71,7 +78,8 @@ def block_names(plan: CapturePlan) -> list[str]:
 
 class AttentionRecorder(HookSet):
     """Hooks on the `attn_probe` of each named block that record `text_attention` at `steps`, into
-    `self.maps[(step, block name)]` (B, N, L) on the CPU, for the duration of a `with` block.
+    `self.maps[(step, block name)]` (B, N, L), for the duration of a `with` block; each step's maps move to
+    the CPU before the next step (and on `to_host()`).
 
     Set `step` (or pass `on_step` as denoise's before_step); `offset` is added to the sampler's step index,
     for replays that start past step 0.
@@ -98,7 +106,15 @@ class AttentionRecorder(HookSet):
             self.handles.append(probe.register_forward_hook(self._hook(name)))
 
     def on_step(self, info: StepInfo) -> None:
+        self.to_host()
         self.step = info.index + self.offset
+
+    def to_host(self) -> None:
+        """Move the maps recorded on the device to the CPU: once a step (before the next), not once a block,
+        as each move waits for the device."""
+        for key, value in self.maps.items():
+            if value.device.type != "cpu":
+                self.maps[key] = value.cpu()
 
     def _hook(self, name: str):
         def hook(_module, args, _output) -> None:
@@ -109,7 +125,7 @@ class AttentionRecorder(HookSet):
                 )
             if self.step in self.steps:
                 q, k, pe = args
-                self.maps[(self.step, name)] = text_attention(q, k, pe, self.txt_len, self.positions).cpu()
+                self.maps[(self.step, name)] = text_attention(q, k, pe, self.txt_len, self.positions)
 
         return hook
 
@@ -127,10 +143,15 @@ class AttentionMaps:
     replay: object | None = field(default=None, repr=False)  # the ReplayResult the maps were measured on
 
     def get(self, block: str, step: int, token: int | str) -> Tensor:
-        """The (B, h, w) map of one block at one step for one token: its text position, or its string."""
+        """The (B, h, w) map of one block at one step for one token: its text position, or its string if
+        it was measured once (a token at two positions, such as '▁red' in 'a red fox, a red fox', is named
+        by position)."""
         if isinstance(token, str):
             if token not in self.tokens:
                 raise KeyError(f"{token!r} is not among the measured tokens {self.tokens}")
+            if self.tokens.count(token) > 1:
+                at = [p for p, t in zip(self.positions, self.tokens) if t == token]
+                raise KeyError(f"{token!r} was measured at text positions {at}: name one of them")
             n = self.tokens.index(token)
         else:
             n = self.positions.index(token)
@@ -163,10 +184,17 @@ def select_tokens(tokens, t5_tokens: Sequence[str] | None, txt_len: int) -> list
         return list(range(len(prompt)))
     picked: list[int] = []
     for item in (part.strip() for part in text.split(",")):
-        if item and item[0].isdigit():
+        if not item:
+            continue  # 'fox,' or 'fox,,red'
+        if re.fullmatch(r"\d+(-\d+(:\d+)?)?", item):  # '3', '0-3', '0-9:2'; not a word such as '3d'
             found = parse_ranges(item, txt_len, "--tokens", "text positions")
         else:
-            found = spelled_by(item, prompt)
+            try:
+                found = spelled_by(item, prompt)
+            except UsageError:
+                if item[0].isdigit():  # more likely a mistyped range ('3-') than a word: say how to write one
+                    parse_ranges(item, txt_len, "--tokens", "text positions")
+                raise
         picked += [p for p in found if p not in picked]
     if not picked:
         raise UsageError("--tokens names no token.")
@@ -175,7 +203,8 @@ def select_tokens(tokens, t5_tokens: Sequence[str] | None, txt_len: int) -> list
 
 def spelled_by(word: str, prompt: Sequence[str]) -> list[int]:
     """The positions of the tokens that spell `word` (case ignored) wherever it stands as a whole word in
-    the prompt: a run of tokens from one that begins a word up to the next that does."""
+    the prompt: a run of tokens from one that begins a word up to the next that does, or up to punctuation
+    that ends it ('fox' in 'fox,' is '▁fox' without the ',' that follows it)."""
     wanted = word.lower()
     plain = [t.removeprefix(WORD_START).lower() for t in prompt]
     found: list[int] = []
@@ -185,7 +214,7 @@ def spelled_by(word: str, prompt: Sequence[str]) -> list[int]:
         spelled = ""
         for j in range(i, len(prompt)):
             spelled += plain[j]
-            if spelled == wanted and (j + 1 == len(prompt) or not _continues(prompt[j + 1])):
+            if spelled == wanted and _ends_word(prompt, j + 1):
                 found += range(i, j + 1)
                 break
             if not wanted.startswith(spelled):
@@ -199,9 +228,16 @@ def spelled_by(word: str, prompt: Sequence[str]) -> list[int]:
     return found
 
 
-def _continues(token: str) -> bool:
-    """Whether a token carries on the word before it (sentencepiece marks the ones that start a word)."""
-    return not token.startswith(WORD_START) and not (token.startswith("<") and token.endswith(">"))
+def _ends_word(prompt: Sequence[str], j: int) -> bool:
+    """Whether a word ends before prompt[j]: it begins a word (sentencepiece marks those), is a special
+    token such as '</s>', or is punctuation with nothing but punctuation before the next word ('fox,' and
+    'fox.' end 'fox'; "don't" and 'sci-fi' do not end 'don' and 'sci')."""
+    for token in prompt[j:]:
+        if token.startswith(WORD_START) or (token.startswith("<") and token.endswith(">")):
+            return True
+        if any(c.isalnum() for c in token):
+            return False
+    return True
 
 
 def attention_maps(
@@ -212,8 +248,9 @@ def attention_maps(
     interventions: Sequence = (),
     progress: Callable | None = None,
 ) -> AttentionMaps:
-    """Replay a capture from its first planned step to its last, measuring the attention of image tokens to
-    the text tokens at `positions` (default: the prompt's) in the plan's blocks at its steps (default: all).
+    """Replay a capture from its first planned step (or, in an interrupted capture, the last step on disk
+    before it) to its last, measuring the attention of image tokens to the text tokens at `positions`
+    (default: the prompt's) in the plan's blocks at its steps (default: all).
 
     The replay is the stored run bit for bit on the capture's device and dtype, or, with `interventions`
     (see flux.interventions), the altered run: the maps are then those of the altered blocks.
@@ -226,13 +263,15 @@ def attention_maps(
     if not plan.steps or not (plan.double or plan.single):
         raise UsageError("The plan names no block or no step to measure.")
     txt_len = int(ctx["txt_seq_len"])
-    positions = list(range(len(meta["t5_tokens"]))) if positions is None else list(positions)
+    positions = select_tokens(None, meta.get("t5_tokens"), txt_len) if positions is None else list(positions)
     if bad := [p for p in positions if not 0 <= p < txt_len]:
         raise UsageError(f"Text positions {bad} are outside this capture's 0..{txt_len - 1}.")
-    start, stop = min(plan.steps), max(plan.steps)
+    # An interrupted capture holds the latents of its first steps only: start from the last of those.
+    start, stop = min(min(plan.steps), len(ctx["img_state"]) - 1), max(plan.steps)
     names = block_names(plan)
     recorder = AttentionRecorder(model, names, plan.steps, txt_len, positions, offset=start)
     result = replay(model, capture, start, stop, interventions, progress=progress, observers=[recorder])
+    recorder.to_host()
     ids = ctx["img_ids"][0]  # (L, 3): (0, row, column) of each image token, row by row
     h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
     maps = torch.stack(
@@ -251,7 +290,9 @@ def heat(values: np.ndarray) -> np.ndarray:
     return np.round(HEAT[low] * (1 - frac) + HEAT[low + 1] * frac).astype(np.uint8)
 
 
-def step_sheet(maps: AttentionMaps, s: int, image: Image.Image, cell: tuple[int, int]) -> Image.Image:
+def step_sheet(
+    maps: AttentionMaps, s: int, image: Image.Image, cell: tuple[int, int], image_label: str = "final"
+) -> Image.Image:
     """Blocks down, tokens across: each map of step maps.steps[s] (batch item 0) scaled to its own maximum
     (bright: where that token is read most at that block), then the image."""
     from flux.decode import make_grid
@@ -265,7 +306,8 @@ def step_sheet(maps: AttentionMaps, s: int, image: Image.Image, cell: tuple[int,
             cells[(b, n)] = tile.resize(cell, Image.Resampling.NEAREST)  # one square per image token
     cols = [f"{p}:{t.replace(WORD_START, ' ').strip() or '_'}" for p, t in zip(maps.positions, maps.tokens)]
     rows = [name.replace("_blocks.", " ") for name in maps.blocks]
-    return make_grid(cells, rows, cols, cell, final=image.resize(cell, Image.Resampling.BICUBIC))
+    final = image.resize(cell, Image.Resampling.BICUBIC)
+    return make_grid(cells, rows, cols, cell, final=final, final_label=image_label)
 
 
 def write_shares(maps: AttentionMaps, path: Path) -> None:
@@ -305,9 +347,10 @@ def attention_command(
         path: A capture: a capture_*.pt file or a capture_* safetensors directory.
         blocks: Blocks to measure, as for capturing: 'double:0-5,single:10,37' (default all).
         steps: Steps to measure, e.g. '0,3' or '0-49:5' (default all); the replay runs from the first to
-            the last.
+            the last (in an interrupted capture, from the last step on disk before the first).
         tokens: Text tokens to measure, default the prompt's: words of the prompt, each selecting the
-            tokens that spell it, and positions or ranges such as '0-3' (up to T5's padding), e.g. 'fox,0-1'.
+            tokens that spell it wherever it stands, and positions or ranges such as '0-3' (padding
+            included), e.g. 'fox,0-1'.
         output_dir: Folder for the outputs (default: {capture folder}/attention/{capture name}).
         device: Torch device; cuda when available, else cpu. Exact replays need the capture's device.
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; as for generation.
@@ -316,7 +359,7 @@ def attention_command(
     """
     from tqdm import tqdm
 
-    from flux.decode import cell_size, decode_latents, save_jpeg, to_image
+    from flux.decode import cell_size, decode_latents, save_jpeg, sheet_cell, to_image
     from flux.interventions import timesteps_of
     from flux.options import available_host_memory, check_output_dir
     from flux.store import atomic_write, beside_capture, fresh_dir, torch_save
@@ -328,7 +371,7 @@ def attention_command(
     plan = CapturePlan.parse(blocks, steps, "both", None, p.depth, p.depth_single_blocks, num_steps)
     if not plan.steps or not (plan.double or plan.single):
         raise UsageError("--blocks and --steps name nothing to measure.")
-    check_on_disk(capture, min(plan.steps), "--steps")
+    check_on_disk(capture, 0, "--steps")  # an interrupted capture replays from its last step on disk
     txt_len = int(ctx["txt_seq_len"])
     positions = select_tokens(tokens, meta.get("t5_tokens"), txt_len)
     size = 4 * len(plan.steps) * len(block_names(plan)) * len(positions) * int(ctx["img_ids"].shape[1])
@@ -354,7 +397,8 @@ def attention_command(
     latent = final if final is not None else maps.replay.x0  # an interrupted run: its last step's estimate
     height, width = int(meta["height"]), int(meta["width"])
     image = to_image(decode_latents(latent.to(dev), ae, height, width)[0])
-    cell = cell_size(width, height, 96)
+    # 96 px cells, smaller where the sheet would pass the longest side viewers open (many --tokens)
+    cell = min(cell_size(width, height, 96), sheet_cell(width, height, len(maps.blocks), len(positions)))
     record = provenance(
         path, capture, image="the final image" if final is not None else "x0 of the last step replayed"
     )
@@ -364,7 +408,8 @@ def attention_command(
         )
         write_shares(maps, out / "shares.csv")
         for s, step in enumerate(maps.steps):
-            save_jpeg(step_sheet(maps, s, image, cell), out / f"step_{step}.jpg")
+            label = "final" if final is not None else f"x0 step {maps.replay.stop}"
+            save_jpeg(step_sheet(maps, s, image, cell, label), out / f"step_{step}.jpg")
     print(
         f"Attention: {out} (steps {format_steps(maps.steps)}; tokens "
         f"{', '.join(f'{p}:{t}' for p, t in zip(maps.positions, maps.tokens))})"

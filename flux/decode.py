@@ -398,8 +398,9 @@ def make_grid(
     col_labels: list[str],
     cell: tuple[int, int],
     final: Image.Image | None = None,
+    final_label: str = "final",
 ) -> Image.Image:
-    """A labelled contact sheet; cells maps (row, column) to a thumbnail of size `cell`."""
+    """A labelled contact sheet; cells maps (row, column) to a thumbnail of size `cell`, then `final`."""
     cell_w, cell_h = cell
     size = grid_size(len(row_labels), len(col_labels), cell_w, cell_h, final is not None)
     sheet = Image.new("RGB", size, "white")
@@ -419,7 +420,7 @@ def make_grid(
     if final is not None:
         x = LABEL_W + len(col_labels) * (cell_w + PAD) + FINAL_GAP
         sheet.paste(final, (x, LABEL_H))
-        draw.text((x, 2), "final", fill="black", font=font)
+        draw.text((x, 2), final_label, fill="black", font=font)
     return sheet
 
 

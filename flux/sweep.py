@@ -502,9 +502,8 @@ def sweep_command(
             "written without sweep.png.",
             file=sys.stderr,
         )
-    flow, ae, visit = load_for_replay(
-        spec, device, dtype, weights_dir, offload
-    )  # now that every flag is checked
+    # Now that every flag is checked:
+    flow, ae, visit = load_for_replay(spec, device, dtype, weights_dir, offload)
     files.replay_device = ae.decoder.conv_in.weight.device
     try:
         rows, reference, _ = sweep(
@@ -806,9 +805,8 @@ def replay_command(
     check_output_dir(out)
     if save_capture:
         _check_record_fits(spec, capture, device, out, num_steps - step)
-    flow, ae, visit = load_for_replay(
-        spec, device, dtype, weights_dir, offload
-    )  # now that every flag is checked
+    # Now that every flag is checked:
+    flow, ae, visit = load_for_replay(spec, device, dtype, weights_dir, offload)
     record = CapturePlan.everything(flow, num_steps) if save_capture else None
     bar = (lambda steps: tqdm(steps, desc="replay", unit="step")) if progress else None
     with visit():

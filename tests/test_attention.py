@@ -12,7 +12,15 @@ import torch
 from PIL import Image
 
 import capture_sample
-from flux.attention import AttentionMaps, AttentionRecorder, attention_maps, select_tokens, text_attention
+from flux.attention import (
+    HEAT,
+    AttentionMaps,
+    AttentionRecorder,
+    attention_maps,
+    select_tokens,
+    step_sheet,
+    text_attention,
+)
 from flux.capture import CapturePlan
 from flux.errors import UsageError, UserError
 from flux.interventions import replay
@@ -188,6 +196,27 @@ def test_chunked_scores_are_the_same_as_whole_ones(models):
     )  # BLAS may sum in another order
 
 
+def test_bf16_scores_are_those_of_the_rounded_rotated_q_and_k(models):
+    """The real models run in bf16: the block's attention rotates q and k in float32 and rounds them to
+    bf16 before the scores. The maps must see those rounded q and k, not q and k rotated without rounding
+    (that differs by up to ~10% where the attention is sharp)."""
+    flow, params = models.flow, models.flow.params
+    torch.manual_seed(0)
+    b, h, t, side = 1, 2, 8, 6
+    n, d = t + side * side, sum(params.axes_dim)
+    ids = torch.zeros(b, n, 3)
+    ids[0, t:, 1], ids[0, t:, 2] = torch.arange(side * side) // side, torch.arange(side * side) % side
+    # After QK-norm: each head's channels have an RMS of its scale (4: a sharp attention).
+    q, k = (4 * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)) for x in torch.randn(2, b, h, n, d))
+    q, k = q.bfloat16(), k.bfloat16()
+    rotated = [_rotate(x.double(), ids, params.axes_dim, params.theta).bfloat16().double() for x in (q, k)]
+    p = torch.softmax(rotated[0] @ rotated[1].transpose(-1, -2) / math.sqrt(d), dim=-1)
+    expected = p[:, :, t:, [0, 3, 7]].mean(dim=1).transpose(1, 2)
+    measured = text_attention(q, k, flow.pe_embedder(ids), t, [0, 3, 7])
+    assert measured.dtype == torch.float32
+    torch.testing.assert_close(measured.double(), expected, atol=0, rtol=1e-3)
+
+
 def test_measuring_leaves_the_run_unchanged_and_no_hook_behind(models, capture_path):
     flow = models.flow
     capture = load_capture(capture_path)
@@ -203,6 +232,41 @@ def test_measuring_leaves_the_run_unchanged_and_no_hook_behind(models, capture_p
     with pytest.raises(UsageError, match="step is not set"), recorder:
         replay(flow, capture, stop=0)
     assert all(not m._forward_hooks for m in flow.modules())
+
+
+def test_an_interrupted_capture_is_measured_from_its_last_step_on_disk(models, capture_path, tmp_path):
+    calls = []
+
+    def interrupt_the_last_step(_module, _args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+
+    handle = models.flow.register_forward_pre_hook(interrupt_the_last_step)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _capture(models, tmp_path, fmt="safetensors")
+    finally:
+        handle.remove()
+    cut = load_capture(next((tmp_path / "intermediates").glob("capture_*")))
+    assert len(cut["denoising_context"]["img_state"]) == 3 and "final_latent" not in cut["denoising_context"]
+    plan = CapturePlan(double=(1,), single=(0,), steps=(3,))  # past the steps on disk: replayed from step 2
+    full = attention_maps(models.flow, load_capture(capture_path), plan)
+    assert torch.equal(attention_maps(models.flow, cut, plan).maps, full.maps)
+
+
+def test_a_step_sheet_shows_each_map_of_its_step_scaled_to_its_maximum(models, capture_path):
+    from flux.decode import LABEL_H, LABEL_W, PAD
+
+    plan = CapturePlan(double=(0,), single=(2,), steps=(0, 3))
+    maps = attention_maps(models.flow, load_capture(capture_path), plan, [1, 3, 6])
+    cell_w, cell_h = 8 * (WIDTH // 16), 8 * (HEIGHT // 16)  # 8 x 8 pixels for each image token
+    sheet = step_sheet(maps, 1, Image.new("RGB", (WIDTH, HEIGHT)), (cell_w, cell_h))  # step 3
+    for b in range(2):
+        for n in range(3):
+            row, col = divmod(int(maps.maps[1, b, 0, n].argmax()), WIDTH // 16)  # its brightest image token
+            x, y = LABEL_W + n * (cell_w + PAD) + 8 * col + 4, LABEL_H + b * (cell_h + PAD) + 8 * row + 4
+            assert sheet.getpixel((x, y)) == tuple(int(c) for c in HEAT[-1])
 
 
 def test_a_safetensors_capture_gives_the_same_maps(models, capture_path, tmp_path):
@@ -227,6 +291,29 @@ def test_a_safetensors_capture_gives_the_same_maps(models, capture_path, tmp_pat
 def test_tokens_are_selected_by_word_or_position(tokens, expected):
     prompt = ["▁a", "▁red", "▁", "f", "o", "x", "</s>"]
     assert select_tokens(tokens, prompt, 32) == expected
+
+
+def test_punctuation_after_a_word_is_not_part_of_it():
+    # T5's tokens of "A red fox, a red fox." and of "don't sci-fi 3d"
+    prompt = ["▁", "A", "▁red", "▁", "f", "o", "x", ",", "▁a", "▁red", "▁", "f", "o", "x", ".", "</s>"]
+    assert select_tokens("fox", prompt, 32) == [3, 4, 5, 6, 10, 11, 12, 13]  # every place it stands
+    assert select_tokens("fox.", prompt, 32) == [10, 11, 12, 13, 14]
+    assert select_tokens("fox,", prompt, 32) == select_tokens("fox", prompt, 32)  # a trailing comma: nothing
+    assert select_tokens("a", prompt, 32) == [0, 1, 8]  # 'A' at the start is '▁', 'A'
+    prompt = ["▁don", "'", "t", "▁sci", "-", "fi", "▁3", "d", "</s>"]
+    assert select_tokens("don't,sci-fi,3d", prompt, 16) == [0, 1, 2, 3, 4, 5, 6, 7]
+    for part in ("don", "sci"):
+        with pytest.raises(UsageError, match="is not a word of the prompt"):
+            select_tokens(part, prompt, 16)
+    with pytest.raises(UsageError, match="cannot read '3-'"):
+        select_tokens("3-", prompt, 16)
+
+
+def test_a_token_measured_twice_is_named_by_position():
+    maps = AttentionMaps(torch.rand(1, 1, 1, 2, 3, 4), [0], ["double_blocks.0"], [2, 9], ["▁red", "▁red"])
+    assert torch.equal(maps.get("double_blocks.0", 0, 9), maps.maps[0, 0, :, 1])
+    with pytest.raises(KeyError, match=r"measured at text positions \[2, 9\]"):
+        maps.get("double_blocks.0", 0, "▁red")
 
 
 def test_a_word_is_matched_whole_and_a_bad_selection_says_what_there_is():
