@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from flux.capture import CapturePlan, HookSet, flag_text, format_steps, means_all, parse_ranges
@@ -34,6 +34,7 @@ from flux.model import Flux
 from flux.sampling import StepInfo
 
 SCORE_BYTES = 256 * 2**20  # float32 scores of one chunk of image queries: bounds the extra device memory
+LABELLED_CELL = 48  # cells of a step sheet at least this wide carry their map's largest share
 WORD_START = "\u2581"  # sentencepiece's mark of a token that begins a word
 # Anchor colours of a dark-to-bright heat scale (black, purple, red, orange, pale yellow), interpolated.
 HEAT = np.array(
@@ -294,16 +295,24 @@ def step_sheet(
     maps: AttentionMaps, s: int, image: Image.Image, cell: tuple[int, int], image_label: str = "final"
 ) -> Image.Image:
     """Blocks down, tokens across: each map of step maps.steps[s] (batch item 0) scaled to its own maximum
-    (bright: where that token is read most at that block), then the image."""
+    (bright: where that token is read most at that block), that maximum written in its corner as a percentage
+    where the cell is wide enough, then the image."""
     from flux.decode import make_grid
 
+    font = ImageFont.load_default()
     cells = {}
     for b in range(len(maps.blocks)):
         for n in range(len(maps.tokens)):
             values = maps.maps[s, b, 0, n].numpy()
             top = float(values.max())
             tile = Image.fromarray(heat(values / top if top > 0 else values))
-            cells[(b, n)] = tile.resize(cell, Image.Resampling.NEAREST)  # one square per image token
+            tile = tile.resize(cell, Image.Resampling.NEAREST)  # one square per image token
+            if cell[0] >= LABELLED_CELL:
+                draw = ImageDraw.Draw(tile)
+                text = f"{100 * top:.2g}%"
+                draw.rectangle((0, 0, draw.textlength(text, font=font) + 3, 12), fill="black")
+                draw.text((2, 0), text, fill="white", font=font)
+            cells[(b, n)] = tile
     cols = [f"{p}:{t.replace(WORD_START, ' ').strip() or '_'}" for p, t in zip(maps.positions, maps.tokens)]
     rows = [name.replace("_blocks.", " ") for name in maps.blocks]
     final = image.resize(cell, Image.Resampling.BICUBIC)
@@ -341,7 +350,8 @@ def attention_command(
     Writes {capture folder}/attention/{capture name}/ (_1, _2, ... when taken): attention.pt (the maps,
     (steps, blocks, batch, tokens, height / 16, width / 16) float32, with their steps, blocks, positions and
     tokens), shares.csv (each map's mean and largest share) and step_{k}.jpg for each step (blocks down,
-    tokens across, each map scaled to its own maximum, the image last).
+    tokens across, each map scaled to its own maximum, which its corner gives as a percentage, the image
+    last).
 
     Args:
         path: A capture: a capture_*.pt file or a capture_* safetensors directory.

@@ -267,6 +267,15 @@ def test_a_step_sheet_shows_each_map_of_its_step_scaled_to_its_maximum(models, c
             row, col = divmod(int(maps.maps[1, b, 0, n].argmax()), WIDTH // 16)  # its brightest image token
             x, y = LABEL_W + n * (cell_w + PAD) + 8 * col + 4, LABEL_H + b * (cell_h + PAD) + 8 * row + 4
             assert sheet.getpixel((x, y)) == tuple(int(c) for c in HEAT[-1])
+    # Cells wide enough carry their map's largest share, white on a black box in the top left corner; the
+    # narrow ones above do not (their corner is a map's colour).
+    assert sheet.getpixel((LABEL_W, LABEL_H)) != (0, 0, 0)
+    wide = step_sheet(maps, 1, Image.new("RGB", (WIDTH, HEIGHT)), (64, 48))
+    for b in range(2):
+        for n in range(3):
+            x, y = LABEL_W + n * (64 + PAD), LABEL_H + b * (48 + PAD)
+            box = [wide.getpixel((x + i, y + j)) for i in range(20) for j in range(12)]
+            assert wide.getpixel((x, y)) == (0, 0, 0) and max(min(p) for p in box) > 200  # white text
 
 
 def test_a_safetensors_capture_gives_the_same_maps(models, capture_path, tmp_path):
