@@ -142,6 +142,7 @@ class AttentionMaps:
     positions: list[int]
     tokens: list[str]
     replay: object | None = field(default=None, repr=False)  # the ReplayResult the maps were measured on
+    metadata: dict | None = field(default=None, repr=False)  # as saved by the `attention` command
 
     def get(self, block: str, step: int, token: int | str) -> Tensor:
         """The (B, h, w) map of one block at one step for one token: its text position, or its string if
@@ -164,9 +165,11 @@ class AttentionMaps:
 
     @classmethod
     def load(cls, path: str | Path) -> "AttentionMaps":
-        """An attention.pt written by the `attention` command."""
+        """An attention.pt written by the `attention` command, with its `metadata` (the capture, its run's
+        settings, versions)."""
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(**{k: saved[k] for k in ("maps", "steps", "blocks", "positions", "tokens")})
+        fields = ("maps", "steps", "blocks", "positions", "tokens")
+        return cls(**{k: saved[k] for k in fields}, metadata=saved.get("metadata"))
 
 
 def select_tokens(tokens, t5_tokens: Sequence[str] | None, txt_len: int) -> list[int]:
@@ -188,7 +191,25 @@ def select_tokens(tokens, t5_tokens: Sequence[str] | None, txt_len: int) -> list
         if not item:
             continue  # 'fox,' or 'fox,,red'
         if re.fullmatch(r"\d+(-\d+(:\d+)?)?", item):  # '3', '0-3', '0-9:2'; not a word such as '3d'
-            found = parse_ranges(item, txt_len, "--tokens", "text positions")
+            word = _word_or_none(item, prompt) if item.isdigit() else None  # '3' in '3 dogs', '1984'
+            try:
+                found = parse_ranges(item, txt_len, "--tokens", "text positions")
+            except UsageError:
+                if not word:
+                    raise
+                found = word  # no such position, but a word of the prompt: '1984'
+            else:
+                if word and word != found:
+                    raise UsageError(
+                        f"--tokens: {item!r} is both text position {item} and a word of the prompt (at "
+                        f"positions {format_steps(word)}): write '{item}-{item}' for the position, or "
+                        f"'{format_steps(word)}' for the word."
+                    )
+        elif len(item.split()) > 1:
+            raise UsageError(
+                f"--tokens: {item!r} is not one word: separate words with commas, e.g. "
+                f"--tokens {','.join(item.split())}."
+            )
         else:
             try:
                 found = spelled_by(item, prompt)
@@ -200,6 +221,14 @@ def select_tokens(tokens, t5_tokens: Sequence[str] | None, txt_len: int) -> list
     if not picked:
         raise UsageError("--tokens names no token.")
     return picked
+
+
+def _word_or_none(word: str, prompt: Sequence[str]) -> list[int] | None:
+    """spelled_by, or None where `word` is not a word of the prompt."""
+    try:
+        return spelled_by(word, prompt)
+    except UsageError:
+        return None
 
 
 def spelled_by(word: str, prompt: Sequence[str]) -> list[int]:
@@ -245,13 +274,14 @@ def attention_maps(
     model: Flux,
     capture: dict,
     plan: CapturePlan | None = None,
-    positions: Sequence[int] | None = None,
+    tokens: str | Sequence[int] | None = None,
     interventions: Sequence = (),
     progress: Callable | None = None,
 ) -> AttentionMaps:
     """Replay a capture from its first planned step (or, in an interrupted capture, the last step on disk
-    before it) to its last, measuring the attention of image tokens to the text tokens at `positions`
-    (default: the prompt's) in the plan's blocks at its steps (default: all).
+    before it) to its last, measuring the attention of image tokens to text tokens in the plan's blocks at
+    its steps (default: all). `tokens`: text positions, or the --tokens syntax ('fox,0-1': words of the
+    prompt and positions); default the prompt's tokens.
 
     The replay is the stored run bit for bit on the capture's device and dtype, or, with `interventions`
     (see flux.interventions), the altered run: the maps are then those of the altered blocks.
@@ -264,7 +294,10 @@ def attention_maps(
     if not plan.steps or not (plan.double or plan.single):
         raise UsageError("The plan names no block or no step to measure.")
     txt_len = int(ctx["txt_seq_len"])
-    positions = select_tokens(None, meta.get("t5_tokens"), txt_len) if positions is None else list(positions)
+    if tokens is None or isinstance(tokens, str):
+        positions = select_tokens(tokens, meta.get("t5_tokens"), txt_len)
+    else:
+        positions = list(tokens)
     if bad := [p for p in positions if not 0 <= p < txt_len]:
         raise UsageError(f"Text positions {bad} are outside this capture's 0..{txt_len - 1}.")
     # An interrupted capture holds the latents of its first steps only: start from the last of those.
@@ -360,7 +393,7 @@ def attention_command(
             the last (in an interrupted capture, from the last step on disk before the first).
         tokens: Text tokens to measure, default the prompt's: words of the prompt, each selecting the
             tokens that spell it wherever it stands, and positions or ranges such as '0-3' (padding
-            included), e.g. 'fox,0-1'.
+            included), separated by commas, e.g. 'fox,0-1' ('3-3' is position 3 where '3' is also a word).
         output_dir: Folder for the outputs (default: {capture folder}/attention/{capture name}).
         device: Torch device; cuda when available, else cpu. Exact replays need the capture's device.
         weights_dir: A local directory laid out like the model's hub repo, or "hub"; as for generation.

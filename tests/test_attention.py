@@ -318,6 +318,30 @@ def test_punctuation_after_a_word_is_not_part_of_it():
         select_tokens("3-", prompt, 16)
 
 
+def test_a_number_that_is_also_a_word_is_not_taken_silently_for_a_position():
+    prompt = ["▁", "3", "▁dogs", "▁in", "▁1984", "</s>"]  # T5's tokens of "3 dogs in 1984"
+    with pytest.raises(
+        UsageError, match=r"'3' is both text position 3 and a word of the prompt \(at positions 0-1\)"
+    ):
+        select_tokens("3", prompt, 32)
+    with pytest.raises(UsageError, match="both text position 3"):
+        select_tokens(3, prompt, 32)  # Fire's int
+    assert select_tokens("3-3", prompt, 32) == [3]  # the position, written as a range
+    assert select_tokens("0-1", prompt, 32) == [0, 1]  # the word, by its positions
+    assert select_tokens("1984", prompt, 32) == [4]  # no position 1984: the word
+    assert select_tokens("4", prompt, 32) == [4]  # not a word of this prompt: the position
+    with pytest.raises(UsageError, match="out of range"):
+        select_tokens("1985", prompt, 32)
+
+
+def test_a_phrase_asks_for_commas():
+    prompt = ["▁a", "▁red", "▁", "f", "o", "x", "</s>"]
+    with pytest.raises(
+        UsageError, match=r"'red fox' is not one word: separate words with commas, e\.g\. --tokens red,fox"
+    ):
+        select_tokens("red fox", prompt, 32)
+
+
 def test_a_token_measured_twice_is_named_by_position():
     maps = AttentionMaps(torch.rand(1, 1, 1, 2, 3, 4), [0], ["double_blocks.0"], [2, 9], ["▁red", "▁red"])
     assert torch.equal(maps.get("double_blocks.0", 0, 9), maps.maps[0, 0, :, 1])
@@ -366,7 +390,12 @@ def test_the_command_writes_maps_sheets_and_shares_and_never_overwrites(
     assert torch.equal(
         saved["maps"], attention_maps(models.flow, load_capture(capture_path), plan, [2, 3, 4, 5]).maps
     )
-    assert AttentionMaps.load(out / "attention.pt").get("single_blocks.0", 3, "f").shape == (1, 3, 4)
+    loaded = AttentionMaps.load(out / "attention.pt")
+    assert loaded.get("single_blocks.0", 3, "f").shape == (1, 3, 4)
+    assert loaded.metadata["capture_metadata"]["prompt"] == "a red fox"  # which run the maps are of
+    # From Python, the same words name the same tokens.
+    by_word = attention_maps(models.flow, load_capture(capture_path), plan, "fox")
+    assert by_word.positions == [2, 3, 4, 5] and torch.equal(by_word.maps, saved["maps"])
 
     rows = (out / "shares.csv").read_text().splitlines()
     assert rows[0] == "step,block,position,token,mean_share,max_share" and len(rows) == 1 + 2 * 2 * 4
