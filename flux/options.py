@@ -13,6 +13,7 @@ from flux.capture import CapturePlan
 from flux.configs import CONFIGS, ModelSpec, get_spec
 from flux.errors import UsageError, UserError
 from flux.sampling import image_tokens
+from flux.store import human_bytes
 
 FORMATS = ("pt", "safetensors")
 DECODE_TARGETS = ("x0", "next")
@@ -371,7 +372,7 @@ def check_disk_space(folder: Path, needed: int, force: bool, smaller_dtype: bool
     free = shutil.disk_usage(folder).free
     if needed > free and not force:
         raise UserError(
-            f"The capture needs about {needed / 1e9:.2f} GB but {str(folder)!r} has {free / 1e9:.2f} GB "
+            f"The capture needs about {human_bytes(needed)} but {str(folder)!r} has {human_bytes(free)} "
             "free. "
             "Capture fewer blocks or steps (--blocks, --steps, --streams img), a smaller size, "
             f"{'--capture_dtype bf16 (half the bytes), ' if smaller_dtype else ''}"

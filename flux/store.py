@@ -601,6 +601,8 @@ def load_capture(path: str | Path, lazy: bool = True) -> dict:
     """
     path = Path(path).expanduser()
     if path.is_dir():
+        if not (path / "index.json").exists():
+            _refuse_other_folders(path)
         capture = _load_dir(path)
         return capture if lazy else _read_all(capture)
     if not path.exists():
@@ -620,6 +622,24 @@ def load_capture(path: str | Path, lazy: bool = True) -> dict:
         raise UsageError(f"{str(path)!r} is a run's metadata, not its capture: pass {named}.")
     _refuse_other_formats(path)
     return _load_pt(path)
+
+
+def _refuse_other_folders(path: Path) -> None:
+    """A folder that holds captures (output/intermediates) or is a lens folder gets a sentence that says so
+    and names a capture, where reading it would only say that it has no index.json."""
+    inside = sorted(p for p in path.glob("capture_*") if p.suffix == ".pt" or (p / "index.json").is_file())
+    if inside:
+        newest = max(inside, key=lambda p: p.stat().st_mtime)
+        raise UsageError(
+            f"{str(path)!r} is a folder of {len(inside)} capture(s), not a capture: pass one of them, e.g. "
+            f"the newest, {str(newest)!r}."
+        )
+    if path.parent.name in ("decoded", "analysis", "attention", "sweeps", "replays"):
+        for capture in (path.parent.parent / f"{path.name}.pt", path.parent.parent / path.name):
+            if capture.is_file() or (capture / "index.json").is_file():
+                raise UsageError(
+                    f"{str(path)!r} holds outputs made from a capture, not a capture: pass {str(capture)!r}."
+                )
 
 
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8")  # JPEG, PNG, GIF: what runs and analyses write beside

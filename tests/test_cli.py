@@ -1002,6 +1002,14 @@ def test_every_command_names_a_missing_capture_or_a_metadata_file_alike(command,
     assert capture_sample.run([command, str(meta)]) == 2
     err = capsys.readouterr().err
     assert "is a run's metadata, not its capture" in err and str(capture) in err
+    # The folder the captures are in, and the lens folder made from one, name the capture to pass.
+    assert capture_sample.run([command, str(tiny_run / "intermediates")]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder of 1 capture(s), not a capture" in err and str(capture) in err
+    lens = tiny_run / "intermediates" / "decoded" / capture.stem
+    assert lens.is_dir() and capture_sample.run([command, str(lens)]) == 2
+    err = capsys.readouterr().err
+    assert "holds outputs made from a capture, not a capture" in err and repr(str(capture)) in err
 
 
 def test_a_weights_dir_that_is_not_a_folder_is_refused_up_front(tmp_path, capsys):
@@ -1387,7 +1395,7 @@ def test_decode_hands_every_flag_to_the_lens(monkeypatch):
     assert seen == [(("c.pt", "o"), expected)]
 
 
-def test_the_disk_refusal_names_the_bytes_in_gigabytes(monkeypatch, tmp_path):
+def test_the_disk_refusal_names_the_bytes_in_readable_units(monkeypatch, tmp_path):
     """flux-schnell at 256 px: 57 blocks x 512 tokens x 3,072 bf16 values x 4 steps = 717,225,984 bytes."""
     import shutil
 
@@ -1396,7 +1404,11 @@ def test_the_disk_refusal_names_the_bytes_in_gigabytes(monkeypatch, tmp_path):
 
     real = shutil.disk_usage
     monkeypatch.setattr(flux.options.shutil, "disk_usage", lambda p: real(p)._replace(free=10**8))
-    with pytest.raises(UserError, match=r"needs about 0\.72 GB but .* has 0\.10 GB free"):
+    with pytest.raises(UserError, match=r"needs about 717\.2 MB but .* has 100\.0 MB free"):
+        RunOptions(model="flux-schnell", output_dir=str(tmp_path), device="cpu").validate()
+    # A disk with no room at all, as a read-only file system reports it: not "0.00 GB".
+    monkeypatch.setattr(flux.options.shutil, "disk_usage", lambda p: real(p)._replace(free=0))
+    with pytest.raises(UserError, match=r"needs about 717\.2 MB but .* has 0 bytes free"):
         RunOptions(model="flux-schnell", output_dir=str(tmp_path), device="cpu").validate()
 
 
