@@ -7,7 +7,7 @@
 #                                     # lens benchmark + the attention maps' cost
 #   bash benchmarks/gpu_check.sh 2    # the capture benchmark (the issue's targets): 512 and 256 px
 #                                     # (5 rounds), then 1024 px (3); then pinning and the .pt write
-#   bash benchmarks/gpu_check.sh checks   # stage 1 without the lens benchmark
+#   bash benchmarks/gpu_check.sh checks   # stage 1 without the lens and attention benchmarks
 #
 # Run stage 2 straight after stage 1: an idle machine is handed back after 30 s, and a fresh one costs
 # its start and inductor's warm cache. On an H200 (2026-11-27) stage 1 took 3 minutes, `checks` plus the

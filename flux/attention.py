@@ -155,8 +155,10 @@ class AttentionMaps:
                 at = [p for p, t in zip(self.positions, self.tokens) if t == token]
                 raise KeyError(f"{token!r} was measured at text positions {at}: name one of them")
             n = self.tokens.index(token)
-        else:
+        elif token in self.positions:
             n = self.positions.index(token)
+        else:
+            raise KeyError(f"text position {token} is not among the measured positions {self.positions}")
         return self.maps[self.steps.index(step), self.blocks.index(block), :, n]
 
     def to_dict(self) -> dict:
@@ -243,6 +245,8 @@ def spelled_by(word: str, prompt: Sequence[str]) -> list[int]:
             continue
         spelled = ""
         for j in range(i, len(prompt)):
+            if j > i and prompt[j].startswith(WORD_START):
+                break  # the next word: 'redfox' is not spelled by '▁red', '▁', 'f', 'o', 'x'
             spelled += plain[j]
             if spelled == wanted and _ends_word(prompt, j + 1):
                 found += range(i, j + 1)
@@ -280,8 +284,8 @@ def attention_maps(
 ) -> AttentionMaps:
     """Replay a capture from its first planned step (or, in an interrupted capture, the last step on disk
     before it) to its last, measuring the attention of image tokens to text tokens in the plan's blocks at
-    its steps (default: all). `tokens`: text positions, or the --tokens syntax ('fox,0-1': words of the
-    prompt and positions); default the prompt's tokens.
+    its steps (default: all). `tokens`: text positions, or the --tokens syntax ('fox,0-1' or ['fox', 0]:
+    words of the prompt and positions); default the prompt's tokens.
 
     The replay is the stored run bit for bit on the capture's device and dtype, or, with `interventions`
     (see flux.interventions), the altered run: the maps are then those of the altered blocks.
@@ -294,8 +298,10 @@ def attention_maps(
     if not plan.steps or not (plan.double or plan.single):
         raise UsageError("The plan names no block or no step to measure.")
     txt_len = int(ctx["txt_seq_len"])
-    if tokens is None or isinstance(tokens, str):
-        positions = select_tokens(tokens, meta.get("t5_tokens"), txt_len)
+    if not len(ctx["img_state"]):
+        raise UserError("The capture was stopped before its first step: there is no stored latent to replay.")
+    if tokens is None or isinstance(tokens, str) or any(isinstance(t, str) for t in tokens):
+        positions = select_tokens(tokens, meta.get("t5_tokens"), txt_len)  # words, as --tokens takes them
     else:
         positions = list(tokens)
     if bad := [p for p in positions if not 0 <= p < txt_len]:
@@ -311,7 +317,9 @@ def attention_maps(
     maps = torch.stack(
         [torch.stack([recorder.maps[(s, name)] for name in names]) for s in plan.steps]
     )  # (S, K, B, N, L)
-    tokens = [meta["t5_tokens"][p] if p < len(meta.get("t5_tokens") or ()) else "<pad>" for p in positions]
+    # Past the prompt's tokens is padding; a capture that did not record them cannot name any ('?').
+    prompt = meta.get("t5_tokens")
+    tokens = [("?" if not prompt else prompt[p] if p < len(prompt) else "<pad>") for p in positions]
     return AttentionMaps(maps.unflatten(-1, (h, w)), list(plan.steps), names, positions, tokens, result)
 
 
@@ -322,6 +330,11 @@ def heat(values: np.ndarray) -> np.ndarray:
     low = np.minimum(x.astype(np.int64), len(HEAT) - 2)
     frac = (x - low)[..., None]
     return np.round(HEAT[low] * (1 - frac) + HEAT[low + 1] * frac).astype(np.uint8)
+
+
+def share_label(share: float) -> str:
+    """A share in [0, 1] as a short percentage: '0.42%', '7.3%', '64%', '100%' (not '1e+02%')."""
+    return f"{100 * share:.2g}%" if share < 0.095 else f"{100 * share:.0f}%"
 
 
 def step_sheet(
@@ -342,7 +355,7 @@ def step_sheet(
             tile = tile.resize(cell, Image.Resampling.NEAREST)  # one square per image token
             if cell[0] >= LABELLED_CELL:
                 draw = ImageDraw.Draw(tile)
-                text = f"{100 * top:.2g}%"
+                text = share_label(top)
                 draw.rectangle((0, 0, draw.textlength(text, font=font) + 3, 12), fill="black")
                 draw.text((2, 0), text, fill="white", font=font)
             cells[(b, n)] = tile
@@ -383,8 +396,8 @@ def attention_command(
     Writes {capture folder}/attention/{capture name}/ (_1, _2, ... when taken): attention.pt (the maps,
     (steps, blocks, batch, tokens, height / 16, width / 16) float32, with their steps, blocks, positions and
     tokens), shares.csv (each map's mean and largest share) and step_{k}.jpg for each step (blocks down,
-    tokens across, each map scaled to its own maximum, which its corner gives as a percentage, the image
-    last).
+    tokens across, each map scaled to its own maximum, which its corner gives as a percentage in cells 48 px
+    wide or more, the image last).
 
     Args:
         path: A capture: a capture_*.pt file or a capture_* safetensors directory.

@@ -634,9 +634,14 @@ def _refuse_other_folders(path: Path) -> None:
             f"{str(path)!r} is a folder of {len(inside)} capture(s), not a capture: pass one of them, e.g. "
             f"the newest, {str(newest)!r}."
         )
-    if path.parent.name in ("decoded", "analysis", "attention", "sweeps", "replays"):
-        for capture in (path.parent.parent / f"{path.name}.pt", path.parent.parent / path.name):
-            if capture.is_file() or (capture / "index.json").is_file():
+    if path.parent.name in ("decoded", "analysis", "attention", "sweeps"):
+        # Named {capture stem}, then _1, _2 for a second run or a sweep's _{kind}: the longest stem that fits.
+        beside = sorted(path.parent.parent.glob("capture_*"), key=lambda p: len(p.name), reverse=True)
+        for capture in beside:
+            stem = capture.name.removesuffix(".pt")
+            made = path.name == stem or path.name.startswith(f"{stem}_")
+            is_capture = capture.is_file() if capture.suffix == ".pt" else (capture / "index.json").is_file()
+            if made and is_capture:
                 raise UsageError(
                     f"{str(path)!r} holds outputs made from a capture, not a capture: pass {str(capture)!r}."
                 )

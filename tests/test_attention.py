@@ -18,6 +18,7 @@ from flux.attention import (
     AttentionRecorder,
     attention_maps,
     select_tokens,
+    share_label,
     step_sheet,
     text_attention,
 )
@@ -342,11 +343,39 @@ def test_a_phrase_asks_for_commas():
         select_tokens("red fox", prompt, 32)
 
 
+def test_a_word_is_not_spelled_across_the_start_of_the_next():
+    prompt = ["▁a", "▁red", "▁", "f", "o", "x", "</s>"]
+    with pytest.raises(UsageError, match="'redfox' is not a word of the prompt"):
+        select_tokens("redfox", prompt, 32)
+    prompt = ["▁1", "▁2", "▁dogs", "</s>"]  # "1 2 dogs": '12' is no word of it, so position 12
+    assert select_tokens("12", prompt, 32) == [12]
+
+
+def test_a_share_is_labelled_as_a_short_percentage():
+    assert [share_label(x) for x in (0.0042, 0.073, 0.094, 0.64, 0.999, 1.0)] == [
+        "0.42%",
+        "7.3%",
+        "9.4%",
+        "64%",
+        "100%",
+        "100%",
+    ]
+
+
+def test_positions_of_a_capture_without_its_tokens_are_not_called_padding(models, capture_path):
+    capture = load_capture(capture_path)
+    del capture["metadata"]["t5_tokens"]  # as an older version wrote it
+    plan = CapturePlan(double=(0,), single=(), steps=(0,))
+    assert attention_maps(models.flow, capture, plan, [1, 20]).tokens == ["?", "?"]
+
+
 def test_a_token_measured_twice_is_named_by_position():
     maps = AttentionMaps(torch.rand(1, 1, 1, 2, 3, 4), [0], ["double_blocks.0"], [2, 9], ["▁red", "▁red"])
     assert torch.equal(maps.get("double_blocks.0", 0, 9), maps.maps[0, 0, :, 1])
     with pytest.raises(KeyError, match=r"measured at text positions \[2, 9\]"):
         maps.get("double_blocks.0", 0, "▁red")
+    with pytest.raises(KeyError, match=r"text position 3 is not among the measured positions \[2, 9\]"):
+        maps.get("double_blocks.0", 0, 3)
 
 
 def test_a_word_is_matched_whole_and_a_bad_selection_says_what_there_is():
@@ -396,6 +425,7 @@ def test_the_command_writes_maps_sheets_and_shares_and_never_overwrites(
     # From Python, the same words name the same tokens.
     by_word = attention_maps(models.flow, load_capture(capture_path), plan, "fox")
     assert by_word.positions == [2, 3, 4, 5] and torch.equal(by_word.maps, saved["maps"])
+    assert attention_maps(models.flow, load_capture(capture_path), plan, ["red", 0]).positions == [1, 0]
 
     rows = (out / "shares.csv").read_text().splitlines()
     assert rows[0] == "step,block,position,token,mean_share,max_share" and len(rows) == 1 + 2 * 2 * 4

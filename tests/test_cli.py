@@ -1010,6 +1010,11 @@ def test_every_command_names_a_missing_capture_or_a_metadata_file_alike(command,
     assert lens.is_dir() and capture_sample.run([command, str(lens)]) == 2
     err = capsys.readouterr().err
     assert "holds outputs made from a capture, not a capture" in err and repr(str(capture)) in err
+    # A second run's folder (_1) and a sweep's ({stem}_{kind}) are named after the capture too.
+    for made in ("attention", f"{capture.stem}_1"), ("sweeps", f"{capture.stem}_skip"):
+        (folder := tiny_run / "intermediates" / made[0] / made[1]).mkdir(parents=True, exist_ok=True)
+        assert capture_sample.run([command, str(folder)]) == 2
+        assert f"not a capture: pass {str(capture)!r}" in capsys.readouterr().err
 
 
 def test_a_weights_dir_that_is_not_a_folder_is_refused_up_front(tmp_path, capsys):
