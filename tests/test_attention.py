@@ -17,7 +17,6 @@ from flux.attention import (
     AttentionMaps,
     AttentionRecorder,
     attention_maps,
-    select_tokens,
     share_label,
     step_sheet,
     text_attention,
@@ -26,6 +25,7 @@ from flux.capture import CapturePlan
 from flux.errors import UsageError, UserError
 from flux.interventions import replay
 from flux.pipeline import RunOptions, generate, load_models
+from flux.prompt_tokens import select_tokens
 from flux.store import load_capture
 
 WIDTH, HEIGHT = 64, 48  # a 4 x 3 grid of image tokens
