@@ -2,7 +2,8 @@
 
 T5 tokenizes with sentencepiece: a token that begins a word starts with '▁', and a word may be split
 into several tokens ('▁', 'f', 'o', 'x'). A word names the run of tokens that spells it; a number names
-a position, unless it is also a word of the prompt, which is then refused as ambiguous.
+a position, or where it is also a word of the prompt is refused as ambiguous ('3' in '3 dogs'; '1984',
+past the last position, can only be the word).
 """
 
 import re
