@@ -44,7 +44,12 @@ HEAT = np.array(
 
 
 def text_attention(
-    q: Tensor, k: Tensor, pe: Tensor, txt_len: int, positions: Sequence[int], budget: int = SCORE_BYTES
+    q: Tensor,
+    k: Tensor,
+    pe: Tensor,
+    txt_len: int,
+    positions: Sequence[int] | Tensor,
+    budget: int = SCORE_BYTES,
 ) -> Tensor:
     """The attention every image token pays to the text tokens at `positions`, averaged over heads.
 
@@ -55,7 +60,7 @@ def text_attention(
     q, k = apply_rope(q, k, pe)  # in q's dtype, as the block's attention sees them
     b, h, n, d = q.shape
     keys = k.float().transpose(-1, -2)
-    index = torch.as_tensor(list(positions), dtype=torch.long, device=q.device)
+    index = torch.as_tensor(positions, dtype=torch.long, device=q.device)  # no copy when already there
     chunk = max(1, budget // (b * h * n * 4))
     shares = []
     for start in range(txt_len, n, chunk):
@@ -96,6 +101,7 @@ class AttentionRecorder(HookSet):
     ):
         self.model, self.blocks, self.steps = model, list(blocks), set(steps)
         self.txt_len, self.positions, self.offset = txt_len, list(positions), offset
+        self.index: Tensor | None = None  # the positions on the model's device
         self.step: int | None = None
         self.maps: dict[tuple[int, str], Tensor] = {}
         self.handles: list = []
@@ -125,7 +131,9 @@ class AttentionRecorder(HookSet):
                 )
             if self.step in self.steps:
                 q, k, pe = args
-                self.maps[(self.step, name)] = text_attention(q, k, pe, self.txt_len, self.positions)
+                if self.index is None or self.index.device != q.device:  # made once: each copy to a GPU waits
+                    self.index = torch.tensor(self.positions, dtype=torch.long, device=q.device)
+                self.maps[(self.step, name)] = text_attention(q, k, pe, self.txt_len, self.index)
 
         return hook
 
@@ -318,7 +326,7 @@ def attention_command(
     from flux.interventions import timesteps_of
     from flux.options import available_host_memory, check_output_dir
     from flux.store import atomic_write, beside_capture, fresh_dir, torch_save
-    from flux.sweep import check_on_disk, load_for_replay, open_for_replay, provenance
+    from flux.sweep import load_for_replay, open_for_replay, provenance
 
     capture, spec, dev, dtype = open_for_replay(path, device)
     ctx, meta, p = capture["denoising_context"], capture["metadata"], spec.params
@@ -326,7 +334,6 @@ def attention_command(
     plan = CapturePlan.parse(blocks, steps, "both", None, p.depth, p.depth_single_blocks, num_steps)
     if not plan.steps or not (plan.double or plan.single):
         raise UsageError("--blocks and --steps name nothing to measure.")
-    check_on_disk(capture, 0, "--steps")  # an interrupted capture replays from its last step on disk
     txt_len = int(ctx["txt_seq_len"])
     positions = select_tokens(tokens, meta.get("t5_tokens"), txt_len)
     size = 4 * len(plan.steps) * len(block_names(plan)) * len(positions) * int(ctx["img_ids"].shape[1])
