@@ -15,7 +15,6 @@ import functools
 import importlib
 import inspect
 import re
-import signal
 import sys
 import time
 import typing
@@ -24,6 +23,7 @@ import fire
 import torch
 
 from flux.errors import UsageError, UserError
+from flux.interrupts import raising_interrupts
 
 
 def main(
@@ -193,10 +193,6 @@ COMMANDS = {
 }
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _kinds(command) -> dict[str, set[str]]:
     """The command's parameters by annotated kind: "text" (`str`, `str | None`), "switch" (`bool`,
     `bool | None`), "number" (the rest), and "optional" (those that take None)."""
@@ -349,7 +345,11 @@ def help_text(command, name: str) -> str:
 def run(argv: list[str] | None = None) -> int:
     """Entry point: dispatch subcommands, turn user errors into one paragraph and an exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGTERM, _terminate)
+    with raising_interrupts():  # Ctrl-C and SIGTERM: KeyboardInterrupt, never inside a held lock
+        return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
     try:
         if argv and argv[0] in COMMANDS:
             module, _, func = COMMANDS[argv[0]].partition(":")

@@ -230,7 +230,9 @@ class HostBufferPool:
         self, shapes: dict[str, tuple], dtypes: dict[str, torch.dtype], pin: bool, limit: int | None = None
     ):
         self.shapes, self.dtypes, self.pin, self.limit = shapes, dtypes, pin, limit
-        self.free = {True: queue.Queue(), False: queue.Queue()}  # captured (full) sets, context-only sets
+        # Captured (full) sets and context-only sets. SimpleQueue: a Ctrl-C cannot stop its C code halfway
+        # with its lock held, which hung the writer thread handing a set back (see flux/interrupts.py).
+        self.free = {True: queue.SimpleQueue(), False: queue.SimpleQueue()}
         self.count = {True: 0, False: 0}  # sets allocated and not drained, of each kind
         self.lock = threading.Lock()
 

@@ -375,7 +375,8 @@ class SafetensorsSink:
         self.bytes_written = 0
         self.write_seconds = 0.0
         self.error: BaseException | None = None
-        self.queue: queue.Queue[StepBuffers | None] = queue.Queue()
+        # SimpleQueue: its put and get are C code, which a Ctrl-C cannot leave half done with a lock held.
+        self.queue: queue.SimpleQueue[StepBuffers | None] = queue.SimpleQueue()
         if context:
             self._write_context(context)
         write_json(self.dir / "index.json", self.index)

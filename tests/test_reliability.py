@@ -140,7 +140,8 @@ class Run:
         folder.mkdir(parents=True, exist_ok=True)
         self.args = args
         self.out, self.stdout, self.stderr = out, folder / "stdout.txt", folder / "stderr.txt"
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        # PYTHONFAULTHANDLER: a run that hangs is ended with SIGABRT, which prints every thread's stack.
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
         with self.stdout.open("w") as so, self.stderr.open("w") as se:
             self.proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "capture_sample.py"), *args, "--output_dir", str(out)],
@@ -184,7 +185,12 @@ class Run:
         self.proc.send_signal(sig)
         if self.held.is_set():
             self.proc.send_signal(signal.SIGCONT)
-        rc = self.proc.wait(timeout=STOP_S)
+        try:
+            rc = self.proc.wait(timeout=STOP_S)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # where each thread is stuck, to stderr
+            self.proc.wait(timeout=STOP_S)
+            pytest.fail(f"the run did not exit within {STOP_S} s of signal {sig}:\n{self.output()}")
         return rc, time.monotonic() - start
 
     def finish(self) -> int:

@@ -865,11 +865,23 @@ def test_pinned_buffers_are_counted_at_their_power_of_two_size():
     assert plan.bytes_per_step(1, 256, 4096, 3072, 2, pinned=True) == 19 * (32 + 2) * MiB + 38 * 32 * MiB
 
 
+def _free_buffers(pool: HostBufferPool) -> list:
+    """Weak references to the tensors of the pool's free sets, which stay in the pool."""
+    import weakref
+
+    refs = []
+    for free in pool.free.values():
+        sets = [free.get_nowait() for _ in range(free.qsize())]
+        refs += [weakref.ref(t) for s in sets for t in s.values()]
+        for s in sets:
+            free.put(s)
+    return refs
+
+
 def test_the_writer_buffer_sets_are_let_go_once_the_capture_is_written(model, tmp_path):
     """With --format safetensors nothing reads the host buffers after the last shard, so the pool must not
     keep them (pinned, up to 8 steps) alive through the lens."""
     import gc
-    import weakref
 
     from flux.pipeline import CaptureSession, sample
 
@@ -887,7 +899,7 @@ def test_the_writer_buffer_sets_are_let_go_once_the_capture_is_written(model, tm
     pool = session.capture.pool
     sample(model, inp, get_schedule(NUM_STEPS, inp["img"].shape[1]), 3.5, session)
     session.sink.finish({"txt_seq_len": 5}, meta)
-    buffers = [weakref.ref(t) for q in pool.free.values() for s in list(q.queue) for t in s.values()]
+    buffers = _free_buffers(pool)
     assert buffers  # the finished sets went back to the pool
     pool.drain()
     gc.collect()
