@@ -885,37 +885,52 @@ def test_import_flux_without_the_extra():
 # ---------------------------------------------------------------------------------------------- notebook
 
 
-def test_notebook_runs_top_to_bottom(captures, monkeypatch, tmp_path):
-    """As Jupyter runs it: in notebooks/, finding the newest capture under ../output/intermediates."""
-    import shutil
-
+def _run_notebook(capture: Path, folder: Path, monkeypatch) -> tuple[list, list, str]:
+    """Run the notebook as Jupyter does, in {folder}/notebooks/, where it finds `capture` (copied into
+    ../output/intermediates) as the newest capture. Returns (its cells, their outputs, the text printed)."""
     import nbformat
     from nbclient import NotebookClient
 
-    path = ROOT / "notebooks" / "explore_capture.ipynb"
-    nb = nbformat.read(path, as_version=4)
+    nb = nbformat.read(ROOT / "notebooks" / "explore_capture.ipynb", as_version=4)
     assert all(
         not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code"
     )
-    runs = tmp_path / "output" / "intermediates"
+    runs = folder / "output" / "intermediates"
     runs.mkdir(parents=True)
-    shutil.copy(captures["pt"], runs)
-    (tmp_path / "notebooks").mkdir()
+    shutil.copy(capture, runs)
+    (folder / "notebooks").mkdir()
     monkeypatch.delenv("FLUX_CAPTURE", raising=False)
     monkeypatch.setenv("FLUX_DEVICE", "cpu")
     # nbclient's defaults give up on a busy machine: a kernel that takes over 60 s to start fails the run,
     # and a cell's outputs that come more than 4 s after its reply are dropped without an error.
     NotebookClient(
         nb, kernel_name="python3", timeout=300, startup_timeout=300, iopub_timeout=300,
-        raise_on_iopub_timeout=True, resources={"metadata": {"path": str(tmp_path / "notebooks")}},
+        raise_on_iopub_timeout=True, resources={"metadata": {"path": str(folder / "notebooks")}},
     ).execute()  # fmt: skip
-    assert nb.cells[1].outputs[0]["text"].startswith(f"../output/intermediates/{captures['pt'].name}\n")
+    assert nb.cells[1].outputs[0]["text"].startswith(f"../output/intermediates/{capture.name}\n")
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    # The lens image, two heatmaps, the norms, the attention maps
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 5
-    printed = "".join(o.get("text", "") for o in outputs)
+    return nb.cells, outputs, "".join(o.get("text", "") for o in outputs)
+
+
+def _pngs(outputs: list) -> int:
+    return sum("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_notebook_runs_top_to_bottom(captures, monkeypatch, tmp_path):
+    _, outputs, printed = _run_notebook(captures["pt"], tmp_path, monkeypatch)
+    assert _pngs(outputs) == 5  # the lens image, two heatmaps, the norms, the attention maps
     assert "step 3, token '" in printed  # the attention maps' caption: the last step of flux-tiny's 4
+
+
+def test_notebook_runs_on_a_capture_of_text_tokens_only(monkeypatch, tmp_path):
+    """`--streams txt` leaves the lens and the similarity heatmaps nothing to show; the notebook says so and
+    shows the rest (the norms, and the attention maps, which replay the step from the stored latent)."""
+    capture = _tiny_run(tmp_path / "run", streams="txt")
+    _, outputs, printed = _run_notebook(capture, tmp_path / "nb", monkeypatch)
+    assert "text tokens only (--streams txt): the lens has no image tokens" in printed
+    assert "no similarity metrics" in printed
+    assert _pngs(outputs) == 2 and "step 3, token '" in printed
 
 
 def test_analyze_command_writes_an_mp4_that_decodes(captures, tmp_path, capsys):
