@@ -21,6 +21,7 @@ import typing
 
 import fire
 import torch
+import tqdm
 
 from flux.errors import UsageError, UserError
 from flux.interrupts import raising_interrupts
@@ -345,6 +346,10 @@ def help_text(command, name: str) -> str:
 def run(argv: list[str] | None = None) -> int:
     """Entry point: dispatch subcommands, turn user errors into one paragraph and an exit code."""
     argv = sys.argv[1:] if argv is None else argv
+    # No tqdm monitor thread (it only retunes bars that stall): it takes the bars' lock every 10 s, and
+    # closing the last bar joins it while holding that lock. A Ctrl-C inside a bar's refresh, which takes
+    # the lock without a try/finally, would leave it taken and the two threads waiting for each other.
+    tqdm.tqdm.monitor_interval = 0
     with raising_interrupts():  # Ctrl-C and SIGTERM: KeyboardInterrupt, never inside a held lock
         return _run(argv)
 

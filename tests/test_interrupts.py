@@ -1,11 +1,14 @@
 """Ctrl-C and SIGTERM never leave a lock of the standard library's thread synchronization taken
 (flux/interrupts.py). The end-to-end check is tests/test_reliability.py, which interrupts real captures."""
 
+import linecache
 import os
+import queue
 import signal
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -18,17 +21,30 @@ import flux.interrupts  # noqa: E402
 from flux.interrupts import raising_interrupts, safe_to_raise  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs POSIX signals and timers")
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)
 
 
-def interrupt_a_condition(signals: int) -> tuple[int, int]:
+@pytest.fixture(autouse=True)
+def handlers_come_back():
+    """Each test leaves the handlers as it found them, and no timer running (SIGALRM's default: exit)."""
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    yield
+    timer = signal.setitimer(signal.ITIMER_REAL, 0)
+    assert {sig: signal.getsignal(sig) for sig in SIGNALS} == before
+    assert timer == (0.0, 0.0)
+
+
+def interrupt_a_condition(signals: int, within_s: float = 60) -> tuple[int, int]:
     """Send SIGINT `signals` times, one at a time, to a main thread that does nothing but take a Condition's
     lock, notify and let it go. Returns (KeyboardInterrupts caught, times the lock was left taken after one).
-    Nothing else takes the lock, so after an interrupt it must be free."""
+    Nothing else takes the lock, so after an interrupt it must be free. A signal lost ends it after
+    `within_s`, with fewer caught, rather than hanging the test run."""
     cond = threading.Condition(threading.Lock())
     state = {"armed": False, "sent": 0}  # plain values: an Event would be synchronization code too
+    deadline = time.monotonic() + within_s
 
     def send() -> None:
-        while state["sent"] < signals:
+        while state["sent"] < signals and time.monotonic() < deadline:
             if state["armed"]:  # the main thread is inside its try: the next signal may go
                 state["armed"] = False
                 state["sent"] += 1
@@ -40,10 +56,10 @@ def interrupt_a_condition(signals: int) -> tuple[int, int]:
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
     caught = left_taken = 0
-    while caught < signals:
+    while caught < signals and time.monotonic() < deadline:
         try:
             state["armed"] = True
-            while True:
+            while time.monotonic() < deadline:
                 with cond:
                     cond.notify()
         except KeyboardInterrupt:
@@ -69,6 +85,13 @@ def test_an_interrupt_never_leaves_a_condition_locked(sigint_not_ignored):
     with raising_interrupts():
         caught, left_taken = interrupt_a_condition(50)
     assert caught == 50 and left_taken == 0
+
+
+def busy(seconds: float) -> None:
+    """Run Python code (not threading's) for `seconds`: where a deferred signal gets raised."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
 
 
 def _frame_in(fn, *args):
@@ -104,11 +127,52 @@ def test_where_raising_is_safe():
     thread = threading.Thread(target=wait, daemon=True)
     thread.start()
     waiting.wait()
-    with cond:  # taken only once the waiter has released it inside wait()
-        frame = sys._current_frames()[thread.ident]
+    with cond:  # taken once the waiter has released it inside wait(), a few lines before it blocks
+        deadline = time.monotonic() + 10
+        while not safe_to_raise(frame := sys._current_frames()[thread.ident]) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert frame.f_code.co_name == "wait" and safe_to_raise(frame)
+        assert "waiter.acquire(" in linecache.getline(frame.f_code.co_filename, frame.f_lineno)
         cond.notify()
     thread.join()
+
+    # A thread blocked in Thread.join may be interrupted too (its code differs between Python versions).
+    done = threading.Event()
+    sleeper = threading.Thread(target=done.wait, daemon=True)
+    joiner = threading.Thread(target=sleeper.join, daemon=True)
+    sleeper.start(), joiner.start()
+    deadline = time.monotonic() + 10
+    while not (blocked := safe_to_raise(frame := sys._current_frames()[joiner.ident])):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)  # until it blocks
+    name = frame.f_code.co_name  # before the join returns: the frame goes on
+    done.set()
+    joiner.join()
+    assert blocked and name in ("join", "_wait_for_tstate_lock")
+
+    # queue's and concurrent.futures' code counts as synchronization code too.
+    class Peek(queue.Queue):
+        def _qsize(self):
+            seen["queue"] = sys._getframe(1)  # Queue.qsize, with its mutex held
+            return 0
+
+    seen = {}
+    Peek().qsize()
+    future = Future()
+    future.set_result(None)
+    future.add_done_callback(lambda _: seen.setdefault("future", sys._getframe(1)))
+    assert [frame.f_code.co_name for frame in seen.values()] == ["qsize", "add_done_callback"]
+    assert not any(safe_to_raise(frame) for frame in seen.values())
+
+
+def test_without_the_standard_librarys_sources_it_raises_as_python_does(monkeypatch):
+    """Where Python is installed without its .py files no wait can be told apart: deferring everywhere in
+    threading code would hold Ctrl-C back for as long as any wait lasts."""
+    inside = _frame_in(threading.Condition().wait_for)
+    assert not safe_to_raise(inside)
+    monkeypatch.setattr(linecache, "getline", lambda *args: "")
+    assert safe_to_raise(inside)
 
 
 def test_a_deferred_signal_still_interrupts():
@@ -123,6 +187,45 @@ def test_a_deferred_signal_still_interrupts():
     names = [entry.name for entry in raised.traceback]  # raised in the loop, by SIGALRM's handler
     assert names[-3:] == ["test_a_deferred_signal_still_interrupts", "_retry", "_interrupt"]
     assert time.monotonic() < deadline
+
+
+def test_a_deferred_signal_interrupts_where_sigalrm_was_ignored():
+    before = signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    try:
+        with raising_interrupts(), pytest.raises(KeyboardInterrupt):
+            flux.interrupts._interrupt(signal.SIGINT, _frame_in(threading.Condition().wait_for))
+            busy(5)
+    finally:
+        signal.signal(signal.SIGALRM, before)
+
+
+def test_a_nested_block_keeps_the_outer_blocks_deferred_signal():
+    with raising_interrupts(), pytest.raises(KeyboardInterrupt):
+        flux.interrupts._interrupt(signal.SIGINT, _frame_in(threading.Condition().wait_for))
+        with raising_interrupts():
+            pass
+        busy(5)
+
+
+def test_a_signal_still_deferred_when_the_block_ends_is_dropped():
+    with raising_interrupts():
+        flux.interrupts._interrupt(signal.SIGINT, _frame_in(threading.Condition().wait_for))
+    assert signal.setitimer(signal.ITIMER_REAL, 0) == (0.0, 0.0)  # stopped: SIGALRM's default ends pytest
+    assert not flux.interrupts._pending
+
+
+def test_a_signal_while_the_handlers_are_put_back_leaves_none_of_them_behind(monkeypatch):
+    real = signal.signal
+
+    def put_back(sig, handler):
+        done = real(sig, handler)
+        if sig == signal.SIGINT and handler is not flux.interrupts._interrupt:  # what a SIGTERM landing
+            flux.interrupts._interrupt(signal.SIGTERM, sys._getframe(1))  # right after it would do
+        return done
+
+    monkeypatch.setattr(signal, "signal", put_back)
+    with raising_interrupts():
+        pass
 
 
 def test_sigterm_is_an_interrupt_and_the_handlers_come_back():

@@ -189,7 +189,11 @@ class Run:
             rc = self.proc.wait(timeout=STOP_S)
         except subprocess.TimeoutExpired:
             self.proc.send_signal(signal.SIGABRT)  # where each thread is stuck, to stderr
-            self.proc.wait(timeout=STOP_S)
+            try:
+                self.proc.wait(timeout=STOP_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
             pytest.fail(f"the run did not exit within {STOP_S} s of signal {sig}:\n{self.output()}")
         return rc, time.monotonic() - start
 
