@@ -6,11 +6,14 @@
 Modes, each timed on the same inputs (random T5/CLIP embeddings: the text encoders are left out):
 
     off          the sampler alone
-    pt           our default path: hooks copying into preallocated (pinned on CUDA) host buffers, one `.pt`
-                 written at the end by a thread while the lens decodes every block output from memory
-                 (`decode_capture` with its default batch size, computed once per size, and compiled on
-                 CUDA unless --no_compile); its save and decode columns are each timed beside the
-                 other, and its total counts that phase once
+    pt           our default path: hooks copying into preallocated buffers, on the GPU where the capture
+                 fits there (flux-schnell's up to 1024 px on an 80 GB GPU), else in pinned host memory; one
+                 `.pt` written at the end by a thread (from host copies of GPU buffers) while the lens
+                 decodes every block output from memory (`decode_capture` with its default batch size,
+                 computed once per size, and compiled on CUDA unless --no_compile); its save and decode
+                 columns are each timed beside the other, and its total counts that phase once
+    pt_host      the same with the buffers in pinned host memory, as for a capture too large for the GPU
+                 (CUDA only: on the CPU it is pt)
     safetensors  hooks as above, one shard per step streamed to disk from a background thread
     naive        the earlier public tool, rebuilt here as the baseline: a blocking `.cpu()` per block output
                  inside each hook, then one decode at a time of the next-step latent
@@ -18,11 +21,11 @@ Modes, each timed on the same inputs (random T5/CLIP embeddings: the text encode
                  `torch.save` of the whole capture
 
 The table gives seconds per step, each mode's sampling time against capture off (also for the mode's
-first run), the setup (allocating and pinning the host buffers: every measured run pays it, as a one-shot
-CLI run does, since torch's caches of device and pinned memory are emptied before each; the pinned one
-through torch._C._host_emptyCache, where this torch has it), and the whole
-capture time (setup, sampling, saving, the lens) of `pt` against `naive`; the one-time decoder compile
-(and warm-up) is a column of its own, left out of the totals. The safetensors writer's throughput (bytes
+first run), the setup (allocating the buffers, and pinning host ones: every measured run pays it, as a
+one-shot CLI run does, since torch's caches of device and pinned memory are emptied before each; the
+pinned one through torch._C._host_emptyCache, where this torch has it), and the whole capture time
+(setup, sampling, saving, the lens) of `pt` against `naive`; the one-time decoder compile (and warm-up) is
+a column of its own, left out of the totals. The safetensors writer's throughput (bytes
 over the seconds its thread spent in `save_file`; no fsync, so the page cache may absorb part of it) is
 set against the disk's sequential write speed measured in the same run (buffered writes + fsync into
 --output_dir). Peak host RSS is per mode (VmHWM, reset before each run where Linux allows, else the
@@ -69,7 +72,8 @@ from flux.pipeline import CaptureSession, compute_dtype, sample
 from flux.sampling import StepInfo, denoise, get_noise, get_schedule, prepare
 from flux.store import SCHEMA_VERSION
 
-MODES = ("off", "pt", "safetensors", "naive")
+MODES = ("off", "pt", "pt_host", "safetensors", "naive")
+CPU_MODES = ("off", "pt", "safetensors", "naive")  # on the CPU pt_host is pt: its buffers are host memory
 GB = 1e9
 
 
@@ -252,12 +256,19 @@ class Case:
         return {"sample_s": seconds}
 
     def run_pt(self) -> dict[str, float]:
+        return self._run_pt(on_device=None)
+
+    def run_pt_host(self) -> dict[str, float]:
+        return self._run_pt(on_device=False)
+
+    def _run_pt(self, on_device: bool | None) -> dict[str, float]:
         path, decoded = self.out / "capture.pt", self.out / "decoded"
         metadata, context = self.metadata("pt"), self.context()
-        start = time.perf_counter()  # allocating (pinning) the host buffers is part of a run's cost
+        start = time.perf_counter()  # allocating (pinning) the buffers is part of a run's cost
         session = CaptureSession.open(
-            self.flow, self.plan, "pt", path, self.txt_len, self.img_len, self.dtype, metadata, self.num_steps
-        )
+            self.flow, self.plan, "pt", path, self.txt_len, self.img_len, self.dtype, metadata,
+            self.num_steps, on_device=on_device,
+        )  # fmt: skip
         setup_s = time.perf_counter() - start
         saving, hooks = None, time_hooks(session)
         try:
@@ -589,7 +600,11 @@ def parse_args() -> argparse.Namespace:
         help="square sizes in pixels (default: 256 512 1024 on CUDA, 128 on CPU)",
     )
     parser.add_argument("--num_steps", type=int, default=None, help="default: the model's default")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
+    parser.add_argument(
+        "--modes",
+        default=None,
+        help=f"comma-separated, from {','.join(MODES)} (default: all; on the CPU {','.join(CPU_MODES)})",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="measured runs (default: 3 CUDA, 1 CPU)")
     parser.add_argument(
         "--naive_repeats",
@@ -623,6 +638,7 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.repeats, args.warmup = 1, 1
     args.disk_test_mb = args.disk_test_mb or (1024 if cuda else 128)
+    args.modes = args.modes or ",".join(MODES if cuda else CPU_MODES)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown := sorted(set(args.modes) - set(MODES)):
         parser.error(f"unknown --modes {unknown}; choose from {', '.join(MODES)}")
@@ -699,15 +715,15 @@ def main() -> None:
             "same for the first (warm-up) run of the mode (cold caches, as in a one-shot CLI run)\n"
             "hooks ms: CPU time per step in the capture hooks (what capture adds where launching kernels\n"
             "is the bottleneck, as at 256 and 512 px on a GPU)\n"
-            "setup s: allocating and pinning the host buffers (emptied caches, as in a one-shot run;\n"
-            "the CLI does it while the models load)\n"
+            "setup s: allocating the buffers and pinning host ones (emptied caches, as in a one-shot run;\n"
+            "the CLI pins host buffers while the models load)\n"
             "decode s: the lens's decoding; lens s: the whole lens after sampling (the decoder's set-up,\n"
             "a warm-up batch after the first run, and the contact sheets included), beside the .pt's write\n"
             f"total: setup + {what} in seconds, the first run's one-time compile (compile s) left out\n"
             "write GB/s: the safetensors writer into the page cache, in percent of the disk's fsync'd speed\n"
             "flushed: the same with the run's dirty pages flushed (os.sync), like for like (target >= 80%)\n"
             "naive/ours: total of naive over total of pt; w/o setup: the same, pt's setup left out (the\n"
-            "CLI pins its buffers while the models load)\n"
+            "CLI pins host buffers while the models load)\n"
             + ("" if rss_resets else "RSS GB: the process's peak so far (this system cannot reset it)\n")
         )
         print(HEADER)
@@ -717,7 +733,7 @@ def main() -> None:
             # batch fixed per size so every run reuses one compiled shape.
             compile = device.type == "cuda" and not args.no_compile
             batch_size = None
-            if "pt" in args.modes and not args.skip_decode:
+            if {"pt", "pt_host"} & set(args.modes) and not args.skip_decode:
                 batch_size = auto_batch_size(ae.params, size, size, device)
                 if device.type == "cuda":  # as decode_capture's default
                     batch_size = stable_batch_size(ae.params, size, size, batch_size)

@@ -59,10 +59,10 @@ def median(times: list[float]) -> float:
 
 def pin(shapes: dict, dtypes: dict, steps: int, cuda: bool):
     """(the pool of `steps` full buffer sets, pinned on CUDA; seconds it took)."""
-    from flux.capture import HostBufferPool
+    from flux.capture import BufferPool
 
     start = time.perf_counter()
-    pool = HostBufferPool(shapes, dtypes, pin=cuda)
+    pool = BufferPool(shapes, dtypes, pin=cuda)
     pool.preallocate(full=steps)
     return pool, time.perf_counter() - start
 

@@ -44,9 +44,9 @@ from torch import Tensor
 from flux.capture import (
     CONTEXT_KEYS,
     BlockCapture,
+    BufferPool,
     CapturePlan,
     HookSet,
-    HostBufferPool,
     format_steps,
     parse_steps,
 )
@@ -537,7 +537,7 @@ def replay(
     if record is not None:
         plan = replace(record, steps=tuple(k for k in record.steps if start <= k <= stop))
         shapes, dtypes = BlockCapture.shapes_for(model, plan, img.shape[0], txt_len, img_len, img.dtype)
-        pool = HostBufferPool(shapes, dtypes, pin=device.type == "cuda")
+        pool = BufferPool(shapes, dtypes, pin=device.type == "cuda")
         pool.preallocate(full=len(plan.steps), context=stop - start + 1 - len(plan.steps))  # pin up front
         recorder, steps = BlockCapture(model, plan, pool, txt_len), []
     intervener = Intervener(model, interventions, txt_len, offset=start)

@@ -182,9 +182,10 @@ class RunOptions:
         check_disk_space(_existing_parent(Path(self.output_dir)), needed, self.force, smaller_dtype)
         if self.format == "pt":
             # A .pt capture lives in host buffers until the end; pinned (CUDA) buffers are allocated in
-            # power-of-two sizes, up to twice what they hold.
+            # power-of-two sizes, up to twice what they hold. One that waits on the GPU comes to host
+            # memory at the end, unpinned, to be written.
             on_gpu = torch.device(self.device).type == "cuda"
-            held = self.estimated_capture_bytes(pinned=on_gpu)
+            held = self.estimated_capture_bytes(pinned=on_gpu and not self.capture_on_device())
             available = free = available_host_memory()
             if available is not None and (not on_gpu or self.offload):
                 available -= model_host_bytes(self.spec)  # the models will live in host memory too
@@ -200,7 +201,8 @@ class RunOptions:
             if available is not None and 0 < available < held / 0.8 and not self.force:
                 rounded = " (its pinned buffers rounded up to powers of two)" if held > needed else ""
                 raise UserError(
-                    f"A .pt capture is held in host memory until the run ends: this one needs up to "
+                    f"A .pt capture is held in memory until the run ends, and written from host memory: "
+                    f"this one needs up to "
                     f"{held / 1e9:.1f} GB{rounded}, over 80% of the {max(available, 0) / 1e9:.1f} GB "
                     "available beside the models. Use --format "
                     "safetensors (streamed to disk, a few steps in memory), capture less (--blocks, --steps, "
@@ -226,6 +228,17 @@ class RunOptions:
     def token_counts(self) -> tuple[int, int]:
         """(T text tokens, L image tokens) of this run."""
         return self.spec.t5_max_length, image_tokens(self.height, self.width)
+
+    def capture_on_device(self) -> bool:
+        """Whether this run's capture is expected to wait on the GPU until the run ends: a `.pt` capture
+        without --offload, on a GPU whose free memory, less the models' weights, holds it (see
+        `capture_fits_on_device`). Worked out before loading; after loading, the capture's buffers are
+        placed by the memory then free (`CaptureSession.buffers`)."""
+        device = torch.device(self.device)
+        if not (self.capture and self.format == "pt" and device.type == "cuda" and not self.offload):
+            return False
+        free = torch.cuda.mem_get_info(device)[0] - sum(model_bytes(self.spec).values())
+        return capture_fits_on_device(self.estimated_capture_bytes(), free)
 
     def estimated_capture_bytes(self, pinned: bool = False) -> int:
         """Bytes the planned block outputs take on disk, or (`pinned`) in pinned host buffers; the context
@@ -291,6 +304,20 @@ def _existing_parent(path: Path) -> Path:
     while not path.exists():
         path = path.parent
     return path
+
+
+# GPU memory a capture waiting on the GPU must leave free: the lens plans its batches for 16 GB within 70% of
+# the free memory (decode.STABLE_BATCH_BYTES: 23 GB), so that its batches, and its files, are those of a
+# later decode; the rest is room for sampling's activations (3 GB for flux-dev at 4096 px).
+DEVICE_CAPTURE_RESERVE = 26 * 2**30
+
+
+def capture_fits_on_device(nbytes: int, free: int) -> bool:
+    """Whether a `.pt` capture of `nbytes` may wait on the GPU, `free` bytes being free there beside the
+    models: when it leaves DEVICE_CAPTURE_RESERVE and takes at most half of what is free (flux-schnell's 6 GB
+    at 1024 px on an 80 GB GPU, not flux-dev's 80 GB at 1024 px on a 141 GB one). There it costs no
+    pinning, the hooks' copies stay on the GPU, and the lens reads it where it is."""
+    return nbytes <= min(free // 2, free - DEVICE_CAPTURE_RESERVE)
 
 
 def available_host_memory() -> int | None:

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flux.autoencoder import AutoEncoder
-from flux.capture import BlockCapture, CapturePlan, HostBufferPool, format_steps, host_nbytes
+from flux.capture import CONTEXT_KEYS, BlockCapture, BufferPool, CapturePlan, format_steps, host_nbytes
 from flux.configs import ModelSpec, get_spec
 from flux.loading import (
     AE_WHAT,
@@ -43,6 +43,7 @@ from flux.model import Flux, FluxParams
 from flux.options import (
     RunOptions,
     available_host_memory,
+    capture_fits_on_device,
     check_decode_flags,
     check_device,
     check_output_dir,
@@ -290,7 +291,8 @@ def load_models(
 
 def buffers_while_loading(opts: RunOptions) -> Future | None:
     """Start allocating the capture's host buffers in a thread, for one `generate(..., buffers=)` call; None
-    when that is better done as usual, after the models.
+    when that is better done as usual, after the models (among others, when the capture is expected to
+    wait on the GPU, see `RunOptions.capture_on_device`).
 
     Pinning them is slow (about 2.6 s for flux-schnell at 1024 px on an H200, longer for more steps) and
     needs nothing but the run's dimensions, so the CLI does it while the models load: at worst the two take
@@ -301,8 +303,8 @@ def buffers_while_loading(opts: RunOptions) -> Future | None:
     """
     from flux.options import TEXT_ENCODER_BYTES, model_host_bytes
 
-    if not opts.capture or opts.offload:
-        return None
+    if not opts.capture or opts.offload or opts.capture_on_device():
+        return None  # a capture on the GPU is allocated after the models, by the memory then free: quickly
     device, plan = torch.device(opts.device), opts.plan()
     available = available_host_memory()
     held = opts.estimated_capture_bytes(pinned=device.type == "cuda")
@@ -327,8 +329,8 @@ def buffers_in_a_thread(
     num_steps: int,
     device: torch.device,
 ) -> Future:
-    """`CaptureSession.buffers` for a model of `params`, run by a new thread: the future of the pool (or of
-    the error that allocating it raised)."""
+    """`CaptureSession.buffers` in host memory for a model of `params`, run by a new thread: the future of
+    the pool (or of the error that allocating it raised)."""
     future = Future()
 
     def allocate() -> None:
@@ -339,7 +341,9 @@ def buffers_in_a_thread(
                 torch.cuda.set_device(device)  # this thread's current GPU: the pinned memory is the run's
             with torch.device("meta"):
                 flow = Flux(params)  # only its dimensions are read
-            pool = CaptureSession.buffers(flow, plan, fmt, txt_len, img_len, dtype, num_steps, device)
+            pool = CaptureSession.buffers(
+                flow, plan, fmt, txt_len, img_len, dtype, num_steps, device, on_device=False
+            )
         except BaseException as e:  # generate reports it and allocates the buffers itself
             future.set_exception(e)
         else:
@@ -351,7 +355,7 @@ def buffers_in_a_thread(
     return future
 
 
-def _take_buffers(buffers: Future | None) -> HostBufferPool | None:
+def _take_buffers(buffers: Future | None) -> BufferPool | None:
     """The pool allocated while the models loaded; None (generate allocates it) if that failed."""
     if buffers is None:
         return None
@@ -386,16 +390,40 @@ class CaptureSession:
         dtype: torch.dtype,
         num_steps: int,
         device: torch.device,
-    ) -> HostBufferPool:
-        """The host buffers of a capture of these dimensions, allocated now (pinned on CUDA: slow, so all of
-        it before the first step, never inside the sampling loop). `flow` only lends its dimensions: a model
-        on the meta device will do."""
+        on_device: bool | None = None,
+    ) -> BufferPool:
+        """The buffers of a capture of these dimensions, allocated now, before the first step. `flow` only
+        lends its dimensions: a model on the meta device will do.
+
+        A `.pt` capture on CUDA waits on the GPU where it fits beside what is allocated now (`on_device`
+        None: `capture_fits_on_device`; True or False forces the choice). Otherwise it is host memory,
+        pinned on CUDA: slow, which is why all of it is allocated here, never inside the sampling loop.
+        """
         shapes, dtypes = BlockCapture.shapes_for(flow, plan, 1, txt_len, img_len, dtype)
+        captured, uncaptured = len(plan.steps), num_steps - len(plan.steps)
+        if fmt == "pt" and device.type == "cuda" and on_device is not False:
+            forced = on_device is True
+            if not forced:
+                from flux.decode import free_gpu_bytes
+
+                context = sum(math.prod(shapes[k]) * dtypes[k].itemsize for k in CONTEXT_KEYS)
+                nbytes = captured * sum(math.prod(s) * dtypes[k].itemsize for k, s in shapes.items())
+                on_device = capture_fits_on_device(nbytes + uncaptured * context, free_gpu_bytes(device))
+            if on_device:
+                try:
+                    pool = BufferPool(shapes, dtypes, pin=False, device=device)
+                    pool.preallocate(full=captured, context=uncaptured)
+                    return pool
+                except torch.cuda.OutOfMemoryError:
+                    if forced:
+                        raise
+                # Another process took the memory since it was measured: host memory it is.
+                pool = None
+                _empty_cache(device)
         pin = device.type == "cuda"
         held_bytes = sum(host_nbytes(math.prod(s) * dtypes[k].itemsize, pin) for k, s in shapes.items())
         limit = streaming_buffer_sets(held_bytes, available_host_memory()) if fmt == "safetensors" else None
-        pool = HostBufferPool(shapes, dtypes, pin=pin, limit=limit)
-        captured, uncaptured = len(plan.steps), num_steps - len(plan.steps)
+        pool = BufferPool(shapes, dtypes, pin=pin, limit=limit)
         # A .pt keeps every step's buffers; the writer recycles them, so a few sets of each kind will do
         # (one context-only set per uncaptured step made a sparse plan's memory grow with the steps).
         pool.preallocate(
@@ -417,8 +445,9 @@ class CaptureSession:
         metadata: dict,
         num_steps: int,
         device: torch.device | None = None,
-        pool: HostBufferPool | None = None,
+        pool: BufferPool | None = None,
         context: dict | None = None,
+        on_device: bool | None = None,
     ) -> "CaptureSession":
         """Prepare a capture into `path` (a `.pt` file, or a directory created here for safetensors).
 
@@ -426,15 +455,17 @@ class CaptureSession:
         on the CPU at this point, so pass the run's device). `pool`: its host buffers if already allocated
         (`buffers`, called with the same dimensions, e.g. while the models load); allocated here otherwise.
         `context`: the run's context known before sampling, which a safetensors capture writes at once.
+        `on_device`: whether a `.pt` capture's buffers are on the GPU (None: where they fit; see `buffers`).
         """
         device = device if device is not None else next(flow.parameters()).device
         shapes, dtypes = BlockCapture.shapes_for(flow, plan, 1, txt_len, img_len, dtype)
         if pool is None:
-            pool = cls.buffers(flow, plan, fmt, txt_len, img_len, dtype, num_steps, device)
-        elif (pool.shapes, pool.dtypes, pool.pin, pool.limit is None) != (
-            shapes, dtypes, device.type == "cuda", fmt == "pt"
-        ):  # fmt: skip
-            raise ValueError("the host buffers given were allocated for another capture")
+            pool = cls.buffers(flow, plan, fmt, txt_len, img_len, dtype, num_steps, device, on_device)
+        elif (pool.shapes, pool.dtypes, pool.limit is None) != (shapes, dtypes, fmt == "pt") or (
+            pool.device,
+            pool.pin,
+        ) not in ((None, device.type == "cuda"), (device, False)):  # host (pinned on CUDA), or the GPU's
+            raise ValueError("the buffers given were allocated for another capture")
         step_bytes = sum(math.prod(s) * dtypes[k].itemsize for k, s in shapes.items())
         if fmt == "safetensors":
             path.mkdir()
@@ -556,7 +587,7 @@ def generate(
         if opts.capture:
             session = CaptureSession.open(
                 models.flow, plan, opts.format, path, txt_len, img_len, dtype, metadata, opts.num_steps,
-                device, pool, context,
+                device, pool, context, on_device=False if models.offload else None,
             )  # fmt: skip
         models.flow.to(device)  # back from the CPU if offloaded, or parked by an earlier run's VAE work
     except BaseException:  # nothing was captured yet: take back the name and the folder made for it

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from flux.capture import CONTEXT_KEYS, HostBufferPool, StepBuffers
+from flux.capture import CONTEXT_KEYS, BufferPool, StepBuffers
 from flux.errors import UsageError, UserError, error_chain
 from flux.torchsave import torch_save
 
@@ -320,10 +320,39 @@ def _nbytes(tensors: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-class PtSink:
-    """Keeps every step in host memory and writes one `.pt` at the end (fine for small runs)."""
+def on_host(obj: Any) -> Any:
+    """`obj` (dicts, lists and tuples of tensors and plain values, as a capture is) with every tensor that is
+    not in host memory copied there; host tensors and all else are the same objects.
 
-    def __init__(self, path: Path, pool: HostBufferPool, estimated_bytes: int | None = None):
+    A GPU's tensors are copied on a side stream: on the stream the lens decodes on, each copy would wait for
+    every decoder batch queued before it. What made them must have finished (`PtSink.collect` waits).
+    """
+    streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def move(x: Any) -> Any:
+        if isinstance(x, Tensor):
+            if x.device.type == "cpu":
+                return x
+            if x.device.type != "cuda":
+                return x.cpu()
+            if x.device not in streams:
+                streams[x.device] = torch.cuda.Stream(x.device)
+            with torch.cuda.stream(streams[x.device]):
+                return x.cpu()
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(move(v) for v in x)
+        return x
+
+    return move(obj)
+
+
+class PtSink:
+    """Keeps every step in memory (host, or the GPU's where the capture fits there) and writes one `.pt` at
+    the end (fine for small runs)."""
+
+    def __init__(self, path: Path, pool: BufferPool, estimated_bytes: int | None = None):
         self.path, self.pool, self.estimated_bytes = path, pool, estimated_bytes
         self.steps: list[StepBuffers] = []
 
@@ -331,14 +360,17 @@ class PtSink:
         self.steps.append(step)
 
     def collect(self, context: dict, metadata: dict) -> dict[str, Any]:
-        """The capture in memory (its tensors are the host buffers), once every copy into them has landed."""
+        """The capture in memory (its tensors are the buffers), once every copy into them has landed."""
         for step in self.steps:
             step.wait()
         return assemble(self.steps, context, metadata)
 
     def write(self, capture: dict[str, Any]) -> Path:
-        """Write a collected capture to the `.pt` (atomically); safe to run in a thread beside readers."""
-        path = atomic_write(self.path, lambda tmp: torch_save(capture, tmp), needed=self.estimated_bytes)
+        """Write a collected capture to the `.pt` (atomically); safe to run in a thread beside readers.
+
+        Tensors on a GPU are written from host copies made here, so that the file loads on any machine."""
+        on_disk = on_host(capture)
+        path = atomic_write(self.path, lambda tmp: torch_save(on_disk, tmp), needed=self.estimated_bytes)
         self.steps.clear()  # the sink's hold on the host buffers; they are freed with the last reference
         return path
 
@@ -358,7 +390,7 @@ class SafetensorsSink:
     disk falls behind. `index.json` says which steps are on disk and whether the run completed.
     """
 
-    def __init__(self, directory: Path, pool: HostBufferPool, metadata: dict, context: dict | None = None):
+    def __init__(self, directory: Path, pool: BufferPool, metadata: dict, context: dict | None = None):
         """`context`: the run's context as far as it is known before sampling (all but `final_latent`),
         written at once, so that a run killed without a chance to clean up (SIGKILL, the OOM killer) still
         leaves steps that decode and replay."""

@@ -1,5 +1,6 @@
 """Checks that only a CUDA machine can run: capture copies on the side stream into pinned memory (bf16, and
-converted to fp32, and into buffers pinned by another thread as the CLI pins them while the models load),
+converted to fp32, and into buffers pinned by another thread as the CLI pins them while the models load) or
+into buffers on the GPU (a .pt that fits there, written from host copies),
 the lens on the GPU (exactness, batched vs one at a time, compiled vs eager), and --offload's moves.
 Run on a GPU machine (no weights needed: flux-tiny's are generated, or read from FLUX_TINY_DIR, in bf16):
 
@@ -44,6 +45,15 @@ def pixel_difference(a: Path, b: Path) -> tuple[int, float, float]:
     return max(int(d.max()) for d in diffs), float(np.mean(means)), max(means)
 
 
+def tensor_devices(obj) -> set[str]:
+    """The device types of the tensors in nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return {obj.device.type}
+    if isinstance(obj, (dict, list, tuple)):
+        return set().union(*map(tensor_devices, obj.values() if isinstance(obj, dict) else obj))
+    return set()
+
+
 def describe(diff: tuple[int, float, float]) -> str:
     return f"mean {diff[1]:.3f} levels, worst image {diff[2]:.3f}, worst pixel {diff[0]}"
 
@@ -74,10 +84,13 @@ def main() -> int:
         print(f"{'PASS' if ok else 'FAIL'} [{label}, {where}] {name}{f' ({detail})' if detail else ''}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [("pt", "both", None, False), ("safetensors", "both", None, False)]
-        runs += [("pt", "img", torch.float32, False), ("pt", "both", None, True)]
-        for fmt, streams, capture_dtype, early in runs:
-            label = f"{fmt}, {streams}, {capture_dtype or dtype}" + (", buffers pinned by a thread" * early)
+        # buffers: "auto" where CaptureSession.open puts them (for a .pt on a large GPU: on it), "host"
+        # pinned host memory, "thread" host memory pinned by another thread, as the CLI pins while loading
+        runs = [("pt", "both", None, "auto"), ("safetensors", "both", None, "auto")]
+        runs += [("pt", "img", torch.float32, "auto"), ("pt", "both", None, "thread")]
+        runs += [("pt", "both", None, "host")]
+        for fmt, streams, capture_dtype, buffers in runs:
+            label = f"{fmt}, {streams}, {capture_dtype or dtype}, buffers {buffers}"
             seen.clear()
             plan = CapturePlan.everything(flow, STEPS, capture_dtype)
             plan = CapturePlan(plan.double, plan.single, plan.steps, streams, capture_dtype)
@@ -90,15 +103,22 @@ def main() -> int:
             }
             path = Path(tmp) / f"capture_{len(list(Path(tmp).iterdir()))}{'.pt' if fmt == 'pt' else ''}"
             pool = None
-            if early:  # as capture_sample.py does while the models load (buffers_while_loading)
+            if buffers == "thread":  # as capture_sample.py does while the models load (buffers_while_loading)
                 dims = (plan, fmt, txt.shape[1], inp["img"].shape[1], dtype, STEPS, device)
                 pool = buffers_in_a_thread(flow.params, *dims).result()
                 pinned = [t.is_pinned() for t in pool.acquire().values()]
                 report(label, "the buffers are pinned on CUDA", set(pinned) == {device.type == "cuda"})
                 pool = buffers_in_a_thread(flow.params, *dims).result()  # fresh: the check above took a set
             session = CaptureSession.open(
-                flow, plan, fmt, path, txt.shape[1], inp["img"].shape[1], dtype, meta, STEPS, device, pool
-            )
+                flow, plan, fmt, path, txt.shape[1], inp["img"].shape[1], dtype, meta, STEPS, device, pool,
+                on_device=False if buffers == "host" else None,
+            )  # fmt: skip
+            if fmt == "pt" and device.type == "cuda":
+                # flux-tiny's few MB fit on any GPU: the .pt capture waits there unless told otherwise
+                on_gpu = session.capture.pool.device is not None
+                report(
+                    label, "the buffers are on the GPU exactly when expected", on_gpu == (buffers == "auto")
+                )
             latent = sample(flow, inp, timesteps, 3.5, session)
             ctx = {
                 "txt_seq_len": txt.shape[1],
@@ -106,6 +126,9 @@ def main() -> int:
                 "timestep_pairs": list(itertools.pairwise(timesteps)),
             }
             session.sink.finish(ctx, meta)
+            if fmt == "pt":  # a capture made on a GPU must open on a machine without one
+                devices = tensor_devices(torch.load(path, weights_only=True))  # no map_location
+                report(label, "the .pt holds host tensors only", devices == {"cpu"}, str(sorted(devices)))
             capture = load_capture(path)
             n_txt = 0 if streams == "img" else txt.shape[1]
             expected = {
@@ -115,7 +138,7 @@ def main() -> int:
             report(label, "capture does not change the result", torch.equal(latent, plain))
             report(
                 label,
-                "side-stream copies equal the block outputs",
+                "the captured copies equal the block outputs",
                 all(
                     torch.equal(capture["single_blocks"][f"block_{i}"][k], expected[i][k])
                     for i in expected

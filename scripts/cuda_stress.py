@@ -10,9 +10,9 @@ the reference comes from a separate run, and the capture run is made hostile:
   not protected by `record_stream` would be overwritten by later blocks before the copy reads it;
 - two pinned buffer sets and a slow disk, so sets are recycled while copies land (counted, not assumed).
 
-As a consistency check of the default path (not a race: sampling has synchronised by then), the lens of the
-in-memory `.pt`, read while `torch.save` writes it in a thread, must give the same JPEGs as the lens of the
-same capture read back from disk.
+As a consistency check of the `.pt` paths (not a race: sampling has synchronised by then), the lens of the
+in-memory `.pt` (in pinned host buffers, or on the GPU), read while `torch.save` writes it in a thread, must
+give the same JPEGs as the lens of the same capture read back from disk.
 
 Every captured tensor (double img/txt, single, vec, pred, img_state at every step) must equal the reference.
 
@@ -160,14 +160,21 @@ def main() -> int:
         failures += not ok
         print(f"{'PASS' if ok else 'FAIL'} [{where}] {name}{f' ({detail})' if detail else ''}", flush=True)
 
-    passes = [("safetensors", "compute_slow"), ("safetensors", "copy_slow"), ("pt", "copy_slow")]
+    # (format, provocation, buffers on the GPU): a .pt in pinned host buffers and on the GPU, where the
+    # write's host copies run on a side stream beside the lens
+    passes = [
+        ("safetensors", "compute_slow", False),
+        ("safetensors", "copy_slow", False),
+        ("pt", "copy_slow", False),
+        ("pt", "compute_slow", True),
+    ]
     if not cuda:
-        passes = [("safetensors", None), ("pt", None)]
+        passes = [("safetensors", None, False), ("pt", None, False)]
     with tempfile.TemporaryDirectory() as tmp:
         lens = {}
-        for n, (fmt, provocation) in enumerate(passes):
+        for n, (fmt, provocation, on_device) in enumerate(passes):
             mode["now"] = provocation
-            label = f"{fmt}, {provocation or 'no delays'}"
+            label = f"{fmt}{' on the GPU' * on_device}, {provocation or 'no delays'}"
             plan = CapturePlan.everything(flow, STEPS)
             meta = {
                 "captured_steps": list(plan.steps),
@@ -177,7 +184,12 @@ def main() -> int:
                 "streams": "both",
             }
             path = Path(tmp) / (f"capture_{n}" if fmt == "safetensors" else f"capture_{n}.pt")
-            session = CaptureSession.open(flow, plan, fmt, path, T, L, dtype, meta, STEPS, device)
+            session = CaptureSession.open(
+                flow, plan, fmt, path, T, L, dtype, meta, STEPS, device, on_device=on_device
+            )
+            if cuda and fmt == "pt":
+                where_ok = (session.capture.pool.device is not None) == on_device
+                report(f"{label}: the buffers are where they were asked to be", where_ok)
             pool, acquired, most_sets = session.capture.pool, [], [0]
             acquire = pool.acquire
 
@@ -202,13 +214,12 @@ def main() -> int:
                 "timestep_pairs": list(itertools.pairwise(timesteps)),
             }
             report(f"{label}: capture does not change the result", torch.equal(latent, plain))
-            if fmt == "pt":  # the lens reads the pinned buffers while torch.save writes them
+            if fmt == "pt":  # the lens reads the buffers while torch.save writes them
                 in_memory = session.sink.collect(context, meta)
                 writer = threading.Thread(target=session.sink.write, args=(in_memory,))
                 writer.start()
-                lens["pt, in memory"] = Path(tmp) / "lens_memory"
-                decode_capture(in_memory, flow.final_layer, ae, lens["pt, in memory"], device=device,
-                               progress=False)  # fmt: skip
+                lens[label] = Path(tmp) / f"lens_memory_{n}"
+                decode_capture(in_memory, flow.final_layer, ae, lens[label], device=device, progress=False)
                 writer.join()
                 mode["now"] = None
             else:
@@ -229,14 +240,15 @@ def main() -> int:
                 decode_capture(
                     capture, flow.final_layer, ae, lens["from disk"], device=device, progress=False
                 )
-        a, b = lens["pt, in memory"], lens["from disk"]
-        names = sorted(p.name for p in a.glob("*_block_*.jpg"))
-        same = bool(names) and all((a / name).read_bytes() == (b / name).read_bytes() for name in names)
-        report(
-            "the lens of the in-memory .pt (read beside torch.save) equals the lens from disk",
-            same,
-            f"{len(names)} files",
-        )
+        b = lens.pop("from disk")
+        for label, a in lens.items():
+            names = sorted(p.name for p in a.glob("*_block_*.jpg"))
+            same = bool(names) and all((a / name).read_bytes() == (b / name).read_bytes() for name in names)
+            report(
+                f"{label}: the lens of the in-memory .pt (read beside torch.save) equals the lens from disk",
+                same,
+                f"{len(names)} files",
+            )
     return 1 if failures else 0
 
 

@@ -26,7 +26,7 @@ def run(*args: str, env: dict | None = None) -> str:
 def test_bench_capture_runs_every_mode_with_random_weights(tmp_path):
     report, work = tmp_path / "capture.json", tmp_path / "work"
     args = ["--repeats", "2", "--naive_repeats", "1", "--sizes", "64", "--random_weights"]
-    args += ["--json", str(report), "--output_dir", str(work)]
+    args += ["--json", str(report), "--output_dir", str(work), "--modes", "off,pt,pt_host,safetensors,naive"]
     # What a run killed by `timeout` leaves behind (it skips its clean-up) is not in the next run's way.
     leftovers = work / "bench_capture_killed"
     for name in ("capture_st", "naive_decoded", "decoded"):
@@ -35,11 +35,13 @@ def test_bench_capture_runs_every_mode_with_random_weights(tmp_path):
     data = json.loads(report.read_text())
     assert data["model"] == "flux-tiny" and data["weights"] == "random weights" and data["steps"] == 4
     rows = {r["mode"]: r for r in data["results"]}
-    assert set(rows) == {"off", "pt", "safetensors", "naive"} and all(r["size"] == 64 for r in rows.values())
+    modes = {"off", "pt", "pt_host", "safetensors", "naive"}
+    assert set(rows) == modes and all(r["size"] == 64 for r in rows.values())
     pt, st, naive = rows["pt"], rows["safetensors"], rows["naive"]
     # Two measured runs of each mode and one of naive (the slowest), after the warm-ups.
     assert data["repeats"] == 2 and data["naive_repeats"] == 1
-    assert [len(rows[m]["sample_s_runs"]) for m in ("off", "pt", "safetensors", "naive")] == [2, 2, 2, 1]
+    assert {m: len(rows[m]["sample_s_runs"]) for m in modes} == {**dict.fromkeys(modes, 2), "naive": 1}
+    assert rows["pt_host"]["images"] == pt["images"]  # the same path, its buffers in host memory
     assert rows["off"]["sample_s"] == pytest.approx(sum(rows["off"]["sample_s_runs"]) / 2)  # the median
     # flux-tiny: 2 double + 3 single blocks at 4 steps; our lens also decodes the final latent.
     assert pt["images"] == 5 * 4 + 1 and naive["images"] == 5 * 4
@@ -53,8 +55,8 @@ def test_bench_capture_runs_every_mode_with_random_weights(tmp_path):
     assert all(0 < r["hook_s"] < r["sample_s"] for r in (pt, st)) and "hook_s" not in naive
     assert "naive/ours" in printed and "w/o setup" in printed and "64 pt" in printed
     # Every measured run is in the JSON as it ended, so a run cut short keeps what it measured.
-    modes = ["naive", "off", "off", "pt", "pt", "safetensors", "safetensors"]
-    assert sorted(r["mode"] for r in data["runs"]) == modes
+    ran = ["naive", "off", "off", "pt", "pt", "pt_host", "pt_host", "safetensors", "safetensors"]
+    assert sorted(r["mode"] for r in data["runs"]) == ran
     # The writer to the disk (its dirty pages flushed) is never faster than into the page cache; the lens
     # counts its decoding and more (set-up, sheets).
     assert 0 < st["flushed_Bps"] <= st["write_Bps"] and st["flush_s"] >= 0

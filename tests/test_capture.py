@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from flux.capture import BlockCapture, CapturePlan, HostBufferPool
+from flux.capture import BlockCapture, BufferPool, CapturePlan
 from flux.configs import TINY_PARAMS
 from flux.errors import UsageError
 from flux.model import Flux
@@ -34,7 +34,7 @@ def _run(model, plan=None, num_steps=3):
         return denoise(model, **args, timesteps=timesteps, guidance=3.5), None
     txt_len, img_len = inp["txt"].shape[1], inp["img"].shape[1]
     shapes, dtypes = BlockCapture.shapes_for(model, plan, 1, txt_len, img_len, torch.float32)
-    pool = HostBufferPool(shapes, dtypes, pin=False)
+    pool = BufferPool(shapes, dtypes, pin=False)
     steps = []
     with BlockCapture(model, plan, pool, txt_len) as cap:
         out = denoise(
@@ -79,7 +79,7 @@ def test_hooks_removed_after_run_and_after_error(model):
     modules = [*model.double_blocks, *model.single_blocks, model.final_layer]
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
 
-    pool = HostBufferPool(*BlockCapture.shapes_for(model, plan, 1, 5, 12, torch.float32), pin=False)
+    pool = BufferPool(*BlockCapture.shapes_for(model, plan, 1, 5, 12, torch.float32), pin=False)
     with pytest.raises(RuntimeError, match="boom"), BlockCapture(model, plan, pool, 5):
         assert model.double_blocks[0]._forward_hooks
         raise RuntimeError("boom")
@@ -222,7 +222,7 @@ def test_a_released_context_set_is_never_handed_out_for_a_captured_step(model):
     a captured step's shard would silently lack its block outputs."""
     plan = CapturePlan.parse(None, "1", "both", None, 2, 3, 3)
     shapes, dtypes = BlockCapture.shapes_for(model, plan, 1, 5, 12, torch.float32)
-    pool = HostBufferPool(shapes, dtypes, pin=False, limit=1)
+    pool = BufferPool(shapes, dtypes, pin=False, limit=1)
     context_only = pool.acquire(captured=False)
     assert set(context_only) < set(shapes)
     pool.release(context_only)
@@ -237,7 +237,7 @@ def test_a_limited_pool_waits_for_a_released_set_of_either_kind(model, captured)
     """When the disk falls behind, neither kind of set grows past the limit: the sampler waits for a set to
     come back, so host memory stays at `limit` steps however many steps the plan skips."""
     plan = CapturePlan.parse(None, "1", "both", None, 2, 3, 3)
-    pool = HostBufferPool(*BlockCapture.shapes_for(model, plan, 1, 5, 12, torch.float32), pin=False, limit=2)
+    pool = BufferPool(*BlockCapture.shapes_for(model, plan, 1, 5, 12, torch.float32), pin=False, limit=2)
     held = [pool.acquire(captured), pool.acquire(captured)]
     got = []
     waiting = threading.Thread(target=lambda: got.append(pool.acquire(captured)), daemon=True)

@@ -1302,8 +1302,8 @@ def test_the_host_memory_refusal_names_the_capture_and_the_memory_beside_the_mod
     with pytest.raises(UserError) as refused:
         RunOptions(model="flux-schnell", output_dir=str(tmp_path), device="cpu").validate()
     assert str(refused.value).startswith(
-        "A .pt capture is held in host memory until the run ends: this one needs up to 0.7 GB, over 80% of "
-        "the 0.8 GB available beside the models. Use --format safetensors"
+        "A .pt capture is held in memory until the run ends, and written from host memory: this one needs "
+        "up to 0.7 GB, over 80% of the 0.8 GB available beside the models. Use --format safetensors"
     )
 
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from flux import load_capture
-from flux.capture import BlockCapture, CapturePlan, HostBufferPool
+from flux.capture import BlockCapture, BufferPool, CapturePlan
 from flux.configs import TINY_PARAMS
 from flux.errors import UserError
 from flux.model import Flux
@@ -63,7 +63,7 @@ def _capture(model, sink_factory, plan: CapturePlan, stop_after: int | None = No
         "height": 48,
         "width": 64,
     }
-    pool = HostBufferPool(shapes, dtypes, pin=False, limit=limit)
+    pool = BufferPool(shapes, dtypes, pin=False, limit=limit)
     sink = sink_factory(pool, meta)
     context = {"y": y, "txt": inp["txt"], "txt_seq_len": 5, "guidance": 3.5}
 
@@ -865,7 +865,7 @@ def test_pinned_buffers_are_counted_at_their_power_of_two_size():
     assert plan.bytes_per_step(1, 256, 4096, 3072, 2, pinned=True) == 19 * (32 + 2) * MiB + 38 * 32 * MiB
 
 
-def _free_buffers(pool: HostBufferPool) -> list:
+def _free_buffers(pool: BufferPool) -> list:
     """Weak references to the tensors of the pool's free sets, which stay in the pool."""
     import weakref
 
@@ -915,7 +915,7 @@ def test_a_streamed_capture_holds_no_host_buffers_from_the_final_decode_on(tmp_p
     from flux.pipeline import RunOptions, generate, load_models
 
     made = []
-    new = HostBufferPool._new
+    new = BufferPool._new
 
     def tracked(self, full):
         tensors = new(self, full)
@@ -936,7 +936,7 @@ def test_a_streamed_capture_holds_no_host_buffers_from_the_final_decode_on(tmp_p
         alive_at_the_image.append(sum(ref() is not None for ref in made))
         return decode_image(*args, **kwargs)
 
-    monkeypatch.setattr(HostBufferPool, "_new", tracked)
+    monkeypatch.setattr(BufferPool, "_new", tracked)
     monkeypatch.setattr(flux.pipeline, "decode_saved", lens)
     monkeypatch.setattr(flux.pipeline.Models, "decode", image)
     opts = RunOptions(
@@ -1233,14 +1233,15 @@ def test_on_a_gpu_buffers_are_pinned_while_loading_when_they_fit_beside_the_text
     """On CUDA the flow model and AE load onto the GPU, while transformers may read T5 and CLIP (9.8 GB for
     the published models) into host memory first: the pinned buffers must fit beside those. flux-tiny at
     64x48, 4 steps, pinned (powers of two): 2 double blocks x (4,096 + 8,192) + 3 single blocks x 16,384 =
-    73,728 bytes a step, 294,912 in all."""
+    73,728 bytes a step, 294,912 in all. A capture that is to wait on the GPU is not pinned at all: here
+    the GPU has too little free memory for that (another process holds most of it)."""
     import flux.options
     import flux.pipeline
     from flux.pipeline import RunOptions, buffers_while_loading
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * 10**9, 80 * 10**9))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * 10**9, 80 * 10**9))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a test GPU")
     monkeypatch.setattr(flux.options, "available_host_memory", lambda: 64 * 2**30)
     # Pinning needs a real GPU: only the decision to start is checked here, not the allocation.
@@ -1253,6 +1254,40 @@ def test_on_a_gpu_buffers_are_pinned_while_loading_when_they_fit_beside_the_text
     assert buffers_while_loading(opts) == "started"
     monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: beside - 1)
     assert buffers_while_loading(opts) is None
+    assert not opts.capture_on_device()
+
+
+def test_a_pt_capture_expected_to_wait_on_the_gpu_is_not_pinned_while_loading(monkeypatch, tmp_path):
+    """With the GPU's memory free, flux-tiny's capture will wait there: nothing to pin while the models load
+    (generate allocates it on the GPU after them, quickly), and the host-memory check counts the capture
+    unpinned, as its host copy for the write is. Not for safetensors, nor with --offload."""
+    import flux.options
+    import flux.pipeline
+    from flux.pipeline import RunOptions, buffers_while_loading
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * 10**9, 80 * 10**9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a test GPU")
+    monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: 64 * 2**30)
+    monkeypatch.setattr(flux.pipeline, "buffers_in_a_thread", lambda *args: "started")
+
+    def options(**kw) -> RunOptions:
+        return RunOptions(
+            model="flux-tiny", width=64, height=48, device="cuda", output_dir=str(tmp_path), **kw
+        ).validate()
+
+    assert options().capture_on_device() and buffers_while_loading(options()) is None
+    assert not options(format="safetensors").capture_on_device()
+    assert buffers_while_loading(options(format="safetensors")) == "started"
+    assert not options(offload=True).capture_on_device()  # (and nothing is pinned early with --offload)
+    # The .pt's host-memory check: the 294,912 bytes of pinned buffers (powers of two) do not fit in
+    # 350,000 bytes at 80%; the 225,280 bytes the capture holds, copied to host memory for the write, do.
+    monkeypatch.setattr(flux.options, "available_host_memory", lambda: 350_000)
+    assert options().estimated_capture_bytes() == 225_280 and options().capture_on_device()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * 10**9, 80 * 10**9))
+    with pytest.raises(UserError, match="host memory"):
+        options()
 
 
 def test_a_streamed_capture_of_fewer_steps_than_the_writers_sets_counts_only_its_steps(monkeypatch):
@@ -1287,7 +1322,7 @@ def test_buffers_allocated_while_the_models_load_give_the_same_capture(tmp_path,
 
     allocations = []
     real = CaptureSession.buffers
-    monkeypatch.setattr(CaptureSession, "buffers", lambda *a: allocations.append(a) or real(*a))
+    monkeypatch.setattr(CaptureSession, "buffers", lambda *a, **k: allocations.append(a) or real(*a, **k))
     buffers = buffers_while_loading(options(tmp_path / "early"))
     assert buffers is not None
     models = load_models(options(tmp_path).spec, "cpu", progress=False)
@@ -1408,6 +1443,70 @@ def test_buffers_allocated_for_another_capture_are_refused(model, tmp_path):
         model, plan, "pt", tmp_path / "c.pt", 8, 12, torch.float32, {}, 2, torch.device("cpu"), pool
     )
     assert session.capture.pool is pool
+    # Buffers on a device serve a .pt capture on that device only (a safetensors one streams from host
+    # memory); a device's buffers are never pinned.
+    shapes, dtypes = BlockCapture.shapes_for(model, plan, 1, 8, 12, torch.float32)
+    with pytest.raises(ValueError, match="pin=False"):
+        BufferPool(shapes, dtypes, pin=True, device=torch.device("cpu"))
+    for fmt, device, accepted in (("pt", "cpu", True), ("pt", "meta", False), ("safetensors", "cpu", False)):
+        on_device = BufferPool(shapes, dtypes, pin=False, device=torch.device(device))
+        path = tmp_path / (f"{device}.pt" if fmt == "pt" else device)
+        args = (model, plan, fmt, path, 8, 12, torch.float32, {}, 2, torch.device("cpu"), on_device)
+        if accepted:
+            assert CaptureSession.open(*args).capture.pool is on_device
+        else:
+            with pytest.raises(ValueError, match="another capture"):
+                CaptureSession.open(*args)
+
+
+def test_a_pt_capture_waits_on_the_gpu_only_where_it_leaves_the_lens_its_batch():
+    """The rule that puts a .pt capture's buffers on the GPU: the published models' sizes its docstring
+    names, worked out from the plan and the models' weights, and its two limits."""
+    from flux.configs import CONFIGS
+    from flux.decode import STABLE_BATCH_BYTES
+    from flux.options import DEVICE_CAPTURE_RESERVE, capture_fits_on_device, model_bytes
+
+    # The lens plans a batch of STABLE_BATCH_BYTES within 70% of the free memory: the reserve keeps that.
+    assert DEVICE_CAPTURE_RESERVE >= STABLE_BATCH_BYTES / 0.7
+
+    def capture_bytes(name: str, side: int, steps: int) -> int:
+        spec = CONFIGS[name]
+        with torch.device("meta"):
+            flow = Flux(spec.params)
+        plan = CapturePlan.everything(flow, steps)
+        return steps * plan.bytes_per_step(
+            1, spec.t5_max_length, (side // 16) ** 2, spec.params.hidden_size, 2
+        )
+
+    def free_beside_models(name: str, gpu_bytes: int) -> int:
+        return gpu_bytes - sum(model_bytes(CONFIGS[name]).values())
+
+    schnell = capture_bytes("flux-schnell", 1024, 4)
+    assert 5e9 < schnell < 7e9  # 1.5 GB a step, as measured (README)
+    assert capture_fits_on_device(schnell, free_beside_models("flux-schnell", 80 * 10**9))  # an H100
+    dev = capture_bytes("flux-dev", 1024, 50)
+    assert 75e9 < dev < 85e9
+    assert not capture_fits_on_device(dev, free_beside_models("flux-dev", 141 * 10**9))  # an H200
+    # At most half of what is free, and never into the reserve.
+    big = 200 * 2**30
+    assert capture_fits_on_device(big // 2, big) and not capture_fits_on_device(big // 2 + 1, big)
+    small = DEVICE_CAPTURE_RESERVE + 2**30
+    assert capture_fits_on_device(2**30, small) and not capture_fits_on_device(2**30 + 1, small)
+    assert not capture_fits_on_device(1, DEVICE_CAPTURE_RESERVE // 2)
+
+
+def test_on_host_copies_only_what_is_not_in_host_memory():
+    """A capture written from the GPU goes through on_host; host tensors must not be copied again (a .pt
+    capture in host memory can be tens of GB), and the capture's structure must survive as it is."""
+    from flux.store import on_host
+
+    a, b = torch.ones(2), torch.zeros(3)
+    capture = {"blocks": {"block_0": [(a, b)]}, "context": {"steps": [a], "n": 3, "pairs": [(1.0, 0.5)]}}
+    out = on_host(capture)
+    assert out["blocks"]["block_0"][0][0] is a and out["blocks"]["block_0"][0][1] is b
+    assert type(out["blocks"]["block_0"][0]) is tuple and type(out["blocks"]["block_0"]) is list
+    assert out["context"]["steps"][0] is a and out["context"]["n"] == 3
+    assert out["context"]["pairs"] == [(1.0, 0.5)]
 
 
 def test_the_next_free_number_is_one_past_the_highest_not_the_count(tmp_path):
