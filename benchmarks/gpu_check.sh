@@ -3,10 +3,11 @@
 # call may run 10 minutes, a session has 15 in all). Full-size flux-schnell with random weights built on the
 # GPU (speed does not depend on weight values); the device's own python3 and torch run our checkout.
 #
-#   bash benchmarks/gpu_check.sh 1    # CUDA correctness checks (bf16, pinned copies, provoked races) + the
-#                                     # lens benchmark + the attention maps' cost
-#   bash benchmarks/gpu_check.sh 2    # the capture benchmark (the issue's targets): 512 and 256 px
-#                                     # (5 rounds), then 1024 px (3); then pinning and the .pt write
+#   bash benchmarks/gpu_check.sh 1    # CUDA correctness checks (bf16, pinned copies, a .pt on the GPU,
+#                                     # provoked races) + the lens benchmark + the attention maps' cost
+#   bash benchmarks/gpu_check.sh 2    # the capture benchmark (the issue's targets; pt on the GPU and
+#                                     # pt_host in pinned memory): 512 and 256 px (5 rounds), then
+#                                     # 1024 px (3); then pinning and the .pt write
 #   bash benchmarks/gpu_check.sh checks   # stage 1 without the lens and attention benchmarks
 #
 # Run stage 2 straight after stage 1: an idle machine is handed back after 30 s, and a fresh one costs

@@ -91,7 +91,7 @@ def format_steps(steps: Sequence[int] | None) -> str:
 
 @dataclass(frozen=True)
 class CapturePlan:
-    """Which block outputs to copy off the device, at which steps, in which dtype."""
+    """Which block outputs to capture, at which steps, in which dtype."""
 
     double: tuple[int, ...]
     single: tuple[int, ...]
@@ -201,7 +201,7 @@ CONTEXT_KEYS = ("img_state", "vec", "pred")  # recorded at every step, captured 
 
 @dataclass
 class StepBuffers:
-    """One step's host buffers, keyed like the shard keys, and the event that marks them complete.
+    """One step's buffers, keyed like the shard keys, and the event that marks them complete.
 
     A captured step holds the context (`img_state`, `vec`, `pred`) and the planned block outputs; any other
     step holds the context only.
@@ -337,7 +337,7 @@ class BlockCapture(HookSet):
     def shapes_for(
         model: Flux, plan: CapturePlan, batch: int, txt_len: int, img_len: int, model_dtype: torch.dtype
     ) -> tuple[dict[str, tuple], dict[str, torch.dtype]]:
-        """Shapes and dtypes of one step's host buffers (block outputs in the plan, then the context)."""
+        """Shapes and dtypes of one step's buffers (block outputs in the plan, then the context)."""
         hidden = model.hidden_size
         shapes = plan.keys_and_shapes(batch, txt_len, img_len, hidden)
         dtypes = dict.fromkeys(shapes, plan.dtype or model_dtype)

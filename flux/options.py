@@ -181,11 +181,12 @@ class RunOptions:
         smaller_dtype = (self.plan().dtype or compute_dtype(self.spec)).itemsize > 2
         check_disk_space(_existing_parent(Path(self.output_dir)), needed, self.force, smaller_dtype)
         if self.format == "pt":
-            # A .pt capture lives in host buffers until the end; pinned (CUDA) buffers are allocated in
-            # power-of-two sizes, up to twice what they hold. One that waits on the GPU comes to host
-            # memory at the end, unpinned, to be written.
+            # A .pt capture lives in host buffers until the end, pinned on CUDA, where they are allocated
+            # in power-of-two sizes, up to twice what they hold. One expected to wait on the GPU comes to
+            # host memory unpinned, to be written, but whether it fits there is settled only after loading
+            # (CaptureSession.buffers), so it is counted as pinned too.
             on_gpu = torch.device(self.device).type == "cuda"
-            held = self.estimated_capture_bytes(pinned=on_gpu and not self.capture_on_device())
+            held = self.estimated_capture_bytes(pinned=on_gpu)
             available = free = available_host_memory()
             if available is not None and (not on_gpu or self.offload):
                 available -= model_host_bytes(self.spec)  # the models will live in host memory too
@@ -306,9 +307,9 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
-# GPU memory a capture waiting on the GPU must leave free: the lens plans its batches for 16 GB within 70% of
-# the free memory (decode.STABLE_BATCH_BYTES: 23 GB), so that its batches, and its files, are those of a
-# later decode; the rest is room for sampling's activations (3 GB for flux-dev at 4096 px).
+# GPU memory a capture waiting on the GPU must leave free: the lens plans its batches for 16 GiB within 70% of
+# the free memory (decode.STABLE_BATCH_BYTES: 22.9 GiB free), so that its batches, and its files, are those
+# of a later decode; the rest is room for sampling's activations (about 3 GB for flux-dev at 4096 px).
 DEVICE_CAPTURE_RESERVE = 26 * 2**30
 
 

@@ -13,6 +13,7 @@ import shutil
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -374,7 +375,7 @@ def _take_buffers(buffers: Future | None) -> BufferPool | None:
 # -------------------------------------------------------------------------------------- generation
 @dataclass
 class CaptureSession:
-    """Hooks, host buffers and a sink for one sampling run: the glue between the sampler and the store."""
+    """Hooks, buffers and a sink for one sampling run: the glue between the sampler and the store."""
 
     capture: BlockCapture
     sink: PtSink | SafetensorsSink
@@ -452,7 +453,7 @@ class CaptureSession:
         """Prepare a capture into `path` (a `.pt` file, or a directory created here for safetensors).
 
         `device` is where sampling will run (default: where `flow` is now; with --offload the model is still
-        on the CPU at this point, so pass the run's device). `pool`: its host buffers if already allocated
+        on the CPU at this point, so pass the run's device). `pool`: its buffers if already allocated
         (`buffers`, called with the same dimensions, e.g. while the models load); allocated here otherwise.
         `context`: the run's context known before sampling, which a safetensors capture writes at once.
         `on_device`: whether a `.pt` capture's buffers are on the GPU (None: where they fit; see `buffers`).
@@ -461,11 +462,14 @@ class CaptureSession:
         shapes, dtypes = BlockCapture.shapes_for(flow, plan, 1, txt_len, img_len, dtype)
         if pool is None:
             pool = cls.buffers(flow, plan, fmt, txt_len, img_len, dtype, num_steps, device, on_device)
-        elif (pool.shapes, pool.dtypes, pool.limit is None) != (shapes, dtypes, fmt == "pt") or (
-            pool.device,
-            pool.pin,
-        ) not in ((None, device.type == "cuda"), (device, False)):  # host (pinned on CUDA), or the GPU's
-            raise ValueError("the buffers given were allocated for another capture")
+        else:
+            # Host memory (pinned on CUDA), or the run's device for a .pt; bounded for safetensors only.
+            places = [(None, device.type == "cuda")] + [(device, False)] * (fmt == "pt")
+            if (pool.shapes, pool.dtypes, pool.limit is None) != (shapes, dtypes, fmt == "pt") or (
+                pool.device,
+                pool.pin,
+            ) not in places:
+                raise ValueError("the buffers given were allocated for another capture")
         step_bytes = sum(math.prod(s) * dtypes[k].itemsize for k, s in shapes.items())
         if fmt == "safetensors":
             path.mkdir()
@@ -473,6 +477,15 @@ class CaptureSession:
         else:
             sink = PtSink(path, pool, step_bytes * len(plan.steps))
         return cls(BlockCapture(flow, plan, pool, txt_len), sink, path)
+
+    def release(self) -> None:
+        """Let go of every buffer set the session holds (a `.pt` sink's steps, the step being filled, the
+        pool's free sets), so their memory goes back once nothing else holds it: for when the capture is
+        written or given up."""
+        self.capture.current = None
+        if isinstance(self.sink, PtSink):
+            self.sink.steps.clear()
+        self.capture.pool.drain()
 
     def before_step(self, info) -> None:
         self.capture.begin_step(info.index, info.img)
@@ -584,12 +597,14 @@ def generate(
             files={"capture": str(path), "metadata": str(metadata_path_for(stem, inter_dir))},
         )
     try:
+        # Back from the CPU if offloaded, or parked by an earlier run's VAE work; before the capture's
+        # buffers, which may go on the GPU by the memory left free beside it.
+        models.flow.to(device)
         if opts.capture:
             session = CaptureSession.open(
                 models.flow, plan, opts.format, path, txt_len, img_len, dtype, metadata, opts.num_steps,
                 device, pool, context, on_device=False if models.offload else None,
             )  # fmt: skip
-        models.flow.to(device)  # back from the CPU if offloaded, or parked by an earlier run's VAE work
     except BaseException:  # nothing was captured yet: take back the name and the folder made for it
         if session is not None:
             session.sink.abort()
@@ -644,7 +659,7 @@ def generate(
             context["final_latent"] = latent.cpu()
             save_start = time.perf_counter()
             if lens and isinstance(session.sink, PtSink):
-                # The .pt is written by a thread while the lens decodes the same host buffers: at disk
+                # The .pt is written by a thread while the lens decodes the same buffers: at disk
                 # speed (~0.7 GB/s for torch.save) the write would otherwise add its whole time to the run.
                 capture = session.sink.collect(context, metadata)
                 saving = _write_beside(session.sink, capture, result, stem, inter_dir)
@@ -657,6 +672,8 @@ def generate(
     except BaseException as e:
         if session is not None and not finished and saving is None:
             _report_interrupted(session, context, metadata, inter_dir, stem, e)
+            session.release()  # a .pt's buffers may hold half the GPU; the traceback keeps the session
+            _empty_cache(device)
         raise
     finally:
         if stem is not None and saving is None:
@@ -665,12 +682,23 @@ def generate(
         models.offload_decoder()
         return result
 
-    if lens:
-        _run_lens(models, opts, result, capture, saving, inter_dir / "decoded" / stem, progress)
-    if saving is not None:
-        _wait_for_the_write(saving, result)
-        capture = None  # the last reference to the host buffers, so the pinned memory can go back
+    try:
+        if lens:
+            _run_lens(models, opts, result, capture, saving, inter_dir / "decoded" / stem, progress)
+        if saving is not None:
+            _wait_for_the_write(saving, result)
+    except BaseException as e:
+        # The lens's frames, kept by the traceback, hold the capture too: their locals go (not this frame's,
+        # which is still running), so that the buffers can go back below.
+        traceback.clear_frames(e.__traceback__)
+        raise
+    finally:
+        # The last references to the capture's buffers (pinned host memory, or the GPU's), so that their
+        # memory goes back, also when the lens or the write failed: a traceback keeps this frame alive.
+        capture = None
+        session.release()
         _free_pinned_memory()
+        _empty_cache(device)
     models.offload_decoder()
     return result
 

@@ -325,7 +325,10 @@ def on_host(obj: Any) -> Any:
     not in host memory copied there; host tensors and all else are the same objects.
 
     A GPU's tensors are copied on a side stream: on the stream the lens decodes on, each copy would wait for
-    every decoder batch queued before it. What made them must have finished (`PtSink.collect` waits).
+    every decoder batch queued before it. What made them must have finished (`PtSink.collect` waits). The
+    calling thread's current GPU is switched to the tensor's for the copy and back: a stream context alone
+    would, on its way out, make GPU 0 current (creating a context there, hundreds of MB) in a thread that
+    never chose one, for a run on another GPU.
     """
     streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -335,10 +338,11 @@ def on_host(obj: Any) -> Any:
                 return x
             if x.device.type != "cuda":
                 return x.cpu()
-            if x.device not in streams:
-                streams[x.device] = torch.cuda.Stream(x.device)
-            with torch.cuda.stream(streams[x.device]):
-                return x.cpu()
+            with torch.cuda.device(x.device):
+                if x.device not in streams:
+                    streams[x.device] = torch.cuda.Stream(x.device)
+                with torch.cuda.stream(streams[x.device]):
+                    return x.cpu()
         if isinstance(x, dict):
             return {k: move(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
@@ -371,7 +375,7 @@ class PtSink:
         Tensors on a GPU are written from host copies made here, so that the file loads on any machine."""
         on_disk = on_host(capture)
         path = atomic_write(self.path, lambda tmp: torch_save(on_disk, tmp), needed=self.estimated_bytes)
-        self.steps.clear()  # the sink's hold on the host buffers; they are freed with the last reference
+        self.steps.clear()  # the sink's hold on the buffers; they are freed with the last reference
         return path
 
     def finish(self, context: dict, metadata: dict) -> Path:

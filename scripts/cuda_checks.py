@@ -13,6 +13,7 @@ import itertools
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -201,7 +202,36 @@ def main() -> int:
         h.remove()
     offload_checks(spec, device, report)
     attention_checks(device, report)
+    if device.type == "cuda":
+        write_beside_the_lens_check(device, report)
     return 1 if failures else 0
+
+
+def write_beside_the_lens_check(device: torch.device, report) -> None:
+    """A `.pt` capture on the GPU is copied to host memory for its write (`on_host`, in the write's thread)
+    while the lens decodes on the default stream: the copies must not wait for the decoder batches queued
+    there. Here about a second of GPU work is queued on the default stream first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flux.store import on_host
+
+    capture = {"blocks": [(torch.randn(256, 3072, device=device), torch.randn(512, 3072, device=device))]}
+    torch.cuda.synchronize(device)
+    torch.cuda._sleep(2_000_000_000)  # about a second: the lens's queued batches
+    with ThreadPoolExecutor(1) as thread:  # a thread that never chose a GPU, as the write's
+        start = time.perf_counter()
+        copied = thread.submit(on_host, capture).result()
+        seconds = time.perf_counter() - start
+    busy = not torch.cuda.current_stream(device).query()  # the queued work is still running
+    torch.cuda.synchronize(device)
+    same = all(torch.equal(a.cpu(), b) for a, b in zip(capture["blocks"][0], copied["blocks"][0]))
+    on_cpu = all(t.device.type == "cpu" for t in copied["blocks"][0])
+    report(
+        "write beside the lens",
+        "host copies of a capture on the GPU do not wait for the lens's stream",
+        busy and same and on_cpu,
+        f"{1e3 * seconds:.0f} ms, the default stream {'still busy' if busy else 'idle'} after",
+    )
 
 
 def attention_checks(device: torch.device, report) -> None:
