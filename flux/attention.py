@@ -30,7 +30,7 @@ from flux.capture import CapturePlan, HookSet, format_steps
 from flux.errors import UsageError, UserError
 from flux.math import apply_rope
 from flux.model import Flux
-from flux.prompt_tokens import WORD_START, select_tokens
+from flux.prompt_tokens import WORD_START, ends_word, select_tokens
 from flux.sampling import StepInfo
 
 SCORE_BYTES = 256 * 2**20  # float32 scores of one chunk of image queries: bounds the extra device memory
@@ -74,6 +74,33 @@ def _chunk_shares(q: Tensor, keys: Tensor, index: Tensor, scale: float) -> Tenso
     scores = torch.matmul(q, keys).mul_(scale)  # (B, H, chunk, T + L)
     scores = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
     return (scores[..., index] / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, chunk, N)
+
+
+def word_groups(positions: Sequence[int], tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
+    """The measured tokens grouped into words, in order: (the word, the indices of its tokens among the
+    measured ones). A token begins a new word where T5 marks it as beginning one ('▁'), where it is
+    special ('</s>', '<pad>'), where its text position does not follow the one before, and where it is
+    punctuation that ends the word before it, as `--tokens` reads words: '▁', 'f', 'o', 'x', ',' are 'fox'
+    and ','; "don't" stays one word. Words are written without the '▁'."""
+
+    def special(token: str) -> bool:
+        return token.startswith("<") and token.endswith(">")
+
+    groups: list[tuple[str, list[int]]] = []
+    for n, (position, token) in enumerate(zip(positions, tokens)):
+        joins = (
+            n > 0
+            and position == positions[n - 1] + 1
+            and not token.startswith(WORD_START)
+            and not special(token)
+            and not special(tokens[n - 1])
+            and not (any(c.isalnum() for c in groups[-1][0]) and ends_word(tokens, n))
+        )
+        if joins:
+            groups[-1] = (groups[-1][0] + token, groups[-1][1] + [n])
+        else:
+            groups.append((token.removeprefix(WORD_START), [n]))
+    return groups
 
 
 def block_names(plan: CapturePlan) -> list[str]:
@@ -167,6 +194,14 @@ class AttentionMaps:
         else:
             raise KeyError(f"text position {token} is not among the measured positions {self.positions}")
         return self.maps[self.steps.index(step), self.blocks.index(block), :, n]
+
+    def word_maps(self) -> tuple[list[tuple[str, list[int]]], Tensor]:
+        """The maps summed over the tokens of each word of the measured tokens (`word_groups`): each map is
+        the share of a patch's attention that goes to the whole word. Returns the words with their text
+        positions, and the (S, K, B, W, h, w) float32 maps of the W words."""
+        groups = word_groups(self.positions, self.tokens)
+        summed = torch.stack([self.maps[:, :, :, index].sum(dim=3) for _, index in groups], dim=3)
+        return [(word, [self.positions[n] for n in index]) for word, index in groups], summed
 
     def to_dict(self) -> dict:
         """Plain tensors, lists and strings: what `torch.load(..., weights_only=True)` reads back."""
@@ -286,6 +321,29 @@ def write_shares(maps: AttentionMaps, path: Path) -> None:
                     )
 
 
+def write_words(maps: AttentionMaps, path: Path) -> None:
+    """One row per step, block and word (`AttentionMaps.word_maps`): its text positions, and the mean and the
+    largest share over the image (batch item 0) of the attention paid to all of its tokens together."""
+    words, summed = maps.word_maps()
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["step", "block", "word", "positions", "mean_share", "max_share"])
+        for s, step in enumerate(maps.steps):
+            for b, block in enumerate(maps.blocks):
+                for w, (word, positions) in enumerate(words):
+                    values = summed[s, b, 0, w]
+                    out.writerow(
+                        [
+                            step,
+                            block,
+                            word,
+                            format_steps(positions),
+                            f"{values.mean():.6g}",
+                            f"{values.max():.6g}",
+                        ]
+                    )
+
+
 def attention_command(
     path: str,
     blocks: str | None = None,
@@ -302,7 +360,8 @@ def attention_command(
 
     Writes {capture folder}/attention/{capture name}/ (_1, _2, ... when taken): attention.pt (the maps,
     (steps, blocks, batch, tokens, height / 16, width / 16) float32, with their steps, blocks, positions and
-    tokens), shares.csv (each map's mean and largest share) and step_{k}.jpg for each step (blocks down,
+    tokens), shares.csv (each map's mean and largest share), words.csv (the same for each word, its tokens'
+    maps summed) and step_{k}.jpg for each step (blocks down,
     tokens across, each map scaled to its own maximum, which its corner gives as a percentage in cells 48 px
     wide or more, the image last).
 
@@ -369,6 +428,7 @@ def attention_command(
             out / "attention.pt", lambda tmp: torch_save({**maps.to_dict(), "metadata": record}, tmp)
         )
         write_shares(maps, out / "shares.csv")
+        write_words(maps, out / "words.csv")
         for s, step in enumerate(maps.steps):
             label = "final" if final is not None else f"x0 step {maps.replay.stop}"
             save_jpeg(step_sheet(maps, s, image, cell, label), out / f"step_{step}.jpg")

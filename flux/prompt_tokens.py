@@ -89,7 +89,7 @@ def spelled_by(word: str, prompt: Sequence[str]) -> list[int]:
             if j > i and prompt[j].startswith(WORD_START):
                 break  # the next word: 'redfox' is not spelled by '▁red', '▁', 'f', 'o', 'x'
             spelled += plain[j]
-            if spelled == wanted and _ends_word(prompt, j + 1):
+            if spelled == wanted and ends_word(prompt, j + 1):
                 found += range(i, j + 1)
                 break
             if not wanted.startswith(spelled):
@@ -103,7 +103,7 @@ def spelled_by(word: str, prompt: Sequence[str]) -> list[int]:
     return found
 
 
-def _ends_word(prompt: Sequence[str], j: int) -> bool:
+def ends_word(prompt: Sequence[str], j: int) -> bool:
     """Whether a word ends before prompt[j]: it begins a word (sentencepiece marks those), is a special
     token such as '</s>', or is punctuation with nothing but punctuation before the next word ('fox,' and
     'fox.' end 'fox'; "don't" and 'sci-fi' do not end 'don' and 'sci')."""

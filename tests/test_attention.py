@@ -390,6 +390,46 @@ def test_a_word_is_matched_whole_and_a_bad_selection_says_what_there_is():
         select_tokens(None, None, 8)
 
 
+def test_measured_tokens_are_grouped_into_the_words_they_spell():
+    """As --tokens reads words: a word runs from a token T5 marks as beginning one ('▁') to the next such
+    token, a special token or punctuation that ends it; a gap in the positions also ends it."""
+    from flux.attention import word_groups
+
+    tokens = ["▁a", "▁red", "▁", "f", "o", "x", ",", "▁don", "'", "t", "</s>", "<pad>", "<pad>"]
+    assert word_groups(list(range(len(tokens))), tokens) == [
+        ("a", [0]),
+        ("red", [1]),
+        ("fox", [2, 3, 4, 5]),
+        (",", [6]),
+        ("don't", [7, 8, 9]),
+        ("</s>", [10]),
+        ("<pad>", [11]),
+        ("<pad>", [12]),
+    ]
+    # Measured out of order or with gaps (--tokens fox,0-0): only neighbouring positions join.
+    assert word_groups([2, 3, 4, 5, 0, 9], ["▁", "f", "o", "x", "▁a", "t"]) == [
+        ("fox", [0, 1, 2, 3]),
+        ("a", [4]),
+        ("t", [5]),
+    ]
+
+
+def test_word_maps_sum_the_maps_of_each_words_tokens():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(2, 3, 1, 5, 4, 6, generator=g)  # (steps, blocks, batch, tokens, h, w)
+    measured = AttentionMaps(
+        maps, [0, 2], ["double_blocks.0", "single_blocks.0", "single_blocks.1"], [1, 2, 3, 4, 5],
+        ["▁red", "▁", "f", "o", "x"],
+    )  # fmt: skip
+    words, summed = measured.word_maps()
+    assert words == [("red", [1]), ("fox", [2, 3, 4, 5])]
+    assert summed.shape == (2, 3, 1, 2, 4, 6)
+    assert torch.equal(summed[:, :, :, 0], maps[:, :, :, 0])
+    assert torch.allclose(
+        summed[:, :, :, 1], maps[:, :, :, 1] + maps[:, :, :, 2] + maps[:, :, :, 3] + maps[:, :, :, 4]
+    )
+
+
 # ------------------------------------------------------------------------------------------------ the CLI
 def _cli(*args) -> int:
     return capture_sample.run(["attention", *map(str, args), "--device", "cpu", "--progress", "False"])
@@ -435,6 +475,15 @@ def test_the_command_writes_maps_sheets_and_shares_and_never_overwrites(
     assert float(mean) == pytest.approx(float(m.mean()), rel=1e-5) and float(top) == pytest.approx(
         float(m.max()), rel=1e-5
     )
+
+    # The word's row: its four tokens' maps summed, as one share of each patch's attention.
+    rows = (out / "words.csv").read_text().splitlines()
+    assert rows[0] == "step,block,word,positions,mean_share,max_share" and len(rows) == 1 + 2 * 2
+    step, block, word, positions, mean, top = rows[4].split(",")  # step 3, single 0
+    m = saved["maps"][1, 1, 0].sum(dim=0)
+    assert (step, block, word, positions) == ("3", "single_blocks.0", "fox", "2-5")
+    assert float(mean) == pytest.approx(float(m.mean()), rel=1e-5)
+    assert float(top) == pytest.approx(float(m.max()), rel=1e-5)
 
     for step in (0, 3):  # blocks down, tokens across, the image last: 2 rows of 4 cells and the final one
         from flux.decode import cell_size, grid_size
