@@ -13,7 +13,6 @@ import shutil
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -57,6 +56,7 @@ from flux.store import (
     SafetensorsSink,
     beside_capture,
     claim_stem,
+    drop_buffers,
     file_sha256,
     fresh_dir,
     metadata_path_for,
@@ -687,14 +687,13 @@ def generate(
             _run_lens(models, opts, result, capture, saving, inter_dir / "decoded" / stem, progress)
         if saving is not None:
             _wait_for_the_write(saving, result)
-    except BaseException as e:
-        # The lens's frames, kept by the traceback, hold the capture too: their locals go (not this frame's,
-        # which is still running), so that the buffers can go back below.
-        traceback.clear_frames(e.__traceback__)
-        raise
     finally:
-        # The last references to the capture's buffers (pinned host memory, or the GPU's), so that their
-        # memory goes back, also when the lens or the write failed: a traceback keeps this frame alive.
+        # Let go of the capture's buffers (pinned host memory, or the GPU's), so that their memory goes back,
+        # also when the lens or the write failed: the traceback then keeps this frame and the lens's alive,
+        # and the write's closures, so the collected capture is emptied in place, unless the write is still
+        # reading it (a second Ctrl-C while waiting for it: its thread lets go when it ends).
+        if capture is not None and (saving is None or saving.done()):
+            drop_buffers(capture)
         capture = None
         session.release()
         _free_pinned_memory()

@@ -316,6 +316,17 @@ def assemble(steps: list[StepBuffers], context: dict, metadata: dict) -> dict[st
 
 
 # ---------------------------------------------------------------------------------------------- sinks
+def drop_buffers(capture: dict[str, Any]) -> None:
+    """Empty, in place, the parts of an `assemble`d capture that hold its step buffers (the block outputs and
+    the per-step context), so that whatever still holds the dict, such as a failed run's traceback, holds
+    no buffer; the rest (its metadata, the run's context) is left as it is."""
+    for stream in ("double_blocks", "single_blocks"):
+        for outputs in capture[stream].values():
+            outputs.clear()
+    for key in CONTEXT_KEYS:
+        capture["denoising_context"][key].clear()
+
+
 def _nbytes(tensors: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -374,7 +385,11 @@ class PtSink:
 
         Tensors on a GPU are written from host copies made here, so that the file loads on any machine."""
         on_disk = on_host(capture)
-        path = atomic_write(self.path, lambda tmp: torch_save(on_disk, tmp), needed=self.estimated_bytes)
+        try:
+            path = atomic_write(self.path, lambda tmp: torch_save(on_disk, tmp), needed=self.estimated_bytes)
+        finally:
+            # A failed write's traceback keeps frames that hold this copy (on a CPU, the buffers).
+            drop_buffers(on_disk)
         self.steps.clear()  # the sink's hold on the buffers; they are freed with the last reference
         return path
 

@@ -948,15 +948,17 @@ def test_a_streamed_capture_holds_no_host_buffers_from_the_final_decode_on(tmp_p
     assert len(list(result.decoded_dir.glob("*_block_*_step_*.jpg"))) == (2 + 3) * 4
 
 
-@pytest.mark.parametrize("fails_in", ["sampling", "lens"])
+@pytest.mark.parametrize("fails_in", ["sampling", "lens", "write"])
 def test_a_failed_pt_run_lets_go_of_its_buffers_while_its_traceback_lives(tmp_path, monkeypatch, fails_in):
-    """A .pt capture's buffers may take half the GPU: a run stopped by an error or Ctrl-C (in sampling, or
-    in the lens after the write) must let them go although a notebook keeps the traceback, and with it the
-    run's frames, alive; otherwise the next run in that process finds the GPU full."""
+    """A .pt capture's buffers may take half the GPU: a run stopped by an error or Ctrl-C (in sampling, in
+    the lens after the write, or by the write failing beside the lens) must let them go although a notebook
+    keeps the traceback, and with it the run's frames, alive; otherwise the next run in that process finds
+    the GPU full."""
     import gc
     import weakref
 
     import flux.pipeline
+    import flux.store
     from flux.pipeline import RunOptions, generate, load_models
 
     made = []
@@ -970,15 +972,20 @@ def test_a_failed_pt_run_lets_go_of_its_buffers_while_its_traceback_lives(tmp_pa
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(BufferPool, "_new", tracked)
     if fails_in == "lens":
         monkeypatch.setattr(flux.pipeline, "decode_saved", stop)
+    elif fails_in == "write":
+        monkeypatch.setattr(flux.store, "torch_save", full_disk)
     else:
         monkeypatch.setattr(flux.pipeline.CaptureSession, "after_step", lambda self, info: stop())
     opts = RunOptions(
         model="flux-tiny", width=64, height=48, seed=1, device="cpu", output_dir=str(tmp_path), num_steps=2
     ).validate()
-    with pytest.raises(KeyboardInterrupt) as stopped:
+    with pytest.raises(UserError if fails_in == "write" else KeyboardInterrupt) as stopped:  # full disk
         generate(load_models(opts.spec, "cpu", progress=False), opts, progress=False)
     assert stopped.tb is not None  # the traceback, and the frames it holds, are alive here
     gc.collect()
