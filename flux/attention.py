@@ -76,15 +76,28 @@ def _chunk_shares(q: Tensor, keys: Tensor, index: Tensor, scale: float) -> Tenso
     return (scores[..., index] / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, chunk, N)
 
 
-def word_groups(positions: Sequence[int], tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
+def word_groups(
+    positions: Sequence[int], tokens: Sequence[str], prompt: Sequence[str] | None = None
+) -> list[tuple[str, list[int]]]:
     """The measured tokens grouped into words, in order: (the word, the indices of its tokens among the
     measured ones). A token begins a new word where T5 marks it as beginning one ('▁'), where it is
     special ('</s>', '<pad>'), where its text position does not follow the one before, and where it is
     punctuation that ends the word before it, as `--tokens` reads words: '▁', 'f', 'o', 'x', ',' are 'fox'
-    and ','; "don't" stays one word. Words are written without the '▁'."""
+    and ','; "don't" stays one word. Whether punctuation ends a word is read from the `prompt`'s tokens
+    when given (what follows may not have been measured), else from the measured tokens up to a gap.
+    Words are written without the '▁'; punctuation before a word without a space is part of it, as T5
+    spells it ('(fox')."""
 
     def special(token: str) -> bool:
         return token.startswith("<") and token.endswith(">")
+
+    def ends_a_word(n: int) -> bool:
+        if prompt is not None and positions[n] <= len(prompt):
+            return ends_word(prompt, positions[n])
+        run = n
+        while run + 1 < len(positions) and positions[run + 1] == positions[run] + 1:
+            run += 1
+        return ends_word(tokens[: run + 1], n)
 
     groups: list[tuple[str, list[int]]] = []
     for n, (position, token) in enumerate(zip(positions, tokens)):
@@ -94,13 +107,25 @@ def word_groups(positions: Sequence[int], tokens: Sequence[str]) -> list[tuple[s
             and not token.startswith(WORD_START)
             and not special(token)
             and not special(tokens[n - 1])
-            and not (any(c.isalnum() for c in groups[-1][0]) and ends_word(tokens, n))
+            and not (any(c.isalnum() for c in groups[-1][0]) and ends_a_word(n))
         )
         if joins:
             groups[-1] = (groups[-1][0] + token, groups[-1][1] + [n])
         else:
             groups.append((token.removeprefix(WORD_START), [n]))
     return groups
+
+
+def sum_words(maps: Tensor, words: list[tuple[str, list[int]]], positions: Sequence[int], dim: int) -> Tensor:
+    """`maps` with its token dimension `dim` (the measured `positions`) summed into one entry per word, in
+    one pass into a tensor of the words' size (no copy per word)."""
+    index = {position: n for n, position in enumerate(positions)}
+    word_of = torch.empty(len(positions), dtype=torch.long)
+    for w, (_, word_positions) in enumerate(words):
+        word_of[[index[p] for p in word_positions]] = w
+    shape = list(maps.shape)
+    shape[dim] = len(words)
+    return maps.new_zeros(shape).index_add_(dim, word_of.to(maps.device), maps)
 
 
 def block_names(plan: CapturePlan) -> list[str]:
@@ -177,6 +202,7 @@ class AttentionMaps:
     tokens: list[str]
     replay: object | None = field(default=None, repr=False)  # the ReplayResult the maps were measured on
     metadata: dict | None = field(default=None, repr=False)  # as saved by the `attention` command
+    prompt: list[str] | None = field(default=None, repr=False)  # the capture's T5 tokens, where recorded
 
     def get(self, block: str, step: int, token: int | str) -> Tensor:
         """The (B, h, w) map of one block at one step for one token: its text position, or its string if
@@ -195,17 +221,26 @@ class AttentionMaps:
             raise KeyError(f"text position {token} is not among the measured positions {self.positions}")
         return self.maps[self.steps.index(step), self.blocks.index(block), :, n]
 
+    def words(self) -> list[tuple[str, list[int]]]:
+        """The words the measured tokens spell (`word_groups`), each with its text positions."""
+        if self.prompt is None and self.tokens and set(self.tokens) == {"?"}:
+            raise UserError(
+                "These maps' capture does not record its prompt's T5 tokens (made by an older version), so "
+                "its words are unknown: use the maps per token."
+            )
+        groups = word_groups(self.positions, self.tokens, self.prompt)
+        return [(word, [self.positions[n] for n in index]) for word, index in groups]
+
     def word_maps(self) -> tuple[list[tuple[str, list[int]]], Tensor]:
-        """The maps summed over the tokens of each word of the measured tokens (`word_groups`): each map is
-        the share of a patch's attention that goes to the whole word. Returns the words with their text
-        positions, and the (S, K, B, W, h, w) float32 maps of the W words."""
-        groups = word_groups(self.positions, self.tokens)
-        summed = torch.stack([self.maps[:, :, :, index].sum(dim=3) for _, index in groups], dim=3)
-        return [(word, [self.positions[n] for n in index]) for word, index in groups], summed
+        """The maps summed over the tokens of each word (`words`): each map is the share of a patch's
+        attention that goes to the whole word. Returns the words with their text positions, and the
+        (S, K, B, W, h, w) float32 maps of the W words."""
+        words = self.words()
+        return words, sum_words(self.maps, words, self.positions, dim=3)
 
     def to_dict(self) -> dict:
         """Plain tensors, lists and strings: what `torch.load(..., weights_only=True)` reads back."""
-        return {k: getattr(self, k) for k in ("maps", "steps", "blocks", "positions", "tokens")}
+        return {k: getattr(self, k) for k in ("maps", "steps", "blocks", "positions", "tokens", "prompt")}
 
     @classmethod
     def load(cls, path: str | Path) -> "AttentionMaps":
@@ -213,7 +248,9 @@ class AttentionMaps:
         settings, versions)."""
         saved = torch.load(path, map_location="cpu", weights_only=True)
         fields = ("maps", "steps", "blocks", "positions", "tokens")
-        return cls(**{k: saved[k] for k in fields}, metadata=saved.get("metadata"))
+        return cls(
+            **{k: saved[k] for k in fields}, metadata=saved.get("metadata"), prompt=saved.get("prompt")
+        )
 
 
 def attention_maps(
@@ -262,7 +299,9 @@ def attention_maps(
     # Past the prompt's tokens is padding; a capture that did not record them cannot name any ('?').
     prompt = meta.get("t5_tokens")
     tokens = [("?" if not prompt else prompt[p] if p < len(prompt) else "<pad>") for p in positions]
-    return AttentionMaps(maps.unflatten(-1, (h, w)), list(plan.steps), names, positions, tokens, result)
+    return AttentionMaps(
+        maps.unflatten(-1, (h, w)), list(plan.steps), names, positions, tokens, result, prompt=prompt or None
+    )
 
 
 # ----------------------------------------------------------------------------------- what is written
@@ -322,16 +361,16 @@ def write_shares(maps: AttentionMaps, path: Path) -> None:
 
 
 def write_words(maps: AttentionMaps, path: Path) -> None:
-    """One row per step, block and word (`AttentionMaps.word_maps`): its text positions, and the mean and the
+    """One row per step, block and word (`AttentionMaps.words`): its text positions, and the mean and the
     largest share over the image (batch item 0) of the attention paid to all of its tokens together."""
-    words, summed = maps.word_maps()
+    words = maps.words()
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["step", "block", "word", "positions", "mean_share", "max_share"])
         for s, step in enumerate(maps.steps):
             for b, block in enumerate(maps.blocks):
-                for w, (word, positions) in enumerate(words):
-                    values = summed[s, b, 0, w]
+                summed = sum_words(maps.maps[s, b, 0], words, maps.positions, dim=0)  # one step and block
+                for (word, positions), values in zip(words, summed):
                     out.writerow(
                         [
                             step,
@@ -359,11 +398,11 @@ def attention_command(
     block and step, from a replay of the capture (bit for bit on its device and dtype; no text encoders).
 
     Writes {capture folder}/attention/{capture name}/ (_1, _2, ... when taken): attention.pt (the maps,
-    (steps, blocks, batch, tokens, height / 16, width / 16) float32, with their steps, blocks, positions and
-    tokens), shares.csv (each map's mean and largest share), words.csv (the same for each word, its tokens'
-    maps summed) and step_{k}.jpg for each step (blocks down,
-    tokens across, each map scaled to its own maximum, which its corner gives as a percentage in cells 48 px
-    wide or more, the image last).
+    (steps, blocks, batch, tokens, height / 16, width / 16) float32, with their steps, blocks, positions,
+    tokens and the prompt's tokens), shares.csv (each map's mean and largest share), words.csv (the same
+    for each word, its tokens' maps summed; where the capture records its prompt's tokens) and
+    step_{k}.jpg for each step (blocks down, tokens across, each map scaled to its own maximum, which its
+    corner gives as a percentage in cells 48 px wide or more, the image last).
 
     Args:
         path: A capture: a capture_*.pt file or a capture_* safetensors directory.
@@ -428,7 +467,8 @@ def attention_command(
             out / "attention.pt", lambda tmp: torch_save({**maps.to_dict(), "metadata": record}, tmp)
         )
         write_shares(maps, out / "shares.csv")
-        write_words(maps, out / "words.csv")
+        if maps.prompt is not None:  # else its words are unknown
+            write_words(maps, out / "words.csv")
         for s, step in enumerate(maps.steps):
             label = "final" if final is not None else f"x0 step {maps.replay.stop}"
             save_jpeg(step_sheet(maps, s, image, cell, label), out / f"step_{step}.jpg")

@@ -672,8 +672,9 @@ def generate(
     except BaseException as e:
         if session is not None and not finished and saving is None:
             _report_interrupted(session, context, metadata, inter_dir, stem, e)
-            session.release()  # a .pt's buffers may hold half the GPU; the traceback keeps the session
-            _empty_cache(device)
+            with contextlib.suppress(Exception):  # after a CUDA error this may fail too: `e` is the one
+                session.release()  # a .pt's buffers may hold half the GPU; the traceback keeps the session
+                _empty_cache(device)
         raise
     finally:
         if stem is not None and saving is None:
@@ -690,14 +691,15 @@ def generate(
     finally:
         # Let go of the capture's buffers (pinned host memory, or the GPU's), so that their memory goes back,
         # also when the lens or the write failed: the traceback then keeps this frame and the lens's alive,
-        # and the write's closures, so the collected capture is emptied in place, unless the write is still
-        # reading it (a second Ctrl-C while waiting for it: its thread lets go when it ends).
-        if capture is not None and (saving is None or saving.done()):
-            drop_buffers(capture)
+        # and the write's closures, so the collected capture is emptied in place once nothing reads it (after
+        # a second Ctrl-C while waiting for the write, when the write ends).
+        if saving is not None:  # the capture collected for the write beside the lens; at once if it is done
+            saving.add_done_callback(lambda _, kept=capture: drop_buffers(kept))
         capture = None
-        session.release()
-        _free_pinned_memory()
-        _empty_cache(device)
+        with contextlib.suppress(Exception):  # after a CUDA error these may fail too: the first error counts
+            session.release()
+            _free_pinned_memory()
+            _empty_cache(device)
     models.offload_decoder()
     return result
 

@@ -321,10 +321,10 @@ def drop_buffers(capture: dict[str, Any]) -> None:
     the per-step context), so that whatever still holds the dict, such as a failed run's traceback, holds
     no buffer; the rest (its metadata, the run's context) is left as it is."""
     for stream in ("double_blocks", "single_blocks"):
-        for outputs in capture[stream].values():
+        for outputs in capture.get(stream, {}).values():
             outputs.clear()
     for key in CONTEXT_KEYS:
-        capture["denoising_context"][key].clear()
+        capture.get("denoising_context", {}).get(key, []).clear()
 
 
 def _nbytes(tensors: dict[str, Tensor]) -> int:
@@ -394,7 +394,11 @@ class PtSink:
         return path
 
     def finish(self, context: dict, metadata: dict) -> Path:
-        return self.write(self.collect(context, metadata))
+        capture = self.collect(context, metadata)
+        try:
+            return self.write(capture)
+        finally:
+            drop_buffers(capture)  # a failed write's traceback keeps `write`'s frame, which holds it
 
     def abort(self, context: dict | None = None) -> list[int]:
         """Nothing was written; a .pt is all or nothing."""

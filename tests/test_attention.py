@@ -366,7 +366,10 @@ def test_positions_of_a_capture_without_its_tokens_are_not_called_padding(models
     capture = load_capture(capture_path)
     del capture["metadata"]["t5_tokens"]  # as an older version wrote it
     plan = CapturePlan(double=(0,), single=(), steps=(0,))
-    assert attention_maps(models.flow, capture, plan, [1, 20]).tokens == ["?", "?"]
+    maps = attention_maps(models.flow, capture, plan, [1, 20])
+    assert maps.tokens == ["?", "?"] and maps.prompt is None
+    with pytest.raises(UserError, match="its words are unknown"):  # not one word of two '?'
+        maps.word_maps()
 
 
 def test_a_token_measured_twice_is_named_by_position():
@@ -412,6 +415,11 @@ def test_measured_tokens_are_grouped_into_the_words_they_spell():
         ("a", [4]),
         ("t", [5]),
     ]
+    # Whether punctuation ends a word is read from the prompt where known: "don'" of "don't" is part of one
+    # word, as --tokens reads it; without the prompt, from the measured tokens, never across a gap.
+    assert word_groups([7, 8], tokens[7:9], prompt=tokens) == [("don'", [0, 1])]
+    assert word_groups([7, 8, 20], [*tokens[7:9], "<pad>"]) == [("don", [0]), ("'", [1]), ("<pad>", [2])]
+    assert word_groups([], []) == []
 
 
 def test_word_maps_sum_the_maps_of_each_words_tokens():
@@ -428,6 +436,15 @@ def test_word_maps_sum_the_maps_of_each_words_tokens():
     assert torch.allclose(
         summed[:, :, :, 1], maps[:, :, :, 1] + maps[:, :, :, 2] + maps[:, :, :, 3] + maps[:, :, :, 4]
     )
+    # A batch of two, a word's tokens measured out of order, and nothing measured.
+    maps = torch.rand(1, 1, 2, 3, 2, 2, generator=g)
+    measured = AttentionMaps(maps, [0], ["double_blocks.0"], [4, 2, 3], ["▁a", "▁", "b"])
+    words, summed = measured.word_maps()
+    assert words == [("a", [4]), ("b", [2, 3])]
+    assert torch.equal(summed[:, :, :, 0], maps[:, :, :, 0])
+    assert torch.allclose(summed[:, :, :, 1], maps[:, :, :, 1] + maps[:, :, :, 2])
+    nothing = AttentionMaps(torch.rand(1, 1, 1, 0, 2, 2), [0], ["double_blocks.0"], [], [], prompt=[])
+    assert nothing.word_maps()[0] == [] and nothing.word_maps()[1].shape == (1, 1, 1, 0, 2, 2)
 
 
 # ------------------------------------------------------------------------------------------------ the CLI

@@ -948,26 +948,39 @@ def test_a_streamed_capture_holds_no_host_buffers_from_the_final_decode_on(tmp_p
     assert len(list(result.decoded_dir.glob("*_block_*_step_*.jpg"))) == (2 + 3) * 4
 
 
-@pytest.mark.parametrize("fails_in", ["sampling", "lens", "write"])
-def test_a_failed_pt_run_lets_go_of_its_buffers_while_its_traceback_lives(tmp_path, monkeypatch, fails_in):
-    """A .pt capture's buffers may take half the GPU: a run stopped by an error or Ctrl-C (in sampling, in
-    the lens after the write, or by the write failing beside the lens) must let them go although a notebook
-    keeps the traceback, and with it the run's frames, alive; otherwise the next run in that process finds
-    the GPU full."""
-    import gc
+def _tracking_buffers(monkeypatch) -> list:
+    """Weak references to every buffer the capture pools make from now on."""
     import weakref
 
-    import flux.pipeline
-    import flux.store
-    from flux.pipeline import RunOptions, generate, load_models
-
-    made = []
-    new = BufferPool._new
+    made, new = [], BufferPool._new
 
     def tracked(self, full):
         tensors = new(self, full)
         made.extend(weakref.ref(t) for t in tensors.values())
         return tensors
+
+    monkeypatch.setattr(BufferPool, "_new", tracked)
+    return made
+
+
+@pytest.mark.parametrize(
+    ("fails_in", "lens"),
+    [("sampling", True), ("lens", True), ("write", True), ("write", False), ("interrupted write", False)],
+)
+def test_a_failed_pt_run_lets_go_of_its_buffers_while_its_traceback_lives(
+    tmp_path, monkeypatch, fails_in, lens
+):
+    """A .pt capture's buffers may take half the GPU: a run stopped by an error or Ctrl-C (in sampling, in
+    the lens after the write, or in the write, beside the lens or without one) must let them go although a
+    notebook keeps the traceback, and with it the run's frames, alive; otherwise the next run in that
+    process finds the GPU full."""
+    import gc
+
+    import flux.pipeline
+    import flux.store
+    from flux.pipeline import RunOptions, generate, load_models
+
+    made = _tracking_buffers(monkeypatch)
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
@@ -975,22 +988,69 @@ def test_a_failed_pt_run_lets_go_of_its_buffers_while_its_traceback_lives(tmp_pa
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(BufferPool, "_new", tracked)
     if fails_in == "lens":
         monkeypatch.setattr(flux.pipeline, "decode_saved", stop)
     elif fails_in == "write":
         monkeypatch.setattr(flux.store, "torch_save", full_disk)
+    elif fails_in == "interrupted write":
+        monkeypatch.setattr(flux.store, "torch_save", stop)
     else:
         monkeypatch.setattr(flux.pipeline.CaptureSession, "after_step", lambda self, info: stop())
     opts = RunOptions(
-        model="flux-tiny", width=64, height=48, seed=1, device="cpu", output_dir=str(tmp_path), num_steps=2
-    ).validate()
+        model="flux-tiny", width=64, height=48, seed=1, device="cpu", output_dir=str(tmp_path), num_steps=2,
+        should_decode_intermediates=lens,
+    ).validate()  # fmt: skip
     with pytest.raises(UserError if fails_in == "write" else KeyboardInterrupt) as stopped:  # full disk
         generate(load_models(opts.spec, "cpu", progress=False), opts, progress=False)
     assert stopped.tb is not None  # the traceback, and the frames it holds, are alive here
     gc.collect()
     assert made and all(ref() is None for ref in made)
     assert (fails_in == "lens") == any(tmp_path.glob("intermediates/capture_*.pt"))  # written before the lens
+
+
+def test_a_second_ctrl_c_while_waiting_for_the_write_lets_go_of_the_buffers_once_it_ends(
+    tmp_path, monkeypatch
+):
+    """Ctrl-C in the lens, then again while the run waits for the .pt being written beside it: the write
+    goes on (its file is complete), and when it ends the buffers go, the traceback kept or not."""
+    import gc
+    import threading
+
+    import flux.pipeline
+    import flux.store
+    from flux.pipeline import RunOptions, generate, load_models
+
+    made = _tracking_buffers(monkeypatch)
+    gate, done, save = threading.Event(), threading.Event(), flux.store.torch_save
+
+    def slow_save(*args, **kwargs):
+        gate.wait(60)
+        save(*args, **kwargs)
+        done.set()
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flux.store, "torch_save", slow_save)
+    monkeypatch.setattr(flux.pipeline, "decode_saved", stop)
+    monkeypatch.setattr(flux.pipeline, "_wait_for_the_write", stop)  # the second Ctrl-C, while waiting
+    opts = RunOptions(
+        model="flux-tiny", width=64, height=48, seed=1, device="cpu", output_dir=str(tmp_path), num_steps=2
+    ).validate()
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        generate(load_models(opts.spec, "cpu", progress=False), opts, progress=False)
+    assert stopped.tb is not None
+    gc.collect()
+    assert any(ref() is not None for ref in made)  # the write still reads them
+    gate.set()
+    assert done.wait(60)
+    for _ in range(100):  # the write's thread runs the callbacks just after its file is in place
+        gc.collect()
+        if all(ref() is None for ref in made):
+            break
+        threading.Event().wait(0.05)
+    assert made and all(ref() is None for ref in made)
+    assert len(list(tmp_path.glob("intermediates/capture_*.pt"))) == 1
 
 
 @pytest.mark.parametrize(
