@@ -920,7 +920,11 @@ def _pngs(outputs: list) -> int:
 def test_notebook_runs_top_to_bottom(captures, monkeypatch, tmp_path):
     _, outputs, printed = _run_notebook(captures["pt"], tmp_path, monkeypatch)
     assert _pngs(outputs) == 5  # the lens image, two heatmaps, the norms, the attention maps
-    assert "step 3, token '" in printed  # the attention maps' caption: the last step of flux-tiny's 4
+    # The attention maps' caption: the last step of flux-tiny's 4, and the prompt's last word, "cube", whose
+    # T5 tokens (flux-tiny's tokenizer spells it letter by letter) are summed.
+    assert (
+        "step 3, the word 'cube' (text positions [2, 3, 4, 5, 6]) of ['a', 'red', 'cube', '</s>']" in printed
+    )
 
 
 def test_notebook_runs_on_a_capture_of_text_tokens_only(monkeypatch, tmp_path):
@@ -930,7 +934,7 @@ def test_notebook_runs_on_a_capture_of_text_tokens_only(monkeypatch, tmp_path):
     _, outputs, printed = _run_notebook(capture, tmp_path / "nb", monkeypatch)
     assert "text tokens only (--streams txt): the lens has no image tokens" in printed
     assert "no similarity metrics" in printed
-    assert _pngs(outputs) == 2 and "step 3, token '" in printed
+    assert _pngs(outputs) == 2 and "step 3, the word '" in printed
 
 
 def test_analyze_command_writes_an_mp4_that_decodes(captures, tmp_path, capsys):
