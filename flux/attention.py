@@ -30,7 +30,7 @@ from flux.capture import CapturePlan, HookSet, format_steps
 from flux.errors import UsageError, UserError
 from flux.math import apply_rope
 from flux.model import Flux
-from flux.prompt_tokens import WORD_START, ends_word, select_tokens
+from flux.prompt_tokens import WORD_START, ends_word, is_special, select_tokens
 from flux.sampling import StepInfo
 
 SCORE_BYTES = 256 * 2**20  # float32 scores of one chunk of image queries: bounds the extra device memory
@@ -88,9 +88,6 @@ def word_groups(
     Words are written without the '▁'; punctuation before a word without a space is part of it, as T5
     spells it ('(fox')."""
 
-    def special(token: str) -> bool:
-        return token.startswith("<") and token.endswith(">")
-
     def ends_a_word(n: int) -> bool:
         if prompt is not None and positions[n] <= len(prompt):
             return ends_word(prompt, positions[n])
@@ -105,8 +102,8 @@ def word_groups(
             n > 0
             and position == positions[n - 1] + 1
             and not token.startswith(WORD_START)
-            and not special(token)
-            and not special(tokens[n - 1])
+            and not is_special(token)
+            and not is_special(tokens[n - 1])
             and not (any(c.isalnum() for c in groups[-1][0]) and ends_a_word(n))
         )
         if joins:

@@ -373,6 +373,11 @@ def _take_buffers(buffers: Future | None) -> BufferPool | None:
 
 
 # -------------------------------------------------------------------------------------- generation
+def _set_bytes(shapes: dict, dtypes: dict, keys: Sequence[str] | None = None, pinned: bool = False) -> int:
+    """Bytes of one buffer set (`keys`: those buffers only), or (`pinned`) what it takes in pinned memory."""
+    return sum(host_nbytes(math.prod(shapes[k]) * dtypes[k].itemsize, pinned) for k in keys or shapes)
+
+
 @dataclass
 class CaptureSession:
     """Hooks, buffers and a sink for one sampling run: the glue between the sampler and the store."""
@@ -407,9 +412,10 @@ class CaptureSession:
             if not forced:
                 from flux.decode import free_gpu_bytes
 
-                context = sum(math.prod(shapes[k]) * dtypes[k].itemsize for k in CONTEXT_KEYS)
-                nbytes = captured * sum(math.prod(s) * dtypes[k].itemsize for k, s in shapes.items())
-                on_device = capture_fits_on_device(nbytes + uncaptured * context, free_gpu_bytes(device))
+                nbytes = captured * _set_bytes(shapes, dtypes) + uncaptured * _set_bytes(
+                    shapes, dtypes, CONTEXT_KEYS
+                )
+                on_device = capture_fits_on_device(nbytes, free_gpu_bytes(device))
             if on_device:
                 try:
                     pool = BufferPool(shapes, dtypes, pin=False, device=device)
@@ -422,7 +428,7 @@ class CaptureSession:
                 pool = None
                 _empty_cache(device)
         pin = device.type == "cuda"
-        held_bytes = sum(host_nbytes(math.prod(s) * dtypes[k].itemsize, pin) for k, s in shapes.items())
+        held_bytes = _set_bytes(shapes, dtypes, pinned=pin)
         limit = streaming_buffer_sets(held_bytes, available_host_memory()) if fmt == "safetensors" else None
         pool = BufferPool(shapes, dtypes, pin=pin, limit=limit)
         # A .pt keeps every step's buffers; the writer recycles them, so a few sets of each kind will do
@@ -470,7 +476,7 @@ class CaptureSession:
                 pool.pin,
             ) not in places:
                 raise ValueError("the buffers given were allocated for another capture")
-        step_bytes = sum(math.prod(s) * dtypes[k].itemsize for k, s in shapes.items())
+        step_bytes = _set_bytes(shapes, dtypes)
         if fmt == "safetensors":
             path.mkdir()
             sink = SafetensorsSink(path, pool, metadata, context)

@@ -15,6 +15,11 @@ from flux.errors import UsageError, UserError
 WORD_START = "\u2581"  # sentencepiece's mark of a token that begins a word
 
 
+def is_special(token: str) -> bool:
+    """Whether a T5 token is a special one, such as '</s>' or '<pad>'."""
+    return token.startswith("<") and token.endswith(">")
+
+
 def select_tokens(tokens, t5_tokens: Sequence[str] | None, txt_len: int) -> list[int]:
     """Text positions from a --tokens value: None or 'all' for every token of the prompt, else a list of
     words of the prompt (each selects the tokens that spell it) and positions or ranges ('0-3')."""
@@ -108,7 +113,7 @@ def ends_word(prompt: Sequence[str], j: int) -> bool:
     token such as '</s>', or is punctuation with nothing but punctuation before the next word ('fox,' and
     'fox.' end 'fox'; "don't" and 'sci-fi' do not end 'don' and 'sci')."""
     for token in prompt[j:]:
-        if token.startswith(WORD_START) or (token.startswith("<") and token.endswith(">")):
+        if token.startswith(WORD_START) or is_special(token):
             return True
         if any(c.isalnum() for c in token):
             return False

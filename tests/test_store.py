@@ -1332,6 +1332,18 @@ def test_the_capture_buffers_are_all_allocated_before_the_first_step(model, monk
     assert sets("safetensors", tuple(range(12)), 24) == (8, 8)
 
 
+def _an_80_gb_gpu(monkeypatch, free: int) -> None:
+    """A pretend CUDA GPU of 80 GB with `free` bytes free. Pinning needs a real one: buffers_in_a_thread
+    answers "started", so that only the decision to pin while loading is checked, not the allocation."""
+    import flux.pipeline
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 80 * 10**9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a test GPU")
+    monkeypatch.setattr(flux.pipeline, "buffers_in_a_thread", lambda *args: "started")
+
+
 def test_on_a_gpu_buffers_are_pinned_while_loading_when_they_fit_beside_the_text_encoders(
     monkeypatch, tmp_path
 ):
@@ -1344,13 +1356,8 @@ def test_on_a_gpu_buffers_are_pinned_while_loading_when_they_fit_beside_the_text
     import flux.pipeline
     from flux.pipeline import RunOptions, buffers_while_loading
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * 10**9, 80 * 10**9))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a test GPU")
+    _an_80_gb_gpu(monkeypatch, free=20 * 10**9)
     monkeypatch.setattr(flux.options, "available_host_memory", lambda: 64 * 2**30)
-    # Pinning needs a real GPU: only the decision to start is checked here, not the allocation.
-    monkeypatch.setattr(flux.pipeline, "buffers_in_a_thread", lambda *args: "started")
     opts = RunOptions(
         model="flux-tiny", width=64, height=48, device="cuda", output_dir=str(tmp_path)
     ).validate()
@@ -1365,16 +1372,11 @@ def test_on_a_gpu_buffers_are_pinned_while_loading_when_they_fit_beside_the_text
 def test_a_pt_capture_expected_to_wait_on_the_gpu_is_not_pinned_while_loading(monkeypatch, tmp_path):
     """With the GPU's memory free, flux-tiny's capture will wait there: nothing to pin while the models load
     (generate allocates it on the GPU after them, quickly). Not for safetensors, nor with --offload."""
-    import flux.options
     import flux.pipeline
     from flux.pipeline import RunOptions, buffers_while_loading
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * 10**9, 80 * 10**9))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a test GPU")
+    _an_80_gb_gpu(monkeypatch, free=80 * 10**9)
     monkeypatch.setattr(flux.pipeline, "available_host_memory", lambda: 64 * 2**30)
-    monkeypatch.setattr(flux.pipeline, "buffers_in_a_thread", lambda *args: "started")
 
     def options(**kw) -> RunOptions:
         return RunOptions(
@@ -1386,7 +1388,7 @@ def test_a_pt_capture_expected_to_wait_on_the_gpu_is_not_pinned_while_loading(mo
     assert buffers_while_loading(options(format="safetensors")) == "started"
     assert not options(offload=True).capture_on_device()  # (and nothing is pinned early with --offload)
     # Too little free beside the models (another process holds the GPU): pinned host buffers, early.
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * 10**9, 80 * 10**9))
+    _an_80_gb_gpu(monkeypatch, free=20 * 10**9)
     assert not options().capture_on_device() and buffers_while_loading(options()) == "started"
 
 
